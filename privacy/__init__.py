@@ -1,0 +1,1 @@
+"""fedsite privacy package."""

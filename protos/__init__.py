@@ -1,0 +1,1 @@
+"""fedsite protos package."""
