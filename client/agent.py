@@ -1,0 +1,277 @@
+"""The edge client's loop over gRPC: enrol, fetch, then poll, train and upload until done.
+
+The client opens every connection (it may sit behind NAT). It keeps its
+identity and the verified job package in its state directory, so a restarted
+client neither re-downloads nor re-enrols; an interrupted package download
+resumes from the bytes on disk. When the coordinator is unreachable (down,
+restarting with --resume) the client retries with exponential backoff and
+carries on when it is back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+
+from client.data import DataError, read_examples
+from client.runtime import ClientRuntime
+from coordinator.errors import UserError
+from emulator.package import unpack
+from privacy.atomic import atomic_write_bytes, atomic_write_json
+from protos import fedsite_pb2 as pb
+from protos import fedsite_pb2_grpc as pb_grpc
+from protos.codec import (
+    DEFAULT_CHUNK_BYTES,
+    MAX_CHUNK_BYTES,
+    BlobAssembler,
+    CodecError,
+    Message,
+    decode_message,
+    encode_message,
+    iter_chunks,
+    sha256_hex,
+)
+
+log = logging.getLogger("fedsite.client")
+
+T = TypeVar("T")
+UNARY_DEADLINE_S = 30.0
+STREAM_DEADLINE_S = 900.0
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED,
+             grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL)
+MAX_PACKAGE_BYTES = 64 * 1024**3
+MAX_TASK_BYTES = 16 * 1024**3
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_CHUNK_BYTES + 64 * 1024),
+    ("grpc.max_send_message_length", MAX_CHUNK_BYTES + 64 * 1024),
+]
+
+
+@dataclass
+class AgentOptions:
+    coordinator: str
+    token: str
+    data: Path
+    state_dir: Path
+    ca_cert: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    name: str = field(default_factory=platform.node)
+    give_up_after_s: float = 900.0
+
+
+class _Reenrol(Exception):
+    """The coordinator no longer knows our session (it was restarted without its registry)."""
+
+
+class Agent:
+    def __init__(self, options: AgentOptions) -> None:
+        self.options = options
+        self.state_dir = options.state_dir
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.channel = self._channel()
+        self.stub = pb_grpc.CoordinatorStub(self.channel)
+        self.credentials: pb.Credentials | None = None
+        self.heartbeat_interval_s = 5.0
+
+    # -- connection -----------------------------------------------------------------------
+
+    def _channel(self) -> grpc.Channel:
+        o = self.options
+        if o.ca_cert is None:
+            if o.cert or o.key:
+                raise UserError("--cert/--key need --ca-cert (mutual TLS runs over TLS)")
+            log.warning("connecting to %s WITHOUT TLS (pass --ca-cert to encrypt)", o.coordinator)
+            return grpc.insecure_channel(o.coordinator, options=CHANNEL_OPTIONS)
+        try:
+            ca = o.ca_cert.read_bytes()
+            cert = o.cert.read_bytes() if o.cert else None
+            key = o.key.read_bytes() if o.key else None
+        except OSError as exc:
+            raise UserError(f"cannot read TLS file {exc.filename}: {exc.strerror}") from exc
+        creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+        return grpc.secure_channel(o.coordinator, creds, options=CHANNEL_OPTIONS)
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        """Run an RPC, retrying with backoff while the coordinator is unreachable."""
+        delay, started = 1.0, time.monotonic()
+        while True:
+            try:
+                return fn()
+            except grpc.RpcError as exc:
+                code = exc.code()
+                detail = exc.details()
+                if code == grpc.StatusCode.PERMISSION_DENIED:
+                    if what == "enrol":
+                        raise UserError(f"coordinator refused enrolment: {detail}") from exc
+                    raise _Reenrol(detail) from exc
+                if code not in RETRYABLE:
+                    raise UserError(f"{what} failed: {code.name}: {detail}") from exc
+                if time.monotonic() - started > self.options.give_up_after_s:
+                    raise UserError(
+                        f"coordinator {self.options.coordinator} unreachable for "
+                        f"{self.options.give_up_after_s:.0f}s ({code.name}: {detail})"
+                    ) from exc
+                log.warning("%s: %s (%s); retrying in %.0fs", what, code.name, detail, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+    # -- enrolment and package ------------------------------------------------------------
+
+    def _credentials_path(self) -> Path:
+        return self.state_dir / "credentials.json"
+
+    def enrol(self, *, force: bool = False) -> None:
+        path = self._credentials_path()
+        if not force and path.exists():
+            saved = json.loads(path.read_text())
+            if saved.get("coordinator") == self.options.coordinator:
+                self.credentials = pb.Credentials(client_id=saved["client_id"], session_key=saved["session_key"])
+                return
+        reply = self._call("enrol", lambda: self.stub.Enroll(
+            pb.EnrollRequest(token=self.options.token, client_name=self.options.name), timeout=UNARY_DEADLINE_S))
+        self.credentials = reply.credentials
+        self.heartbeat_interval_s = float(reply.heartbeat_interval_s or 5)
+        atomic_write_json(path, {"coordinator": self.options.coordinator, "client_id": reply.credentials.client_id,
+                                 "session_key": reply.credentials.session_key})
+        log.info("enrolled as %s for job %r", reply.credentials.client_id, reply.job_name)
+
+    def _download(self, rpc: Callable[..., Iterator[pb.Chunk]], request_for: Callable[[int], pb.FetchRequest],
+                  *, partial: Path | None, max_bytes: int, what: str) -> bytes:
+        """Fetch a chunked blob, resuming from ``partial`` (bytes already on disk) when given."""
+        have = partial.read_bytes() if partial is not None and partial.exists() else b""
+
+        def fetch() -> bytes:
+            nonlocal have
+            assembler: BlobAssembler | None = None
+            for chunk in rpc(request_for(len(have)), timeout=STREAM_DEADLINE_S):
+                if assembler is None:
+                    assembler = BlobAssembler(chunk.total_size, chunk.sha256, max_bytes=max_bytes, prefix=have)
+                assembler.add(chunk.offset, chunk.data)
+                # every 64 chunks, persist what arrived so a crash resumes from there
+                checkpoint_due = assembler.received % (64 * DEFAULT_CHUNK_BYTES) < len(chunk.data)
+                if partial is not None and chunk.data and checkpoint_due:
+                    have = assembler.received_bytes()
+                    atomic_write_bytes(partial, have)
+            if assembler is None:
+                raise CodecError(f"{what}: empty stream")
+            return assembler.finish()
+
+        try:
+            return self._call(what, fetch)
+        except CodecError:
+            if partial is not None:
+                partial.unlink(missing_ok=True)  # a corrupt partial download starts over
+            raise
+
+    def fetch_package(self) -> Path:
+        marker = self.state_dir / "package.json"
+        if marker.exists():
+            folder = Path(json.loads(marker.read_text())["folder"])
+            if (folder / "job.json").exists():
+                return folder
+        assert self.credentials is not None
+        creds = self.credentials
+        blob = self._download(self.stub.FetchPackage, lambda off: pb.FetchRequest(credentials=creds, offset=off),
+                              partial=self.state_dir / "package.partial", max_bytes=MAX_PACKAGE_BYTES,
+                              what="package download")
+        folder = self.state_dir / f"package-{sha256_hex(blob)[:16]}"
+        unpack(blob, folder)
+        atomic_write_json(marker, {"folder": str(folder), "sha256": sha256_hex(blob)})
+        (self.state_dir / "package.partial").unlink(missing_ok=True)
+        log.info("job package verified (%.1f MB)", len(blob) / 1e6)
+        return folder
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def run(self) -> int:
+        if not self.options.data.is_file():  # fail before touching the network
+            raise DataError(f"data file not found: {self.options.data}")
+        self.enrol()
+        while True:
+            try:
+                return self._run_enrolled()
+            except _Reenrol as exc:
+                log.warning("session refused (%s); enrolling again", exc)
+                self.enrol(force=True)
+
+    def _run_enrolled(self) -> int:
+        folder = self.fetch_package()
+        spec_task = json.loads((folder / "job.json").read_text())["task"]
+        local = read_examples(self.options.data, need_label=spec_task == "classification")
+        runtime = ClientRuntime.from_package(folder, local, state_dir=self.state_dir, source=str(self.options.data))
+        log.info("ready: %d local examples", len(local))
+        assert self.credentials is not None
+        creds = self.credentials
+        while True:
+            task = self._call("poll", lambda: self.stub.PollTask(pb.PollRequest(credentials=creds),
+                                                                 timeout=UNARY_DEADLINE_S))
+            if task.kind == pb.Task.DONE:
+                log.info("coordinator says the job is done (%s)", task.message)
+                return 0
+            if task.kind == pb.Task.WAIT:
+                time.sleep(max(task.retry_after_ms, 100) / 1000)
+                continue
+            self._run_task(task, runtime, creds)
+
+    def _run_task(self, task: pb.Task, runtime: ClientRuntime, creds: pb.Credentials) -> None:
+        log.info("round %d: %s", task.round, task.stage)
+        blob = self._download(self.stub.FetchTask,
+                              lambda off: pb.FetchRequest(credentials=creds, task_id=task.task_id, offset=off),
+                              partial=None, max_bytes=MAX_TASK_BYTES, what="task download")
+        message = decode_message(blob)
+        stop = threading.Event()
+        alive = threading.Event()
+        alive.set()
+        beat = threading.Thread(target=self._heartbeat, args=(creds, task.task_id, stop, alive), daemon=True)
+        beat.start()
+        try:
+            reply = runtime.handle(message)
+        except Exception as exc:  # report, don't die: the coordinator counts it as a failed client
+            log.exception("task failed")
+            reply = Message(round=message.round, stage="error", config={"reason": str(exc)[:500]})
+        finally:
+            stop.set()
+            beat.join()
+        if not alive.is_set():
+            log.warning("round %d: the coordinator stopped waiting for this task; not uploading", task.round)
+            return
+        self._upload(task.task_id, reply, creds)
+
+    def _heartbeat(self, creds: pb.Credentials, task_id: str, stop: threading.Event, alive: threading.Event) -> None:
+        while not stop.wait(self.heartbeat_interval_s):
+            try:
+                reply = self.stub.Heartbeat(pb.HeartbeatRequest(credentials=creds, task_id=task_id, status="working"),
+                                            timeout=UNARY_DEADLINE_S)
+                if not reply.task_alive:
+                    alive.clear()
+            except grpc.RpcError as exc:
+                log.debug("heartbeat failed: %s", exc)
+
+    def _upload(self, task_id: str, reply: Message, creds: pb.Credentials) -> None:
+        blob = encode_message(reply)
+        digest = sha256_hex(blob)
+
+        def chunks() -> Iterator[pb.UploadChunk]:
+            for i, (offset, piece) in enumerate(iter_chunks(blob)):
+                if i == 0:
+                    yield pb.UploadChunk(credentials=creds, task_id=task_id, total_size=len(blob), sha256=digest,
+                                         offset=offset, data=piece)
+                else:
+                    yield pb.UploadChunk(offset=offset, data=piece)
+
+        try:
+            self._call("upload", lambda: self.stub.Upload(chunks(), timeout=STREAM_DEADLINE_S))
+            log.info("upload accepted (%.2f MB)", len(blob) / 1e6)
+        except UserError as exc:
+            # FAILED_PRECONDITION: the round moved on without us; keep polling
+            log.warning("upload not accepted: %s", exc)

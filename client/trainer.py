@@ -1,0 +1,94 @@
+"""Local training: a few optimizer steps on a party's own examples.
+
+The same function serves the edge client, the Flower ClientApp and the
+benchmarks. Data order is drawn from a generator seeded by (job seed, round,
+client index), so a simulated and a real run of the same job see the same
+batches. When sample-level DP is on, the DataLoader and optimizer are handed
+to Opacus (Poisson sampling) and the steps are recorded in the client's
+privacy ledger.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, RandomSampler
+
+from emulator.tasks import EncodedExamples
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    local_steps: int
+    batch_size: int
+    lr: float
+    weight_decay: float = 0.0
+    seed: int = 0
+
+
+@dataclass
+class TrainResult:
+    loss: float
+    steps: int
+    seconds: float
+    examples_seen: int
+
+
+# (model, optimizer, loader) -> private (model, optimizer, loader); the DP hook.
+PrivatizeFn = Callable[
+    [torch.nn.Module, torch.optim.Optimizer, DataLoader],
+    tuple[torch.nn.Module, torch.optim.Optimizer, DataLoader],
+]
+
+
+def data_generator(seed: int, round_id: int, client_index: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + round_id * 10_007 + client_index)
+
+
+def _forever(loader: DataLoader) -> Iterator[dict[str, torch.Tensor]]:
+    while True:
+        yield from loader
+
+
+def train_steps(
+    model: torch.nn.Module,
+    data: EncodedExamples,
+    settings: TrainSettings,
+    *,
+    generator: torch.Generator,
+    privatize: PrivatizeFn | None = None,
+) -> TrainResult:
+    """Run ``settings.local_steps`` AdamW steps over the trainable parameters of ``model``."""
+    start = time.monotonic()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer: torch.optim.Optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    sampler = RandomSampler(data, replacement=False, generator=generator)
+    loader = DataLoader(data, batch_size=min(settings.batch_size, len(data)), sampler=sampler,
+                        collate_fn=data.collate, drop_last=False)
+    if privatize is not None:
+        model, optimizer, loader = privatize(model, optimizer, loader)
+    model.train()
+    total_loss, counted, seen = 0.0, 0, 0
+    batches = _forever(loader)
+    for _ in range(settings.local_steps):
+        batch = next(batches)
+        optimizer.zero_grad(set_to_none=True)
+        n = int(batch["input_ids"].shape[0])
+        if n == 0:  # Poisson sampling can draw an empty batch: it still counts as a step
+            optimizer.step()
+            continue
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        value = loss.item()
+        if math.isfinite(value):
+            total_loss += value * n
+            counted += n
+        seen += n
+    model.eval()
+    return TrainResult(loss=total_loss / max(counted, 1), steps=settings.local_steps,
+                       seconds=time.monotonic() - start, examples_seen=seen)

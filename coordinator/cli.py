@@ -1,0 +1,99 @@
+"""fedsite-coordinator: serve a job over gRPC until its rounds are done.
+
+    fedsite-coordinator serve --config JOB.toml [--address HOST:PORT] [--output-dir DIR] [--resume]
+
+Errors a user can cause end in one line on stderr and exit status 2; the
+output directory keeps every completed round (restart with ``--resume``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+DEFAULT_ADDRESS = "0.0.0.0:50051"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedsite-coordinator", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run a job: serve clients until the last round is done")
+    serve.add_argument("--config", required=True, type=Path, help="the job file (TOML)")
+    serve.add_argument("--address", default=DEFAULT_ADDRESS, help=f"listen address (default {DEFAULT_ADDRESS})")
+    serve.add_argument("--output-dir", type=Path, help="default: runs/<job name>")
+    serve.add_argument("--resume", action="store_true",
+                       help="continue the run in --output-dir from its last checkpoint")
+    serve.add_argument("--linger-s", type=float, default=5.0, help="keep answering 'done' this long after the job ends")
+    serve.add_argument("--insecure", action="store_true",
+                       help="accepted for clarity: plaintext is what an empty [tls] table gives anyway")
+    return parser
+
+
+def setup_logging(output_dir: Path | None) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if output_dir is not None:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(output_dir / "coordinator.log"))
+    logging.basicConfig(level=logging.INFO, handlers=handlers, force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("transformers", "peft", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def serve(args: argparse.Namespace) -> int:
+    from coordinator.config import load_job
+    from coordinator.job import prepare_job
+    from coordinator.mailbox import Mailbox
+    from coordinator.registry import ClientRegistry, read_tokens
+    from coordinator.server import TLSFiles, start_server
+    from coordinator.servicer import CoordinatorServicer, PackageBlob
+
+    config = load_job(args.config)
+    output_dir: Path = args.output_dir or Path("runs") / config.job.name
+    setup_logging(output_dir)
+    log = logging.getLogger("fedsite.coordinator")
+    tokens = read_tokens(config.resolve(config.enrollment.tokens_file))
+    log.info("preparing job %r (%s mode) in %s", config.job.name, config.job.mode, output_dir)
+    job = prepare_job(config, output_dir, resume=args.resume)
+    registry = ClientRegistry.from_tokens(tokens, output_dir / "clients.json")
+    mailbox = Mailbox(registry, heartbeat_timeout_s=config.job.heartbeat_timeout_s)
+    servicer = CoordinatorServicer(job_name=config.job.name, registry=registry, mailbox=mailbox,
+                                   package=PackageBlob(job.package.blob, job.package.sha256))
+    tls = None
+    if config.tls.cert:
+        tls = TLSFiles(cert=config.resolve(config.tls.cert), key=config.resolve(config.tls.key),
+                       client_ca=config.resolve(config.tls.client_ca) if config.tls.client_ca else None)
+    server = start_server(servicer, args.address, tls=tls)
+    host = args.address.rsplit(":", 1)[0]
+    (output_dir / "address").write_text(f"{host}:{server.port}\n")
+    log.info("listening on %s:%d; %d rounds to go", host, server.port,
+             config.job.rounds - job.engine.completed_rounds)
+    server.set_serving(True)
+    try:
+        job.engine.run(mailbox)
+        job.model.export(output_dir / "final")
+        log.info("job complete: final model in %s", output_dir / "final")
+        mailbox.close("job complete")
+        time.sleep(args.linger_s)
+    finally:
+        mailbox.close("coordinator stopped")
+        server.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from coordinator.errors import run_cli
+
+    return run_cli(lambda: serve(args), prog="fedsite-coordinator")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,359 @@
+"""The job file: one TOML file describes a job for the coordinator and the simulator.
+
+The table and key names are a contract (see the design card); each table is a
+dataclass whose fields carry their help text, and loading validates every key
+with an error that names it and the allowed values. Relative paths are
+resolved against the job file's folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MODES = ("lora", "offsite")
+TASKS = ("classification", "causal-lm")
+OPTIMIZERS = ("fedavg", "fedadam")
+ACCOUNTANTS = ("rdp", "prv", "gdp")
+PARTITIONS = ("iid", "dirichlet", "shards")
+
+
+class ConfigError(ValueError):
+    """A job file that cannot run; the message names the key."""
+
+
+def _help(text: str, **kwargs: Any) -> Any:
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class JobSection:
+    name: str = _help("job name, used for the output directory", default="fedsite-job")
+    mode: str = _help("lora | offsite", default="lora")
+    rounds: int = _help("number of federated rounds", default=5)
+    clients_per_round: int = _help("clients sampled each round", default=3)
+    min_clients: int = _help("fewer completed updates than this: the round fails", default=2)
+    round_timeout_s: float = _help("seconds to wait for a round's replies", default=600.0)
+    seed: int = _help("seed for sampling, initialisation and data order", default=0)
+    heartbeat_timeout_s: float = _help(
+        "a client silent this long during a round counts as dropped", default=60.0
+    )
+    wait_for_clients_s: float = _help(
+        "how long to wait for min_clients to enrol before a round", default=3600.0
+    )
+
+    def validate(self) -> None:
+        _choice("job.mode", self.mode, MODES)
+        _positive("job.rounds", self.rounds)
+        _positive("job.clients_per_round", self.clients_per_round)
+        _positive("job.min_clients", self.min_clients)
+        if self.min_clients > self.clients_per_round:
+            raise ConfigError(
+                f"job.min_clients ({self.min_clients}) must be <= job.clients_per_round "
+                f"({self.clients_per_round})"
+            )
+        _positive("job.round_timeout_s", self.round_timeout_s)
+        _positive("job.heartbeat_timeout_s", self.heartbeat_timeout_s)
+
+
+@dataclass
+class ModelSection:
+    path: str = _help('"minilm" (the embedded default) or a local Hugging Face folder', default="minilm")
+    task: str = _help("classification | causal-lm", default="classification")
+    max_length: int = _help("tokens per example", default=64)
+    labels: list[str] = _help("class names; empty = sorted labels of the validation file", default_factory=list)
+
+    def validate(self) -> None:
+        _choice("model.task", self.task, TASKS)
+        _positive("model.max_length", self.max_length)
+
+
+@dataclass
+class DataSection:
+    validation: str = _help("coordinator-side evaluation file (JSONL/CSV, .gz allowed)", default="")
+    validation_max_examples: int = _help("evaluate on this many (seeded sample); 0 = all", default=2000)
+    train: str = _help("training file for the simulator (split among clients)", default="")
+
+    def validate(self) -> None:
+        if self.validation_max_examples < 0:
+            raise ConfigError("data.validation_max_examples must be >= 0")
+
+
+@dataclass
+class TrainSection:
+    local_steps: int = _help("optimizer steps per client per round", default=30)
+    batch_size: int = _help("examples per step", default=16)
+    lr: float = _help("client learning rate (AdamW)", default=5e-4)
+    weight_decay: float = _help("client AdamW weight decay", default=0.0)
+
+    def validate(self) -> None:
+        _positive("train.local_steps", self.local_steps)
+        _positive("train.batch_size", self.batch_size)
+        _positive("train.lr", self.lr)
+
+
+@dataclass
+class ServerSection:
+    optimizer: str = _help("fedavg | fedadam", default="fedavg")
+    lr: float = _help("server learning rate (1.0 = plain FedAvg)", default=1.0)
+    beta1: float = _help("FedAdam first-moment decay", default=0.9)
+    beta2: float = _help("FedAdam second-moment decay", default=0.99)
+    eps: float = _help("FedAdam adaptivity", default=1e-3)
+
+    def validate(self) -> None:
+        _choice("server.optimizer", self.optimizer, OPTIMIZERS)
+        _positive("server.lr", self.lr)
+        for key, value in (("server.beta1", self.beta1), ("server.beta2", self.beta2)):
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"{key} must be in [0, 1), got {value}")
+
+
+@dataclass
+class LoraSection:
+    r: int = _help("LoRA rank", default=8)
+    alpha: int = _help("LoRA scaling numerator (scale = alpha / r)", default=16)
+    dropout: float = _help("LoRA dropout", default=0.0)
+    freeze_a: bool = _help("FFA-LoRA: A frozen at its shared initialisation", default=False)
+    target_modules: list[str] = _help("modules to wrap; empty = the architecture's default", default_factory=list)
+
+    def validate(self) -> None:
+        _positive("lora.r", self.r)
+        _positive("lora.alpha", self.alpha)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class OffsiteSection:
+    adapter_layers: int = _help("bottom k and top k blocks form the adapter; 0 = automatic", default=0)
+    keep_ratio: float = _help("fraction of the middle blocks the emulator keeps", default=0.5)
+    keep: int = _help("number of middle blocks kept (overrides keep_ratio when > 0)", default=0)
+    distill_data: str = _help("public text for distillation; empty = layer drop only", default="")
+    distill_steps: int = _help("distillation steps", default=0)
+    adapter_lora: bool = _help("train LoRA on the adapter blocks instead of the blocks themselves", default=False)
+
+    def validate(self) -> None:
+        if self.adapter_layers < 0:
+            raise ConfigError("offsite.adapter_layers must be >= 0")
+        if not 0.0 < self.keep_ratio <= 1.0:
+            raise ConfigError(f"offsite.keep_ratio must be in (0, 1], got {self.keep_ratio}")
+        if self.keep < 0 or self.distill_steps < 0:
+            raise ConfigError("offsite.keep and offsite.distill_steps must be >= 0")
+
+
+@dataclass
+class LocalDPSection:
+    enabled: bool = _help("sample-level DP-SGD on each client (Opacus)", default=False)
+    noise_multiplier: float = _help("Gaussian noise / max_grad_norm", default=1.0)
+    max_grad_norm: float = _help("per-sample gradient clipping bound", default=1.0)
+    delta: float = _help("target delta", default=1e-5)
+    max_epsilon: float = _help("per-client budget across all rounds", default=8.0)
+    accountant: str = _help("rdp | prv | gdp", default="rdp")
+
+    def validate(self) -> None:
+        _choice("privacy.local_dp.accountant", self.accountant, ACCOUNTANTS)
+        _positive("privacy.local_dp.noise_multiplier", self.noise_multiplier)
+        _positive("privacy.local_dp.max_grad_norm", self.max_grad_norm)
+        _probability("privacy.local_dp.delta", self.delta)
+        _positive("privacy.local_dp.max_epsilon", self.max_epsilon)
+
+
+@dataclass
+class ClientDPSection:
+    enabled: bool = _help("client-level DP on the aggregate (DP-FedAvg)", default=False)
+    clip_norm: float = _help("L2 bound on each client's update", default=1.0)
+    noise_multiplier: float = _help("noise std / clip_norm on the sum", default=1.0)
+    delta: float = _help("target delta", default=1e-5)
+    distributed: bool = _help("clients add the noise shares", default=True)
+
+    def validate(self) -> None:
+        _positive("privacy.client_dp.clip_norm", self.clip_norm)
+        if self.noise_multiplier < 0:
+            raise ConfigError("privacy.client_dp.noise_multiplier must be >= 0")
+        _probability("privacy.client_dp.delta", self.delta)
+
+
+@dataclass
+class SecureAggregationSection:
+    enabled: bool = _help("SecAgg+: the coordinator learns only the sum", default=False)
+    threshold: float = _help("fraction of each neighbourhood needed to unmask", default=0.66)
+    clipping_range: float = _help("per-coordinate bound of the quantizer", default=8.0)
+
+    def validate(self) -> None:
+        if not 0.5 <= self.threshold <= 1.0:
+            raise ConfigError(f"privacy.secure_aggregation.threshold must be in [0.5, 1], got {self.threshold}")
+        _positive("privacy.secure_aggregation.clipping_range", self.clipping_range)
+
+
+@dataclass
+class PrivacySection:
+    local_dp: LocalDPSection = field(default_factory=LocalDPSection)
+    client_dp: ClientDPSection = field(default_factory=ClientDPSection)
+    secure_aggregation: SecureAggregationSection = field(default_factory=SecureAggregationSection)
+
+    def validate(self) -> None:
+        self.local_dp.validate()
+        self.client_dp.validate()
+        self.secure_aggregation.validate()
+
+
+@dataclass
+class EnrollmentSection:
+    tokens_file: str = _help("one enrolment token per line", default="tokens.txt")
+
+
+@dataclass
+class TLSSection:
+    cert: str = _help("server certificate (PEM); empty = plaintext", default="")
+    key: str = _help("server private key (PEM)", default="")
+    client_ca: str = _help("CA for client certificates; set = mutual TLS", default="")
+
+    def validate(self) -> None:
+        if bool(self.cert) != bool(self.key):
+            raise ConfigError("tls.cert and tls.key must be given together")
+        if self.client_ca and not self.cert:
+            raise ConfigError("tls.client_ca needs tls.cert and tls.key")
+
+
+@dataclass
+class SimulationSection:
+    clients: int = _help("enrolled virtual clients", default=10)
+    partition: str = _help("iid | dirichlet | shards", default="dirichlet")
+    alpha: float = _help("Dirichlet concentration", default=0.5)
+    shards_per_client: int = _help("label shards per client (partition = shards)", default=2)
+    train_data: str = _help("one JSONL file split among the clients", default="")
+    max_train_examples: int = _help("use this many training examples (seeded sample); 0 = all", default=0)
+
+    def validate(self) -> None:
+        _positive("simulation.clients", self.clients)
+        _choice("simulation.partition", self.partition, PARTITIONS)
+        _positive("simulation.alpha", self.alpha)
+
+
+@dataclass
+class JobConfig:
+    job: JobSection = field(default_factory=JobSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    server: ServerSection = field(default_factory=ServerSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    offsite: OffsiteSection = field(default_factory=OffsiteSection)
+    privacy: PrivacySection = field(default_factory=PrivacySection)
+    enrollment: EnrollmentSection = field(default_factory=EnrollmentSection)
+    tls: TLSSection = field(default_factory=TLSSection)
+    simulation: SimulationSection | None = None
+    base_dir: Path = field(default_factory=Path.cwd)
+
+    def validate(self) -> None:
+        for section in (self.job, self.model, self.data, self.train, self.server, self.lora,
+                        self.offsite, self.privacy, self.tls):
+            section.validate()
+        if self.simulation is not None:
+            self.simulation.validate()
+        if self.privacy.local_dp.enabled and self.privacy.client_dp.enabled:
+            pass  # both may be on: they protect different units (examples vs clients)
+
+    def resolve(self, relative: str) -> Path:
+        """A path from the job file, relative to the job file's folder."""
+        path = Path(relative).expanduser()
+        return path if path.is_absolute() else (self.base_dir / path).resolve()
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data.pop("base_dir")
+        if data["simulation"] is None:
+            data.pop("simulation")
+        return data
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key} = {value!r} is not one of: {', '.join(allowed)}")
+
+
+def _positive(key: str, value: float) -> None:
+    if not (value > 0 and math.isfinite(value)):
+        raise ConfigError(f"{key} must be a positive number, got {value}")
+
+
+def _probability(key: str, value: float) -> None:
+    if not 0.0 < value < 1.0:
+        raise ConfigError(f"{key} must be in (0, 1), got {value}")
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check one TOML value against a field's type (ints are accepted for floats)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _coerce(key, value, inner[0])
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"[{key}] must be a table")
+        return _build(annotation, value, key)  # type: ignore[arg-type]
+    if origin is list:
+        (item_type,) = typing.get_args(annotation)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list")
+        return [_coerce(f"{key}[{i}]", v, item_type) for i, v in enumerate(value)]
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {annotation}")
+
+
+def _build(cls: type, table: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls) if f.name != "base_dir"}
+    unknown = sorted(set(table) - fields)
+    if unknown:
+        where = f"[{prefix}]" if prefix else "the job file"
+        raise ConfigError(
+            f"unknown key {unknown[0]!r} in {where}; allowed: {', '.join(sorted(fields))}"
+        )
+    kwargs = {
+        name: _coerce(f"{prefix}.{name}" if prefix else name, value, hints[name])
+        for name, value in table.items()
+    }
+    return cls(**kwargs)
+
+
+def parse_job(table: dict[str, Any], base_dir: Path) -> JobConfig:
+    config: JobConfig = _build(JobConfig, table, "")
+    config.base_dir = base_dir.resolve()
+    config.validate()
+    return config
+
+
+def load_job(path: str | Path) -> JobConfig:
+    """Read and validate a job file; every failure is a ConfigError naming the problem."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read job file {path}: {exc.strerror}") from exc
+    try:
+        table = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    return parse_job(table, path.parent)

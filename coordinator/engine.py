@@ -1,0 +1,280 @@
+"""The round engine: written once, driven by the gRPC servicer and by Flower's simulation.
+
+It knows rounds, sampling, quorum, aggregation, evaluation, checkpoints and
+metrics, and nothing about transport: a :class:`Driver` delivers messages to
+clients and brings back whatever replies arrive before the deadline. A client
+that does not answer is a dropout; a round with fewer than ``min_clients``
+good updates fails cleanly, the global model stays as it was, and the job
+goes on with the next round.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from coordinator.checkpoint import Checkpoint, Checkpointer
+from coordinator.config import JobConfig
+from coordinator.metrics import MetricsLog
+from coordinator.strategy import (
+    ServerOptimizer,
+    State,
+    UpdateRejected,
+    check_update,
+    make_server_optimizer,
+    weighted_mean,
+)
+from protos.codec import Message
+
+log = logging.getLogger("fedsite.engine")
+
+TRAIN = "train"
+DECLINED = "declined"
+ERROR = "error"
+
+
+@dataclass
+class Exchange:
+    """What came back from one send-and-collect."""
+
+    replies: dict[str, Message]
+    failures: dict[str, str] = field(default_factory=dict)  # client -> why no reply
+    bytes_down: int = 0
+    bytes_up: int = 0
+
+
+class Driver(Protocol):
+    """Transport: the only thing the gRPC coordinator and the Flower ServerApp implement."""
+
+    def wait_for_clients(self, count: int, timeout_s: float) -> list[str]:
+        """Block until at least ``count`` clients are available (or timeout); return them all."""
+        ...
+
+    def exchange(self, round_id: int, messages: dict[str, Message], timeout_s: float) -> Exchange:
+        """Send each client its message; collect replies until all answered, died, or timeout."""
+        ...
+
+
+class GlobalModel(Protocol):
+    """The coordinator's model, seen through its trainable tensors."""
+
+    def trainable_state(self) -> State: ...
+
+    def set_trainable_state(self, state: State) -> None: ...
+
+    def evaluate(self) -> dict[str, float]: ...
+
+
+class RoundFailed(RuntimeError):
+    """A round that produced no update (too few clients, or secure aggregation aborted)."""
+
+
+@dataclass
+class RoundOutcome:
+    """Aggregated result of a round's client phase (plain or secure)."""
+
+    delta: State
+    completed: list[str]
+    train_loss: float | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# The client phase of a round: (engine, round, sampled clients, driver) -> outcome.
+ClientPhase = Callable[["RoundEngine", int, list[str], Driver], RoundOutcome]
+
+
+class RoundEngine:
+    def __init__(
+        self,
+        config: JobConfig,
+        model: GlobalModel,
+        checkpointer: Checkpointer,
+        metrics: MetricsLog,
+        *,
+        client_phase: ClientPhase | None = None,
+        round_hooks: list[Callable[[int, dict[str, Any]], None]] | None = None,
+    ) -> None:
+        self.config = config
+        self.model = model
+        self.checkpointer = checkpointer
+        self.metrics = metrics
+        self.optimizer: ServerOptimizer = make_server_optimizer(
+            config.server.optimizer,
+            lr=config.server.lr,
+            beta1=config.server.beta1,
+            beta2=config.server.beta2,
+            eps=config.server.eps,
+        )
+        self.client_phase: ClientPhase = client_phase or plain_client_phase
+        self.round_hooks = round_hooks or []
+        self.completed_rounds = 0
+        self.round_stats: dict[str, Any] = {}
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def resume(self) -> int:
+        """Load the newest checkpoint if any; return the last completed round (0 = fresh)."""
+        checkpoint = self.checkpointer.latest()
+        if checkpoint is None:
+            return 0
+        self.model.set_trainable_state(checkpoint.global_state)
+        self.optimizer.load_state_dict(checkpoint.optimizer_state)
+        self.completed_rounds = checkpoint.round
+        self.metrics.truncate_after(checkpoint.round)
+        log.info("resumed after round %d from %s", checkpoint.round, self.checkpointer.folder)
+        return checkpoint.round
+
+    def run(self, driver: Driver, *, evaluate_first: bool = True) -> list[dict[str, Any]]:
+        """Run the remaining rounds; returns the metrics records written."""
+        records: list[dict[str, Any]] = []
+        if self.completed_rounds == 0 and evaluate_first:
+            records.append(self._record_round_zero())
+        for round_id in range(self.completed_rounds + 1, self.config.job.rounds + 1):
+            records.append(self.run_round(round_id, driver))
+        return records
+
+    def _record_round_zero(self) -> dict[str, Any]:
+        start = time.monotonic()
+        record: dict[str, Any] = {"round": 0, "sampled_clients": 0, "completed_clients": 0,
+                                  "dropped_clients": 0, "bytes_down": 0, "bytes_up": 0}
+        record.update(self.model.evaluate())
+        record["seconds"] = time.monotonic() - start
+        self.metrics.append(record)
+        self._announce(0, record)
+        return record
+
+    # -- one round -------------------------------------------------------------------------
+
+    def sample(self, round_id: int, available: list[str]) -> list[str]:
+        """Seeded by (job seed, round) so a resumed or simulated run samples the same clients."""
+        rng = random.Random(f"{self.config.job.seed}:{round_id}")
+        pool = sorted(available)
+        return sorted(rng.sample(pool, min(self.config.job.clients_per_round, len(pool))))
+
+    def train_message(self, round_id: int, client_index: int) -> Message:
+        """The instruction every sampled client gets: global tensors plus this round's settings."""
+        train = self.config.train
+        config: dict[str, Any] = {
+            "local_steps": train.local_steps,
+            "batch_size": train.batch_size,
+            "lr": train.lr,
+            "weight_decay": train.weight_decay,
+            "seed": self.config.job.seed,
+            "client_index": client_index,
+        }
+        config.update(self.round_stats.get("extra_train_config", {}))
+        return Message(round=round_id, stage=TRAIN, config=config, tensors=self.model.trainable_state())
+
+    def run_round(self, round_id: int, driver: Driver) -> dict[str, Any]:
+        job = self.config.job
+        start = time.monotonic()
+        available = driver.wait_for_clients(job.min_clients, job.wait_for_clients_s)
+        sampled = self.sample(round_id, available)
+        self.round_stats = {"bytes_down": 0, "bytes_up": 0, "failures": {}}
+        record: dict[str, Any] = {"round": round_id, "sampled_clients": len(sampled)}
+        try:
+            if len(sampled) < job.min_clients:
+                raise RoundFailed(f"only {len(sampled)} clients available, min_clients is {job.min_clients}")
+            outcome = self.client_phase(self, round_id, sampled, driver)
+            agg_start = time.monotonic()
+            new_state = self.optimizer.step(self.model.trainable_state(), outcome.delta)
+            self.model.set_trainable_state(new_state)
+            record["seconds_aggregate"] = time.monotonic() - agg_start
+            record["completed_clients"] = len(outcome.completed)
+            record["train_loss"] = outcome.train_loss
+            record.update(outcome.extra)
+            record["status"] = "ok"
+        except RoundFailed as exc:
+            log.warning("round %d failed: %s", round_id, exc)
+            record["completed_clients"] = 0
+            record["status"] = "failed"
+            record["failure"] = str(exc)
+        failures: dict[str, str] = self.round_stats["failures"]
+        record["dropped_clients"] = len(failures)
+        if failures:
+            record["drop_reasons"] = dict(sorted(failures.items()))
+        record["bytes_down"] = self.round_stats["bytes_down"]
+        record["bytes_up"] = self.round_stats["bytes_up"]
+        eval_start = time.monotonic()
+        record.update(self.model.evaluate())
+        record["seconds_eval"] = time.monotonic() - eval_start
+        for hook in self.round_hooks:
+            hook(round_id, record)
+        self.checkpointer.save(
+            Checkpoint(round=round_id, global_state=self.model.trainable_state(),
+                       optimizer_state=self.optimizer.state_dict(), info={"status": record["status"]})
+        )
+        self.completed_rounds = round_id
+        record["seconds"] = time.monotonic() - start
+        self.metrics.append(record)
+        self._announce(round_id, record)
+        return record
+
+    def _announce(self, round_id: int, record: dict[str, Any]) -> None:
+        metric = next((k for k in ("val_accuracy", "val_perplexity") if k in record), None)
+        shown = f"{metric}={record[metric]:.4f}" if metric else ""
+        log.info(
+            "round %d/%d %s: %d/%d clients completed, %s, %.1fs",
+            round_id, self.config.job.rounds, record.get("status", "baseline"),
+            record.get("completed_clients", 0), record.get("sampled_clients", 0), shown,
+            record.get("seconds", 0.0),
+        )
+
+    # -- helpers for client phases ---------------------------------------------------------
+
+    def exchange(self, driver: Driver, round_id: int, messages: dict[str, Message]) -> Exchange:
+        """driver.exchange plus the round's byte and failure bookkeeping."""
+        result = driver.exchange(round_id, messages, self.config.job.round_timeout_s)
+        self.round_stats["bytes_down"] += result.bytes_down
+        self.round_stats["bytes_up"] += result.bytes_up
+        self.round_stats["failures"].update(result.failures)
+        return result
+
+
+def plain_client_phase(engine: RoundEngine, round_id: int, sampled: list[str], driver: Driver) -> RoundOutcome:
+    """Send the global tensors, average the deltas that come back weighted by examples."""
+    messages = {cid: engine.train_message(round_id, i) for i, cid in enumerate(sampled)}
+    expected = messages[sampled[0]].tensors
+    result = engine.exchange(driver, round_id, messages)
+    updates: list[State] = []
+    weights: list[float] = []
+    losses: list[float] = []
+    completed: list[str] = []
+    for cid, reply in sorted(result.replies.items()):
+        try:
+            if reply.stage == DECLINED:
+                raise UpdateRejected(f"declined: {reply.config.get('reason', 'no reason given')}")
+            if reply.stage != TRAIN or reply.round != round_id:
+                raise UpdateRejected(f"reply for round {reply.round} stage {reply.stage!r}")
+            check_update(reply.tensors, expected)
+            weight = float(reply.config.get("num_examples", 0))
+            if not weight > 0:
+                raise UpdateRejected("num_examples must be positive")
+        except UpdateRejected as exc:
+            engine.round_stats["failures"][cid] = str(exc)
+            continue
+        updates.append(reply.tensors)
+        weights.append(weight)
+        losses.append(float(reply.config.get("train_loss", float("nan"))))
+        completed.append(cid)
+    if len(updates) < engine.config.job.min_clients:
+        raise RoundFailed(
+            f"{len(updates)} of {len(sampled)} clients completed, min_clients is {engine.config.job.min_clients}"
+        )
+    delta = weighted_mean(updates, weights)
+    loss = sum(w * x for w, x in zip(weights, losses, strict=True)) / sum(weights)
+    return RoundOutcome(delta=delta, completed=completed, train_loss=loss)
+
+
+def state_bytes(state: State) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def zeros_like_state(state: State) -> State:
+    return {k: torch.zeros_like(v) for k, v in state.items()}

@@ -1,0 +1,178 @@
+"""A job on the coordinator: from a validated job file to a model, a package and an engine.
+
+Shared by the gRPC coordinator and the Flower simulation: both call
+:func:`prepare_job` and get the same package, the same global model and the
+same engine; only the driver differs.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from client.data import DataError, label_set, read_examples, sample
+from coordinator.checkpoint import Checkpointer
+from coordinator.config import ConfigError, JobConfig
+from coordinator.engine import ClientPhase, RoundEngine
+from coordinator.metrics import MetricsLog
+from emulator.lora import LoraSettings, add_lora, load_trainable_state, merged_copy, trainable_state
+from emulator.models import load_model, load_tokenizer, resolve_model_path
+from emulator.package import JobSpec, load_trainable_model, pack
+from emulator.tasks import EncodedExamples, encode, evaluate
+from privacy.atomic import atomic_write_bytes, atomic_write_text
+from protos.codec import sha256_hex
+
+log = logging.getLogger("fedsite.job")
+
+
+@dataclass
+class Package:
+    folder: Path
+    blob: bytes
+    sha256: str
+    spec: JobSpec
+
+
+def job_labels(config: JobConfig) -> list[str]:
+    if config.model.task != "classification":
+        return []
+    if config.model.labels:
+        return list(config.model.labels)
+    if not config.data.validation:
+        raise ConfigError("model.labels is empty and data.validation is not set: cannot know the labels")
+    return label_set(read_examples(config.resolve(config.data.validation), need_label=True))
+
+
+def lora_settings(config: JobConfig) -> LoraSettings:
+    return LoraSettings(r=config.lora.r, alpha=config.lora.alpha, dropout=config.lora.dropout,
+                        freeze_a=config.lora.freeze_a, target_modules=tuple(config.lora.target_modules))
+
+
+def build_package(config: JobConfig, output_dir: Path) -> Package:
+    """Write the package folder and its tar once; a resumed job reuses them byte for byte."""
+    folder = output_dir / "package"
+    tar_path = output_dir / "package.tar"
+    if tar_path.exists() and (folder / "job.json").exists():
+        blob = tar_path.read_bytes()
+        return Package(folder, blob, sha256_hex(blob), JobSpec.load(folder))
+    shutil.rmtree(folder, ignore_errors=True)
+    labels = job_labels(config)
+    model_dir = resolve_model_path(config.model.path, config.base_dir)
+    tokenizer = load_tokenizer(model_dir)
+    base = load_model(model_dir, config.model.task, labels, seed=config.job.seed)
+    spec = JobSpec(
+        job_name=config.job.name, mode=config.job.mode, task=config.model.task,
+        max_length=config.model.max_length, labels=labels, seed=config.job.seed,
+        lora=asdict(config.lora), offsite=asdict(config.offsite),
+    )
+    (folder / "model").mkdir(parents=True)
+    if config.job.mode == "lora":
+        base.save_pretrained(str(folder / "model"), safe_serialization=True)
+        tokenizer.save_pretrained(str(folder / "model"))
+        peft_model = add_lora(base, lora_settings(config), task=config.model.task, seed=config.job.seed)
+        peft_model.save_pretrained(str(folder / "adapter"), safe_serialization=True)
+        spec.trainable = {n: list(t.shape) for n, t in trainable_state(peft_model).items()}
+    else:
+        from emulator.offsite_package import write_offsite_package
+
+        write_offsite_package(base, tokenizer, config, spec, folder)
+    spec.save(folder)
+    blob = pack(folder)
+    atomic_write_bytes(tar_path, blob)
+    return Package(folder, blob, sha256_hex(blob), spec)
+
+
+class LoraGlobalModel:
+    """The coordinator's copy of the trainable model (lora mode), rebuilt from the package."""
+
+    def __init__(self, package: Package, validation: EncodedExamples | None, tokenizer: PreTrainedTokenizerBase,
+                 eval_batch_size: int = 64) -> None:
+        self.model, _, self.spec = load_trainable_model(package.folder)
+        self.validation = validation
+        self.tokenizer = tokenizer
+        self.eval_batch_size = eval_batch_size
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return trainable_state(self.model)
+
+    def set_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        load_trainable_state(self.model, state)
+
+    def evaluate(self) -> dict[str, float]:
+        if self.validation is None:
+            return {}
+        return evaluate(self.model, self.validation, batch_size=self.eval_batch_size)
+
+    def export(self, folder: Path) -> None:
+        """final/: merged model + tokenizer that plain transformers loads; final/adapter/: peft adapter."""
+        tmp = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        merged = merged_copy(self.model)  # type: ignore[arg-type]
+        merged.save_pretrained(str(tmp), safe_serialization=True)
+        self.tokenizer.save_pretrained(str(tmp))
+        self.model.save_pretrained(str(tmp / "adapter"), safe_serialization=True)  # type: ignore[operator]
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+
+
+@dataclass
+class PreparedJob:
+    config: JobConfig
+    output_dir: Path
+    package: Package
+    model: Any  # LoraGlobalModel | OffsiteGlobalModel
+    engine: RoundEngine
+
+
+def load_validation(config: JobConfig, tokenizer: PreTrainedTokenizerBase, labels: list[str]) -> EncodedExamples | None:
+    if not config.data.validation:
+        return None
+    path = config.resolve(config.data.validation)
+    examples = read_examples(path, need_label=config.model.task == "classification")
+    examples = sample(examples, config.data.validation_max_examples, config.job.seed)
+    label2id = {label: i for i, label in enumerate(labels)}
+    if config.model.task == "classification":
+        unknown = [e for e in examples if e.label not in label2id]
+        if unknown:
+            raise DataError(f"{path}: label {unknown[0].label!r} is not in model.labels")
+    return encode(examples, tokenizer, task=config.model.task, max_length=config.model.max_length,
+                  label2id=label2id)
+
+
+def prepare_job(config: JobConfig, output_dir: Path, *, resume: bool = False,
+                client_phase: ClientPhase | None = None) -> PreparedJob:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    checkpointer = Checkpointer(output_dir / "checkpoints")
+    metrics = MetricsLog(output_dir / "metrics.jsonl")
+    if not resume and (checkpointer.latest() is not None or metrics.path.exists()):
+        raise ConfigError(
+            f"output directory {output_dir} already holds a run; pass --resume to continue it "
+            "or choose another --output-dir"
+        )
+    atomic_write_text(output_dir / "job.toml.json", _json(config.to_dict()))
+    package = build_package(config, output_dir)
+    tokenizer = load_tokenizer(package.folder / "model")
+    validation = load_validation(config, tokenizer, package.spec.labels)
+    model: Any
+    if config.job.mode == "lora":
+        model = LoraGlobalModel(package, validation, tokenizer)
+    else:
+        from coordinator.offsite_model import OffsiteGlobalModel
+
+        model = OffsiteGlobalModel(config, package, validation, tokenizer)
+    engine = RoundEngine(config, model, checkpointer, metrics, client_phase=client_phase)
+    if resume:
+        engine.resume()
+    return PreparedJob(config, output_dir, package, model, engine)
+
+
+def _json(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"

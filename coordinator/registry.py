@@ -1,0 +1,111 @@
+"""Who may talk to the coordinator: enrolment tokens and the identities they buy.
+
+Tokens are read from the job's tokens file and kept only as sha256 hashes.
+Enrolling with a token yields a client id (stable per token, so a client that
+lost its state comes back as itself) and a fresh session key; enrolling again
+with the same token revokes the previous session, so one token never backs two
+live clients. Session keys are stored hashed too, and the registry is written
+atomically so a resumed coordinator still knows its clients.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from privacy.atomic import atomic_write_json
+
+
+class AuthError(PermissionError):
+    """Wrong token, unknown client, or a session that is no longer valid."""
+
+
+def _hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+def read_tokens(path: Path) -> list[str]:
+    """One token per line; blank lines and '#' comments ignored."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise FileNotFoundError(f"cannot read tokens file {path}: {exc.strerror}") from exc
+    tokens = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    if not tokens:
+        raise ValueError(f"tokens file {path} holds no tokens")
+    return tokens
+
+
+@dataclass
+class ClientRecord:
+    client_id: str
+    token_hash: str
+    session_hash: str
+    name: str
+    enrolled_at: float
+    revoked: bool = False
+
+
+class ClientRegistry:
+    def __init__(self, token_hashes: list[str], path: Path | None = None) -> None:
+        self._token_hashes = set(token_hashes)
+        self._path = path
+        self._lock = threading.Lock()
+        self._clients: dict[str, ClientRecord] = {}
+        self.last_seen: dict[str, float] = {}
+        if path is not None and path.exists():
+            for raw in json.loads(path.read_text()).get("clients", []):
+                record = ClientRecord(**raw)
+                if record.token_hash in self._token_hashes:
+                    self._clients[record.client_id] = record
+
+    @classmethod
+    def from_tokens(cls, tokens: list[str], path: Path | None = None) -> ClientRegistry:
+        return cls([_hash(t) for t in tokens], path)
+
+    def enroll(self, token: str, name: str = "") -> tuple[str, str]:
+        """(client_id, session_key) for a valid token; AuthError otherwise."""
+        token_hash = _hash(token)
+        if not any(hmac.compare_digest(token_hash, known) for known in self._token_hashes):
+            raise AuthError("enrolment token not accepted")
+        client_id = "client-" + token_hash[:12]
+        session_key = secrets.token_hex(32)
+        with self._lock:
+            self._clients[client_id] = ClientRecord(
+                client_id=client_id, token_hash=token_hash, session_hash=_hash(session_key),
+                name=name[:128], enrolled_at=time.time(),
+            )
+            self.last_seen[client_id] = time.monotonic()
+            self._save()
+        return client_id, session_key
+
+    def authenticate(self, client_id: str, session_key: str) -> str:
+        record = self._clients.get(client_id)
+        if record is None or record.revoked:
+            raise AuthError(f"unknown or revoked client {client_id[:40]!r}; enrol again")
+        if not hmac.compare_digest(record.session_hash, _hash(session_key)):
+            raise AuthError("session key not valid for this client (superseded by a newer enrolment?)")
+        self.last_seen[client_id] = time.monotonic()
+        return client_id
+
+    def revoke(self, client_id: str) -> None:
+        with self._lock:
+            if client_id in self._clients:
+                self._clients[client_id].revoked = True
+                self._save()
+
+    def active(self, within_s: float) -> list[str]:
+        """Clients heard from in the last ``within_s`` seconds."""
+        now = time.monotonic()
+        return sorted(cid for cid, record in self._clients.items()
+                      if not record.revoked and now - self.last_seen.get(cid, -1e18) <= within_s)
+
+    def _save(self) -> None:
+        if self._path is not None:
+            atomic_write_json(self._path, {"clients": [asdict(r) for r in self._clients.values()]})

@@ -1,0 +1,142 @@
+"""The gRPC servicer: authenticates, validates and hands everything to the mailbox.
+
+Every handler checks its input before use and answers bad calls with a
+precise status (PERMISSION_DENIED, INVALID_ARGUMENT, FAILED_PRECONDITION,
+RESOURCE_EXHAUSTED); nothing a client sends can take the service down.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import grpc
+
+from coordinator.mailbox import Mailbox, ReplyInvalid, TaskError
+from coordinator.registry import AuthError, ClientRegistry
+from protos import fedsite_pb2 as pb
+from protos import fedsite_pb2_grpc as pb_grpc
+from protos.codec import DEFAULT_CHUNK_BYTES, BlobAssembler, CodecError, iter_chunks
+
+log = logging.getLogger("fedsite.servicer")
+
+POLL_INTERVAL_MS = 1000
+
+
+@dataclass
+class PackageBlob:
+    data: bytes
+    sha256: str
+
+
+class CoordinatorServicer(pb_grpc.CoordinatorServicer):
+    def __init__(self, *, job_name: str, registry: ClientRegistry, mailbox: Mailbox, package: PackageBlob,
+                 heartbeat_interval_s: int = 5, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+        self.job_name = job_name
+        self.registry = registry
+        self.mailbox = mailbox
+        self.package = package
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.chunk_bytes = chunk_bytes
+        self.errors = 0
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _auth(self, credentials: pb.Credentials, context: grpc.ServicerContext) -> str:
+        try:
+            return self.registry.authenticate(credentials.client_id, credentials.session_key)
+        except AuthError as exc:
+            self._abort(context, grpc.StatusCode.PERMISSION_DENIED, str(exc))
+            raise  # unreachable: abort raises
+
+    def _abort(self, context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+        self.errors += 1
+        log.info("refused call: %s: %s", code.name, message)
+        context.abort(code, message)
+
+    # -- RPCs -----------------------------------------------------------------------------
+
+    def Enroll(self, request: pb.EnrollRequest, context: grpc.ServicerContext) -> pb.EnrollReply:
+        if not request.token or len(request.token) > 1024:
+            self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, "a token of 1..1024 characters is required")
+        try:
+            client_id, session_key = self.registry.enroll(request.token, request.client_name)
+        except AuthError as exc:
+            self._abort(context, grpc.StatusCode.PERMISSION_DENIED, str(exc))
+        log.info("enrolled %s (%s)", client_id, request.client_name[:64])
+        return pb.EnrollReply(
+            credentials=pb.Credentials(client_id=client_id, session_key=session_key),
+            job_name=self.job_name, package_sha256=self.package.sha256,
+            package_size=len(self.package.data), heartbeat_interval_s=self.heartbeat_interval_s,
+        )
+
+    def _stream(self, blob: bytes, sha256: str, offset: int, context: grpc.ServicerContext,
+                on_sent: object = None) -> Iterator[pb.Chunk]:
+        if offset > len(blob):
+            self._abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                        f"offset {offset} is past the end ({len(blob)} bytes)")
+        for start, piece in iter_chunks(blob, self.chunk_bytes, offset):
+            if callable(on_sent):
+                on_sent(len(piece))
+            yield pb.Chunk(data=piece, offset=start, total_size=len(blob), sha256=sha256)
+
+    def FetchPackage(self, request: pb.FetchRequest, context: grpc.ServicerContext) -> Iterator[pb.Chunk]:
+        self._auth(request.credentials, context)
+        yield from self._stream(self.package.data, self.package.sha256, request.offset, context)
+
+    def PollTask(self, request: pb.PollRequest, context: grpc.ServicerContext) -> pb.Task:
+        client_id = self._auth(request.credentials, context)
+        task = self.mailbox.open_task(client_id)
+        if task is not None:
+            return pb.Task(kind=pb.Task.RUN, task_id=task.task_id, round=task.round, stage=task.stage,
+                           size=len(task.blob), sha256=task.sha256,
+                           deadline_s=max(0.0, task.deadline - time.monotonic()))
+        if self.mailbox.done_reason is not None:
+            return pb.Task(kind=pb.Task.DONE, message=self.mailbox.done_reason)
+        return pb.Task(kind=pb.Task.WAIT, retry_after_ms=POLL_INTERVAL_MS, message="waiting for the next round")
+
+    def FetchTask(self, request: pb.FetchRequest, context: grpc.ServicerContext) -> Iterator[pb.Chunk]:
+        client_id = self._auth(request.credentials, context)
+        try:
+            task = self.mailbox.task(client_id, request.task_id)
+        except TaskError as exc:
+            self._abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        yield from self._stream(task.blob, task.sha256, request.offset, context,
+                                on_sent=lambda n: self.mailbox.count_sent(task, n))
+
+    def Upload(self, request_iterator: Iterator[pb.UploadChunk], context: grpc.ServicerContext) -> pb.UploadReply:
+        first = next(request_iterator, None)
+        if first is None:
+            self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, "empty upload")
+        assert first is not None
+        client_id = self._auth(first.credentials, context)
+        try:
+            task = self.mailbox.task(client_id, first.task_id)
+        except TaskError as exc:
+            self._abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        if first.total_size > task.max_reply_bytes:
+            self._abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"reply of {first.total_size} bytes exceeds this task's limit of {task.max_reply_bytes}")
+        try:
+            assembler = BlobAssembler(first.total_size, first.sha256, max_bytes=task.max_reply_bytes)
+            assembler.add(first.offset, first.data)
+            for chunk in request_iterator:
+                if chunk.task_id and chunk.task_id != first.task_id:
+                    raise CodecError("task_id changed in the middle of an upload")
+                assembler.add(chunk.offset, chunk.data)
+            blob = assembler.finish()
+        except CodecError as exc:
+            self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        try:
+            self.mailbox.deliver(client_id, first.task_id, blob)
+        except TaskError as exc:
+            self._abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except ReplyInvalid as exc:
+            self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return pb.UploadReply(accepted=True, message="reply accepted")
+
+    def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatReply:
+        client_id = self._auth(request.credentials, context)
+        return pb.HeartbeatReply(task_alive=self.mailbox.heartbeat(client_id, request.task_id))

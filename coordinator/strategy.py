@@ -1,0 +1,106 @@
+"""Turning client updates into a new global state.
+
+Clients send deltas (new - old) of the trainable tensors. ``weighted_mean``
+is FedAvg's average weighted by examples; the server optimizer then applies
+it: FedAvg adds it (times a server learning rate), FedAdam (Reddi et al.
+2021) treats its negation as a gradient for Adam on the server.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+
+State = dict[str, torch.Tensor]
+
+
+class UpdateRejected(ValueError):
+    """One client's update that cannot enter the aggregate (wrong names, shapes or values)."""
+
+
+def check_update(update: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> None:
+    """Names, shapes, dtype and finiteness, checked before an update is used."""
+    missing = sorted(set(expected) - set(update))
+    extra = sorted(set(update) - set(expected))
+    if missing or extra:
+        raise UpdateRejected(f"tensor names differ: missing {missing[:3]}, unexpected {extra[:3]}")
+    for name, ref in expected.items():
+        value = update[name]
+        if value.dtype != torch.float32:
+            raise UpdateRejected(f"{name}: dtype {value.dtype}, expected float32")
+        if tuple(value.shape) != tuple(ref.shape):
+            raise UpdateRejected(f"{name}: shape {tuple(value.shape)}, expected {tuple(ref.shape)}")
+        if not torch.isfinite(value).all():
+            raise UpdateRejected(f"{name}: non-finite values")
+
+
+def weighted_mean(updates: Sequence[State], weights: Sequence[float]) -> State:
+    if not updates or len(updates) != len(weights):
+        raise ValueError("need one weight per update and at least one update")
+    total = float(sum(weights))
+    if not total > 0 or not math.isfinite(total):
+        raise ValueError(f"weights must sum to a positive number, got {total}")
+    mean: State = {name: torch.zeros_like(t) for name, t in updates[0].items()}
+    for update, weight in zip(updates, weights, strict=True):
+        for name, value in update.items():
+            mean[name].add_(value, alpha=weight / total)
+    return mean
+
+
+class ServerOptimizer:
+    """Applies the aggregated delta to the global state; its state is checkpointed."""
+
+    def step(self, global_state: State, delta: State) -> State:
+        raise NotImplementedError
+
+    def state_dict(self) -> State:
+        return {}
+
+    def load_state_dict(self, state: State) -> None:
+        del state
+
+
+class FedAvg(ServerOptimizer):
+    def __init__(self, lr: float = 1.0) -> None:
+        self.lr = lr
+
+    def step(self, global_state: State, delta: State) -> State:
+        return {name: value + self.lr * delta[name] for name, value in global_state.items()}
+
+
+class FedAdam(ServerOptimizer):
+    """Adam on the server with pseudo-gradient -delta (adaptivity eps as in Reddi et al.)."""
+
+    def __init__(self, lr: float, beta1: float, beta2: float, eps: float) -> None:
+        self.lr, self.beta1, self.beta2, self.eps = lr, beta1, beta2, eps
+        self.m: State = {}
+        self.v: State = {}
+
+    def step(self, global_state: State, delta: State) -> State:
+        new_state: State = {}
+        for name, value in global_state.items():
+            m = self.m.get(name, torch.zeros_like(value))
+            v = self.v.get(name, torch.zeros_like(value))
+            d = delta[name]
+            m = self.beta1 * m + (1 - self.beta1) * d
+            v = self.beta2 * v + (1 - self.beta2) * d * d
+            self.m[name], self.v[name] = m, v
+            new_state[name] = value + self.lr * m / (v.sqrt() + self.eps)
+        return new_state
+
+    def state_dict(self) -> State:
+        return {**{f"m/{k}": v for k, v in self.m.items()}, **{f"v/{k}": v for k, v in self.v.items()}}
+
+    def load_state_dict(self, state: State) -> None:
+        self.m = {k[2:]: v for k, v in state.items() if k.startswith("m/")}
+        self.v = {k[2:]: v for k, v in state.items() if k.startswith("v/")}
+
+
+def make_server_optimizer(name: str, *, lr: float, beta1: float, beta2: float, eps: float) -> ServerOptimizer:
+    if name == "fedavg":
+        return FedAvg(lr)
+    if name == "fedadam":
+        return FedAdam(lr, beta1, beta2, eps)
+    raise ValueError(f"unknown server optimizer {name!r}")

@@ -1,0 +1,113 @@
+"""LoRA packaging through peft: wrap, name the trainable tensors, merge, export.
+
+The coordinator and every client build the trainable model the same way
+(base folder + initial adapter folder from the job package), so the tensor
+names on the wire are peft's own parameter names and match on both sides.
+With ``freeze_a`` (FFA-LoRA) the A factors stay at their shared random
+initialisation and only B (and the head) train: averaging B over clients then
+equals averaging the products BA exactly, and DP noise lands on half the
+parameters.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import PreTrainedModel
+
+from emulator.architectures import spec_for
+
+
+class MergeError(ValueError):
+    """A merge that would write non-finite weights."""
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    freeze_a: bool = False
+    target_modules: tuple[str, ...] = ()
+
+
+def lora_config_for(model: PreTrainedModel, settings: LoraSettings, *, task: str) -> LoraConfig:
+    spec = spec_for(model)
+    targets = list(settings.target_modules or spec.lora_targets)
+    return LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=targets,
+        modules_to_save=[spec.classifier_head] if task == "classification" else None,
+        fan_in_fan_out=spec.family == "gpt2",  # GPT-2 keeps its projections as Conv1D
+        bias="none",
+    )
+
+
+def add_lora(model: PreTrainedModel, settings: LoraSettings, *, task: str, seed: int = 0) -> PeftModel:
+    """Wrap ``model`` (in place) with freshly initialised LoRA factors; seeded for reproducibility."""
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, lora_config_for(model, settings, task=task))
+    if settings.freeze_a:
+        freeze_lora_a(peft_model)
+    return peft_model
+
+
+def freeze_lora_a(model: torch.nn.Module) -> None:
+    for name, param in model.named_parameters():
+        if ".lora_A." in name:
+            param.requires_grad_(False)
+
+
+def load_lora(base: PreTrainedModel, adapter_dir: Path, *, freeze_a: bool) -> PeftModel:
+    """The trainable model a client (or the coordinator) rebuilds from a package."""
+    peft_model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
+    if freeze_a:
+        freeze_lora_a(peft_model)
+    return peft_model
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Detached fp32 copies of every trainable parameter, by parameter name."""
+    return {
+        name: param.detach().to(torch.float32).clone()
+        for name, param in model.named_parameters()
+        if param.requires_grad
+    }
+
+
+def trainable_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    return {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy ``state`` into the model's trainable parameters; names and shapes must match exactly."""
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(set(params) - set(state))
+    extra = sorted(set(state) - set(params))
+    if missing or extra:
+        raise KeyError(f"trainable state mismatch: missing {missing[:3]}, unexpected {extra[:3]}")
+    for name, param in params.items():
+        value = state[name]
+        if tuple(value.shape) != tuple(param.shape):
+            raise ValueError(f"{name}: shape {tuple(value.shape)} != {tuple(param.shape)}")
+        param.copy_(value.to(param.dtype))
+
+
+def merged_copy(model: PeftModel) -> PreTrainedModel:
+    """The base model with LoRA folded in, built on a copy; refuses non-finite results."""
+    clone = copy.deepcopy(model)
+    for name, param in clone.named_parameters():
+        if ("lora_" in name or "modules_to_save" in name) and not torch.isfinite(param).all():
+            raise MergeError(f"refusing to merge: {name} has non-finite values")
+    merged = clone.merge_and_unload(safe_merge=True)
+    for name, param in merged.named_parameters():
+        if not torch.isfinite(param).all():
+            raise MergeError(f"refusing to export: merged weight {name} is non-finite")
+    return merged

