@@ -8,6 +8,7 @@ the encoded local data and the client's state directory, and turns a
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,6 +39,15 @@ class ClientRuntime:
     data: EncodedExamples
     state_dir: Path | None = None
 
+    @property
+    def data_seed(self) -> int:
+        """Seeds this client's batch order from its data, not from an id a driver assigns, so
+        the gRPC and Flower runs of one job train on the same batches."""
+        if not hasattr(self, "_data_seed"):
+            digest = hashlib.sha256(repr((self.data.input_ids, self.data.labels)).encode()).digest()
+            self._data_seed = int.from_bytes(digest[:4], "little")
+        return self._data_seed
+
     @classmethod
     def from_package(cls, package_dir: Path, examples: Sequence[Example], *, state_dir: Path | None,
                      source: str = "local data") -> ClientRuntime:
@@ -61,7 +71,7 @@ class ClientRuntime:
         )
         global_state = message.tensors
         load_trainable_state(self.model, global_state)
-        generator = data_generator(settings.seed, message.round, int(cfg.get("client_index", 0)))
+        generator = data_generator(settings.seed, message.round, self.data_seed)
         result = train_steps(self.model, self.data, settings, generator=generator)
         new_state = trainable_state(self.model)
         delta = {name: new_state[name] - global_state[name].to(torch.float32) for name in new_state}

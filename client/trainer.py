@@ -45,8 +45,8 @@ PrivatizeFn = Callable[
 ]
 
 
-def data_generator(seed: int, round_id: int, client_index: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + round_id * 10_007 + client_index)
+def data_generator(seed: int, round_id: int, data_seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + round_id * 10_007 + data_seed) % (2**63))
 
 
 def _forever(loader: DataLoader) -> Iterator[dict[str, torch.Tensor]]:

@@ -47,6 +47,9 @@ class JobSection:
     wait_for_clients_s: float = _help(
         "how long to wait for min_clients to enrol before a round", default=3600.0
     )
+    sample_grace_s: float = _help(
+        "once min_clients are online, wait this long for clients_per_round before sampling", default=10.0
+    )
 
     def validate(self) -> None:
         _choice("job.mode", self.mode, MODES)

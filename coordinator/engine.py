@@ -10,6 +10,7 @@ goes on with the next round.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import time
@@ -157,7 +158,7 @@ class RoundEngine:
         pool = sorted(available)
         return sorted(rng.sample(pool, min(self.config.job.clients_per_round, len(pool))))
 
-    def train_message(self, round_id: int, client_index: int) -> Message:
+    def train_message(self, round_id: int) -> Message:
         """The instruction every sampled client gets: global tensors plus this round's settings."""
         train = self.config.train
         config: dict[str, Any] = {
@@ -166,7 +167,6 @@ class RoundEngine:
             "lr": train.lr,
             "weight_decay": train.weight_decay,
             "seed": self.config.job.seed,
-            "client_index": client_index,
         }
         config.update(self.round_stats.get("extra_train_config", {}))
         return Message(round=round_id, stage=TRAIN, config=config, tensors=self.model.trainable_state())
@@ -175,6 +175,8 @@ class RoundEngine:
         job = self.config.job
         start = time.monotonic()
         available = driver.wait_for_clients(job.min_clients, job.wait_for_clients_s)
+        if len(available) < job.clients_per_round:  # a quorum is here; give the rest a moment
+            available = driver.wait_for_clients(job.clients_per_round, job.sample_grace_s)
         sampled = self.sample(round_id, available)
         self.round_stats = {"bytes_down": 0, "bytes_up": 0, "failures": {}}
         record: dict[str, Any] = {"round": round_id, "sampled_clients": len(sampled)}
@@ -239,8 +241,9 @@ class RoundEngine:
 
 def plain_client_phase(engine: RoundEngine, round_id: int, sampled: list[str], driver: Driver) -> RoundOutcome:
     """Send the global tensors, average the deltas that come back weighted by examples."""
-    messages = {cid: engine.train_message(round_id, i) for i, cid in enumerate(sampled)}
-    expected = messages[sampled[0]].tensors
+    message = engine.train_message(round_id)
+    messages = {cid: message for cid in sampled}
+    expected = message.tensors
     result = engine.exchange(driver, round_id, messages)
     updates: list[State] = []
     weights: list[float] = []
@@ -267,9 +270,20 @@ def plain_client_phase(engine: RoundEngine, round_id: int, sampled: list[str], d
         raise RoundFailed(
             f"{len(updates)} of {len(sampled)} clients completed, min_clients is {engine.config.job.min_clients}"
         )
+    # sum in an order fixed by the updates' content, not by client ids, so that drivers that
+    # name clients differently (gRPC, Flower) aggregate bit for bit the same way
+    order = sorted(range(len(updates)), key=lambda i: (weights[i], _digest(updates[i])))
+    updates, weights, losses = [updates[i] for i in order], [weights[i] for i in order], [losses[i] for i in order]
     delta = weighted_mean(updates, weights)
     loss = sum(w * x for w, x in zip(weights, losses, strict=True)) / sum(weights)
     return RoundOutcome(delta=delta, completed=completed, train_loss=loss)
+
+
+def _digest(state: State) -> str:
+    hasher = hashlib.sha256()
+    for name in sorted(state):
+        hasher.update(state[name].numpy().tobytes())
+    return hasher.hexdigest()
 
 
 def state_bytes(state: State) -> int:

@@ -68,9 +68,12 @@ class Mailbox:
     def exchange(self, round_id: int, messages: dict[str, Message], timeout_s: float) -> Exchange:
         deadline = time.monotonic() + timeout_s
         tasks: dict[str, Task] = {}
+        encoded: dict[int, bytes] = {}  # one encoding per distinct message (often all clients share one)
         with self._cond:
             for client_id, message in messages.items():
-                blob = encode_message(message)
+                if id(message) not in encoded:
+                    encoded[id(message)] = encode_message(message)
+                blob = encoded[id(message)]
                 tasks[client_id] = Task(
                     task_id=secrets.token_hex(16), client_id=client_id, round=round_id,
                     stage=message.stage, blob=blob, sha256=sha256_hex(blob), deadline=deadline,

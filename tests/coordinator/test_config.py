@@ -1,0 +1,113 @@
+"""Job files: the design card's example loads; every mistake names its key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from coordinator.config import ConfigError, load_job, parse_job
+
+REPO = Path(__file__).resolve().parents[2]
+DESIGN_EXAMPLE = """
+[job]
+name = "wordnet-lora"
+mode = "lora"
+rounds = 5
+clients_per_round = 3
+min_clients = 2
+round_timeout_s = 600
+seed = 0
+[model]
+path = "minilm"
+task = "classification"
+max_length = 64
+[data]
+validation = "data/wordnet_supersense.validation.jsonl.gz"
+[train]
+local_steps = 30
+batch_size = 16
+lr = 5e-4
+[server]
+optimizer = "fedavg"
+[lora]
+r = 8
+alpha = 16
+freeze_a = false
+[offsite]
+adapter_layers = 2
+keep_ratio = 0.5
+distill_data = ""
+distill_steps = 0
+[privacy.local_dp]
+enabled = false
+noise_multiplier = 1.0
+max_grad_norm = 1.0
+delta = 1e-5
+max_epsilon = 8.0
+accountant = "rdp"
+[privacy.client_dp]
+enabled = false
+clip_norm = 1.0
+noise_multiplier = 1.0
+delta = 1e-5
+distributed = true
+[privacy.secure_aggregation]
+enabled = false
+threshold = 0.66
+[enrollment]
+tokens_file = "tokens.txt"
+[tls]
+cert = ""
+key = ""
+client_ca = ""
+"""
+
+
+def test_the_design_cards_job_file_loads(tmp_path: Path) -> None:
+    path = tmp_path / "job.toml"
+    path.write_text(DESIGN_EXAMPLE)
+    config = load_job(path)
+    assert config.job.name == "wordnet-lora" and config.lora.r == 8 and config.offsite.adapter_layers == 2
+    assert config.privacy.secure_aggregation.threshold == 0.66
+    assert config.resolve(config.data.validation) == tmp_path / "data" / "wordnet_supersense.validation.jsonl.gz"
+
+
+def test_shipped_examples_load() -> None:
+    for path in (REPO / "coordinator" / "examples").glob("*.toml"):
+        config = load_job(path)
+        assert config.resolve(config.data.validation).exists(), path
+        assert config.resolve(config.enrollment.tokens_file).exists(), path
+
+
+@pytest.mark.parametrize(
+    ("table", "match"),
+    [
+        ({"job": {"mode": "central"}}, r"job.mode = 'central' is not one of: lora, offsite"),
+        ({"job": {"rounds": 0}}, r"job.rounds must be a positive number"),
+        ({"job": {"rounds": "5"}}, r"job.rounds must be an integer"),
+        ({"job": {"min_clients": 4, "clients_per_round": 3}}, r"job.min_clients \(4\) must be <="),
+        ({"job": {"roundz": 3}}, r"unknown key 'roundz' in \[job\]; allowed: .*rounds"),
+        ({"model": {"task": "qa"}}, r"model.task = 'qa' is not one of: classification, causal-lm"),
+        ({"train": {"lr": -1.0}}, r"train.lr must be a positive number"),
+        ({"server": {"optimizer": "sgd"}}, r"server.optimizer = 'sgd' is not one of: fedavg, fedadam"),
+        ({"lora": {"freeze_a": "yes"}}, r"lora.freeze_a must be true or false"),
+        ({"privacy": {"local_dp": {"accountant": "moments"}}}, r"privacy.local_dp.accountant = 'moments'"),
+        ({"privacy": {"secure_aggregation": {"threshold": 0.2}}}, r"privacy.secure_aggregation.threshold"),
+        ({"tls": {"cert": "a.pem"}}, r"tls.cert and tls.key must be given together"),
+        ({"jobs": {}}, r"unknown key 'jobs' in the job file"),
+        ({"job": 3}, r"\[job\] must be a table"),
+    ],
+)
+def test_mistakes_name_the_key(table: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        parse_job(table, Path("."))
+
+
+def test_unreadable_and_invalid_toml_are_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read job file"):
+        load_job(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[job\nname=")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_job(bad)
