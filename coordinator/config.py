@@ -189,8 +189,8 @@ class SecureAggregationSection:
     clipping_range: float = _help("per-coordinate bound of the quantizer", default=8.0)
 
     def validate(self) -> None:
-        if not 0.5 <= self.threshold <= 1.0:
-            raise ConfigError(f"privacy.secure_aggregation.threshold must be in [0.5, 1], got {self.threshold}")
+        if not 0.5 < self.threshold <= 1.0:
+            raise ConfigError(f"privacy.secure_aggregation.threshold must be in (0.5, 1], got {self.threshold}")
         _positive("privacy.secure_aggregation.clipping_range", self.clipping_range)
 
 

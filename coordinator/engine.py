@@ -201,8 +201,9 @@ class RoundEngine:
         record["dropped_clients"] = len(failures)
         if failures:
             record["drop_reasons"] = dict(sorted(failures.items()))
-        record["bytes_down"] = self.round_stats["bytes_down"]
-        record["bytes_up"] = self.round_stats["bytes_up"]
+        for key in ("bytes_down", "bytes_up", "seconds_exchange", "seconds_train_max"):
+            if key in self.round_stats:
+                record[key] = self.round_stats[key]
         eval_start = time.monotonic()
         record.update(self.model.evaluate())
         record["seconds_eval"] = time.monotonic() - eval_start
@@ -231,8 +232,13 @@ class RoundEngine:
     # -- helpers for client phases ---------------------------------------------------------
 
     def exchange(self, driver: Driver, round_id: int, messages: dict[str, Message]) -> Exchange:
-        """driver.exchange plus the round's byte and failure bookkeeping."""
+        """driver.exchange plus the round's byte, time and failure bookkeeping."""
+        start = time.monotonic()
         result = driver.exchange(round_id, messages, self.config.job.round_timeout_s)
+        self.round_stats["seconds_exchange"] = self.round_stats.get("seconds_exchange", 0.0) + time.monotonic() - start
+        train_times = [float(r.config.get("seconds_train", 0.0)) for r in result.replies.values()]
+        if train_times:
+            self.round_stats["seconds_train_max"] = max(self.round_stats.get("seconds_train_max", 0.0), *train_times)
         self.round_stats["bytes_down"] += result.bytes_down
         self.round_stats["bytes_up"] += result.bytes_up
         self.round_stats["failures"].update(result.failures)

@@ -1,0 +1,86 @@
+"""A coordinator and edge clients as real processes on this machine, over loopback.
+
+What a user does with three terminals, done by one program: used by the
+end-to-end tests and the round benchmark, so both exercise exactly the
+commands the README gives.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def process_env(threads: int = 1) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+                "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"})
+    return env
+
+
+def tail(path: str | Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def start_coordinator(job: Path, output_dir: Path, *extra: str, log_path: Path | None = None,
+                      threads: int = 1) -> tuple[subprocess.Popen, str]:
+    """Start ``python -m coordinator serve`` on a free loopback port; return (process, HOST:PORT)."""
+    log_path = log_path or output_dir.parent / f"{output_dir.name}.coordinator.log"
+    log = open(log_path, "ab")  # noqa: SIM115 - the child process writes to it
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "coordinator", "serve", "--config", str(job), "--address", "127.0.0.1:0",
+         "--output-dir", str(output_dir), "--linger-s", "3", *extra],
+        stdout=log, stderr=subprocess.STDOUT, env=process_env(threads), cwd=str(REPO),
+    )
+    address_file = output_dir / "address"
+    address_file.unlink(missing_ok=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if address_file.exists() and address_file.read_text().strip():
+            return proc, address_file.read_text().strip()
+        if proc.poll() is not None:
+            raise RuntimeError(f"coordinator exited early:\n{tail(log_path)}")
+        time.sleep(0.3)
+    proc.kill()
+    raise TimeoutError("coordinator did not start listening")
+
+
+def start_client(address: str, data: Path, token: str, state_dir: Path, *extra: str,
+                 log_path: Path | None = None, threads: int = 1) -> subprocess.Popen:
+    """Start ``python -m client run`` against ``address``."""
+    log = open(log_path or state_dir.parent / f"{state_dir.name}.log", "ab")  # noqa: SIM115
+    return subprocess.Popen(
+        [sys.executable, "-m", "client", "run", "--coordinator", address, "--data", str(data), "--token", token,
+         "--state-dir", str(state_dir), "--give-up-after-s", "60", *extra],
+        stdout=log, stderr=subprocess.STDOUT, env=process_env(threads), cwd=str(REPO),
+    )
+
+
+def wait_all(procs: list[subprocess.Popen], timeout_s: float) -> list[int]:
+    """Exit codes in order; a process still running at the deadline is killed and reports -9."""
+    deadline = time.monotonic() + timeout_s
+    codes = []
+    for proc in procs:
+        try:
+            codes.append(proc.wait(timeout=max(1.0, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            codes.append(-9)
+    return codes
+
+
+def wait_for_text(path: Path, text: str, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.exists() and text in path.read_text(errors="replace"):
+            return True
+        time.sleep(0.2)
+    return False
