@@ -1,0 +1,227 @@
+"""Privacy accounting across rounds and restarts: a persisted history over Opacus accountants.
+
+A client trains a few dozen DP-SGD steps per round, for many rounds, possibly across
+process restarts. Its ε is the composition of *all* those steps, so the history of
+(noise multiplier, sample rate, steps) is what must survive, not an ε number: ε is
+recomputed from the full history by a fresh Opacus accountant every time it is asked.
+Keeping the raw history also lets the same ledger be re-read with another accountant.
+
+Pure bookkeeping: no torch, no model. The same ledger serves client-level DP for a job
+(one "step" per round, sample rate = clients per round / clients).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from opacus.accountants import IAccountant, create_accountant
+
+from privacy.atomic import atomic_write_json
+
+ACCOUNTANTS = ("rdp", "prv", "gdp")
+_FORMAT_VERSION = 1
+
+# One entry of accountant history: (noise_multiplier, sample_rate, steps).
+Entry = tuple[float, float, int]
+
+
+class PrivacyAccountingError(ValueError):
+    """Bad accounting input (unknown accountant, out-of-range σ / q / δ, corrupt ledger)."""
+
+
+class PrivacyBudgetExhausted(Exception):
+    """The next round would take ε past the allowed maximum; the round must not run."""
+
+    def __init__(self, epsilon_after: float, max_epsilon: float, epsilon_spent: float) -> None:
+        self.epsilon_after = epsilon_after
+        self.max_epsilon = max_epsilon
+        self.epsilon_spent = epsilon_spent
+        super().__init__(
+            f"privacy budget exhausted: this round would take ε from {epsilon_spent:.4g} to "
+            f"{epsilon_after:.4g}, above max_epsilon = {max_epsilon:.4g}"
+        )
+
+
+def _check_accountant(accountant: str) -> str:
+    if accountant not in ACCOUNTANTS:
+        raise PrivacyAccountingError(
+            f"accountant must be one of {', '.join(ACCOUNTANTS)}; got {accountant!r}"
+        )
+    return accountant
+
+
+def _check_entry(noise_multiplier: float, sample_rate: float, steps: int) -> Entry:
+    if not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
+        raise PrivacyAccountingError(f"noise_multiplier must be > 0, got {noise_multiplier}")
+    if not (0 < sample_rate <= 1):
+        raise PrivacyAccountingError(f"sample_rate must be in (0, 1], got {sample_rate}")
+    if isinstance(steps, bool) or int(steps) != steps or steps < 0:
+        raise PrivacyAccountingError(f"steps must be a non-negative integer, got {steps}")
+    return (float(noise_multiplier), float(sample_rate), int(steps))
+
+
+def _check_delta(delta: float) -> None:
+    if not (0 < delta < 1):
+        raise PrivacyAccountingError(f"delta must be in (0, 1), got {delta}")
+
+
+def _merged(history: Sequence[Entry]) -> list[Entry]:
+    """Drop zero-step entries and merge neighbours with equal (σ, q): same ε, fewer terms."""
+    merged: list[Entry] = []
+    for sigma, q, steps in history:
+        if steps == 0:
+            continue
+        if merged and merged[-1][0] == sigma and merged[-1][1] == q:
+            merged[-1] = (sigma, q, merged[-1][2] + steps)
+        else:
+            merged.append((sigma, q, steps))
+    return merged
+
+
+def _new_accountant(accountant: str) -> IAccountant:
+    with warnings.catch_warnings():  # the GDP accountant warns on every construction
+        warnings.simplefilter("ignore")
+        return create_accountant(mechanism=accountant)
+
+
+def epsilon_for_history(history: Sequence[Entry], *, delta: float, accountant: str = "rdp") -> float:
+    """ε(δ) of the composition of every entry in ``history`` under ``accountant``.
+
+    ``gdp`` (Gaussian DP, CLT-based, can under-estimate ε) only supports a history with a
+    single (σ, q) pair; a mixed history raises PrivacyAccountingError.
+    """
+    _check_accountant(accountant)
+    _check_delta(delta)
+    merged = _merged(history)
+    if not merged:
+        return 0.0
+    if accountant == "gdp" and len(merged) > 1:
+        raise PrivacyAccountingError(
+            "accountant 'gdp' needs one noise multiplier and sample rate for the whole "
+            "history; use 'rdp' or 'prv' when they change between rounds"
+        )
+    acct = _new_accountant(accountant)
+    acct.history = [(s, q, n) for s, q, n in merged]
+    return float(acct.get_epsilon(delta=delta))
+
+
+class PrivacyLedger:
+    """A client's (or a job's) accountant history persisted as JSON, so ε composes across
+    rounds and restarts.
+
+    The file is rewritten atomically on every ``record`` (a crash leaves the previous
+    history, never a truncated one). ``path=None`` keeps the ledger in memory only.
+    """
+
+    def __init__(self, path: Path | None, accountant: str = "rdp") -> None:
+        self.path = Path(path) if path is not None else None
+        self.accountant = _check_accountant(accountant)
+        self._history: list[Entry] = []
+        if self.path is not None and self.path.exists():
+            self._history = self._load(self.path)
+
+    def _load(self, path: Path) -> list[Entry]:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            stored = data["accountant"]
+            rows = data["history"]
+            history = [_check_entry(float(s), float(q), int(n)) for s, q, n in rows]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise PrivacyAccountingError(f"corrupt privacy ledger {path}: {err}") from err
+        if stored != self.accountant:
+            # The history is mechanism-agnostic; say so rather than silently switching.
+            warnings.warn(
+                f"privacy ledger {path} was written with accountant {stored!r}; "
+                f"re-reading its history with {self.accountant!r}",
+                stacklevel=3,
+            )
+        return history
+
+    def _save(self) -> None:
+        if self.path is None:
+            return
+        atomic_write_json(
+            self.path,
+            {
+                "version": _FORMAT_VERSION,
+                "accountant": self.accountant,
+                "history": [list(entry) for entry in self._history],
+            },
+        )
+
+    @property
+    def history(self) -> list[Entry]:
+        """Every recorded (noise_multiplier, sample_rate, steps), oldest first (a copy)."""
+        return list(self._history)
+
+    @property
+    def total_steps(self) -> int:
+        return sum(steps for _, _, steps in self._history)
+
+    def epsilon(self, delta: float) -> float:
+        """ε spent so far at ``delta``; 0.0 with an empty history."""
+        return epsilon_for_history(self._history, delta=delta, accountant=self.accountant)
+
+    def epsilon_after(
+        self, *, noise_multiplier: float, sample_rate: float, steps: int, delta: float
+    ) -> float:
+        """What ε would be after ``steps`` more steps at (σ, q), without recording them."""
+        entry = _check_entry(noise_multiplier, sample_rate, steps)
+        return epsilon_for_history(
+            [*self._history, entry], delta=delta, accountant=self.accountant
+        )
+
+    def record(self, *, noise_multiplier: float, sample_rate: float, steps: int) -> None:
+        """Append ``steps`` steps at (σ, q) and save the ledger atomically."""
+        entry = _check_entry(noise_multiplier, sample_rate, steps)
+        self._history.append(entry)
+        try:
+            self._save()
+        except BaseException:
+            self._history.pop()  # memory and disk must agree
+            raise
+
+
+def check_budget(
+    ledger: PrivacyLedger,
+    *,
+    noise_multiplier: float,
+    sample_rate: float,
+    steps: int,
+    delta: float,
+    max_epsilon: float,
+) -> float:
+    """ε after the planned round; raises PrivacyBudgetExhausted when it would exceed max_epsilon.
+
+    Call before training: a refused round spends nothing.
+    """
+    after = ledger.epsilon_after(
+        noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps, delta=delta
+    )
+    if after > max_epsilon:
+        raise PrivacyBudgetExhausted(after, max_epsilon, ledger.epsilon(delta))
+    return after
+
+
+def job_epsilon(
+    *,
+    noise_multiplier: float,
+    sample_rate: float,
+    rounds: int,
+    delta: float,
+    accountant: str = "rdp",
+) -> float:
+    """Client-level ε of a DP-FedAvg job: one Gaussian release per round, clients sampled at
+    ``sample_rate`` (clients per round / clients).
+
+    The analysis assumes Poisson sampling of clients; sampling exactly K of N is the usual
+    approximation (McMahan et al., 2018). With distributed noise, pass the *effective*
+    noise multiplier of each round (see ``privacy.client_dp.effective_noise_multiplier``)
+    to a PrivacyLedger instead when not every sampled client completes.
+    """
+    entry = _check_entry(noise_multiplier, sample_rate, rounds)
+    return epsilon_for_history([entry], delta=delta, accountant=accountant)
