@@ -224,11 +224,12 @@ class Agent:
             self._run_task(task, runtime, creds)
 
     def _run_task(self, task: pb.Task, runtime: ClientRuntime, creds: pb.Credentials) -> None:
-        log.info("round %d: %s", task.round, task.stage)
         blob = self._download(self.stub.FetchTask,
                               lambda off: pb.FetchRequest(credentials=creds, task_id=task.task_id, offset=off),
                               partial=None, max_bytes=MAX_TASK_BYTES, what="task download")
         message = decode_message(blob)
+        label = task.stage + (f"/{message.config['secagg_stage']}" if "secagg_stage" in message.config else "")
+        log.info("round %d: %s", task.round, label)
         stop = threading.Event()
         alive = threading.Event()
         alive.set()
@@ -245,7 +246,8 @@ class Agent:
         if not alive.is_set():
             log.warning("round %d: the coordinator stopped waiting for this task; not uploading", task.round)
             return
-        self._upload(task.task_id, reply, creds)
+        if self._upload(task.task_id, reply, creds):
+            log.info("round %d: %s reply accepted", task.round, label)
 
     def _heartbeat(self, creds: pb.Credentials, task_id: str, stop: threading.Event, alive: threading.Event) -> None:
         while not stop.wait(self.heartbeat_interval_s):
@@ -257,7 +259,7 @@ class Agent:
             except grpc.RpcError as exc:
                 log.debug("heartbeat failed: %s", exc)
 
-    def _upload(self, task_id: str, reply: Message, creds: pb.Credentials) -> None:
+    def _upload(self, task_id: str, reply: Message, creds: pb.Credentials) -> bool:
         blob = encode_message(reply)
         digest = sha256_hex(blob)
 
@@ -271,7 +273,9 @@ class Agent:
 
         try:
             self._call("upload", lambda: self.stub.Upload(chunks(), timeout=STREAM_DEADLINE_S))
-            log.info("upload accepted (%.2f MB)", len(blob) / 1e6)
+            log.debug("upload accepted (%.2f MB)", len(blob) / 1e6)
+            return True
         except UserError as exc:
             # FAILED_PRECONDITION: the round moved on without us; keep polling
             log.warning("upload not accepted: %s", exc)
+            return False

@@ -3,29 +3,42 @@
 The gRPC agent and the Flower ClientApp both hand messages to a
 :class:`ClientRuntime`; it owns the local model (built from the job package),
 the encoded local data and the client's state directory, and turns a
-``train`` message into an update (delta of the trainable tensors).
+``train`` message into an update (delta of the trainable tensors) and the
+``secagg`` stages into SecAgg+ replies. Every check on a single update
+(finite values, the norm bound) happens here, before masking: under secure
+aggregation nobody downstream can look.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from client.data import Example, check_labels
-from client.trainer import TrainSettings, data_generator, train_steps
-from coordinator.engine import DECLINED, TRAIN
+from client.trainer import PrivatizeFn, TrainSettings, data_generator, train_steps
+from coordinator.engine import DECLINED, ERROR, SECAGG, TRAIN
 from emulator.lora import load_trainable_state, trainable_state
 from emulator.package import JobSpec, load_trainable_model
 from emulator.tasks import EncodedExamples, encode
-from protos.codec import Message
+from privacy.accounting import PrivacyBudgetExhausted, PrivacyLedger, check_budget
+from privacy.client_dp import ClientDPError, clip_update, distributed_noise_share
+from privacy.local_dp import make_private, unwrap
+from privacy.secagg import SecAggError, SecAggPlusClient, Stage
+from privacy.secagg.messages import read_header
+from protos.codec import Message, flatten_state, numpy_to_tensors
 
 log = logging.getLogger("fedsite.client")
+
+SECAGG_PREFIX = "secagg/"
+LEDGER_FILE = "privacy-ledger.json"
 
 
 class ClientError(RuntimeError):
@@ -38,15 +51,7 @@ class ClientRuntime:
     spec: JobSpec
     data: EncodedExamples
     state_dir: Path | None = None
-
-    @property
-    def data_seed(self) -> int:
-        """Seeds this client's batch order from its data, not from an id a driver assigns, so
-        the gRPC and Flower runs of one job train on the same batches."""
-        if not hasattr(self, "_data_seed"):
-            digest = hashlib.sha256(repr((self.data.input_ids, self.data.labels)).encode()).digest()
-            self._data_seed = int.from_bytes(digest[:4], "little")
-        return self._data_seed
+    secagg: SecAggPlusClient | None = field(default=None, repr=False)
 
     @classmethod
     def from_package(cls, package_dir: Path, examples: Sequence[Example], *, state_dir: Path | None,
@@ -58,10 +63,29 @@ class ClientRuntime:
         data = encode(examples, tokenizer, task=spec.task, max_length=spec.max_length, label2id=label2id)
         return cls(model=model, spec=spec, data=data, state_dir=state_dir)
 
+    @property
+    def data_seed(self) -> int:
+        """Seeds this client's batch order from its data, not from an id a driver assigns, so
+        the gRPC and Flower runs of one job train on the same batches."""
+        if not hasattr(self, "_data_seed"):
+            digest = hashlib.sha256(repr((self.data.input_ids, self.data.labels)).encode()).digest()
+            self._data_seed = int.from_bytes(digest[:4], "little")
+        return self._data_seed
+
+    def ledger(self, accountant: str) -> PrivacyLedger:
+        path = self.state_dir / LEDGER_FILE if self.state_dir is not None else None
+        if not hasattr(self, "_ledger"):
+            self._ledger = PrivacyLedger(path, accountant=accountant)
+        return self._ledger
+
     def handle(self, message: Message) -> Message:
         if message.stage == TRAIN:
             return self.train(message)
+        if message.stage == SECAGG:
+            return self.secure_step(message)
         raise ClientError(f"unknown stage {message.stage!r}")
+
+    # -- training -------------------------------------------------------------------------
 
     def train(self, message: Message) -> Message:
         cfg: dict[str, Any] = message.config
@@ -69,17 +93,91 @@ class ClientRuntime:
             local_steps=int(cfg["local_steps"]), batch_size=int(cfg["batch_size"]), lr=float(cfg["lr"]),
             weight_decay=float(cfg.get("weight_decay", 0.0)), seed=int(cfg.get("seed", 0)),
         )
-        global_state = message.tensors
+        global_state = {k: v for k, v in message.tensors.items() if not k.startswith(SECAGG_PREFIX)}
         load_trainable_state(self.model, global_state)
+        local_dp: dict[str, Any] | None = cfg.get("local_dp")
+        privatize: PrivatizeFn | None = None
+        report: dict[str, Any] = {}
+        if local_dp:
+            ledger = self.ledger(str(local_dp.get("accountant", "rdp")))
+            sample_rate = min(1.0, settings.batch_size / len(self.data))
+            try:
+                epsilon_after = check_budget(
+                    ledger, noise_multiplier=float(local_dp["noise_multiplier"]), sample_rate=sample_rate,
+                    steps=settings.local_steps, delta=float(local_dp["delta"]),
+                    max_epsilon=float(local_dp["max_epsilon"]))
+            except PrivacyBudgetExhausted as exc:
+                log.warning("round %d: declining to train: privacy budget exhausted (%s)", message.round, exc)
+                return Message(round=message.round, stage=DECLINED,
+                               config={"reason": f"privacy budget exhausted: {exc}",
+                                       "epsilon": ledger.epsilon(float(local_dp["delta"]))})
+
+            def privatize(model, optimizer, loader):
+                return make_private(model, optimizer, loader, noise_multiplier=float(local_dp["noise_multiplier"]),
+                                    max_grad_norm=float(local_dp["max_grad_norm"]), ledger=ledger)
+
+            report["epsilon_expected"] = epsilon_after
         generator = data_generator(settings.seed, message.round, self.data_seed)
-        result = train_steps(self.model, self.data, settings, generator=generator)
+        try:
+            result = train_steps(self.model, self.data, settings, generator=generator, privatize=privatize)
+        finally:
+            if local_dp:
+                unwrap(self.model)
+        if local_dp:
+            ledger.record(noise_multiplier=float(local_dp["noise_multiplier"]), sample_rate=sample_rate,
+                          steps=settings.local_steps)
+            report["epsilon"] = ledger.epsilon(float(local_dp["delta"]))
+            report["delta"] = float(local_dp["delta"])
         new_state = trainable_state(self.model)
         delta = {name: new_state[name] - global_state[name].to(torch.float32) for name in new_state}
         if not all(torch.isfinite(t).all() for t in delta.values()):
             return Message(round=message.round, stage=DECLINED,
-                           config={"reason": "local training diverged (non-finite update)"})
+                           config={"reason": "local training diverged (non-finite update)", **report})
+        client_dp: dict[str, Any] | None = cfg.get("client_dp")
+        if client_dp:
+            try:
+                delta, norm = clip_update(delta, float(client_dp["clip_norm"]))
+            except ClientDPError as exc:
+                return Message(round=message.round, stage=DECLINED, config={"reason": str(exc), **report})
+            report["update_norm"] = norm
+            if client_dp.get("distributed"):
+                noise_seed = int.from_bytes(os.urandom(8), "little")  # predictable noise could be subtracted
+                delta = distributed_noise_share(
+                    delta, clip_norm=float(client_dp["clip_norm"]),
+                    noise_multiplier=float(client_dp["noise_multiplier"]),
+                    num_clients=int(client_dp["num_clients"]),
+                    generator=torch.Generator().manual_seed(noise_seed))
         return Message(
             round=message.round, stage=TRAIN, tensors=delta,
             config={"num_examples": len(self.data), "train_loss": result.loss, "steps": result.steps,
-                    "seconds_train": result.seconds},
+                    "seconds_train": result.seconds, **report},
         )
+
+    # -- secure aggregation ---------------------------------------------------------------
+
+    def secure_step(self, message: Message) -> Message:
+        """One SecAgg+ stage; at the masked-input stage, train first and mask the update."""
+        cfg = message.config
+        payload = {k[len(SECAGG_PREFIX):]: v.numpy() for k, v in message.tensors.items()
+                   if k.startswith(SECAGG_PREFIX)}
+        try:
+            _, stage, _, _ = read_header(payload, "coordinator message")
+            if stage == Stage.SETUP:
+                self.secagg = SecAggPlusClient(int(cfg["secagg_id"]))
+            if self.secagg is None:
+                raise ClientError(f"secure aggregation stage {stage!r} before setup")
+            vector, report = None, {}
+            if stage == Stage.MASKED_INPUT:
+                trained = self.train(message)
+                if trained.stage != TRAIN:
+                    return trained
+                report = dict(trained.config)
+                weight = 1.0 if cfg.get("client_dp") else min(1.0, len(self.data) / float(cfg["secagg_weight_cap"]))
+                vector = np.concatenate([flatten_state(trained.tensors) * weight, np.array([weight], np.float32)])
+                report["secagg_weight"] = weight
+            reply = self.secagg.handle(payload, input_vector=vector)
+        except (SecAggError, ClientError, KeyError, ValueError) as exc:
+            log.warning("round %d: secure aggregation step refused: %s", message.round, exc)
+            return Message(round=message.round, stage=ERROR, config={"reason": f"secure aggregation: {exc}"})
+        return Message(round=message.round, stage=SECAGG, config=report,
+                       tensors=numpy_to_tensors({SECAGG_PREFIX + k: v for k, v in reply.items()}))

@@ -69,9 +69,9 @@ def train_steps(
     sampler = RandomSampler(data, replacement=False, generator=generator)
     loader = DataLoader(data, batch_size=min(settings.batch_size, len(data)), sampler=sampler,
                         collate_fn=data.collate, drop_last=False)
+    model.train()  # before privatize: Opacus checks the mode and skips eval-mode forwards
     if privatize is not None:
         model, optimizer, loader = privatize(model, optimizer, loader)
-    model.train()
     total_loss, counted, seen = 0.0, 0, 0
     batches = _forever(loader)
     for _ in range(settings.local_steps):

@@ -187,11 +187,15 @@ class SecureAggregationSection:
     enabled: bool = _help("SecAgg+: the coordinator learns only the sum", default=False)
     threshold: float = _help("fraction of each neighbourhood needed to unmask", default=0.66)
     clipping_range: float = _help("per-coordinate bound of the quantizer", default=8.0)
+    weight_cap: float = _help(
+        "examples at which a client's weight in the secure sum saturates (weights must be bounded)",
+        default=10000.0)
 
     def validate(self) -> None:
         if not 0.5 < self.threshold <= 1.0:
             raise ConfigError(f"privacy.secure_aggregation.threshold must be in (0.5, 1], got {self.threshold}")
         _positive("privacy.secure_aggregation.clipping_range", self.clipping_range)
+        _positive("privacy.secure_aggregation.weight_cap", self.weight_cap)
 
 
 @dataclass

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import random
 import time
 from collections.abc import Callable
@@ -36,6 +37,7 @@ from protos.codec import Message
 log = logging.getLogger("fedsite.engine")
 
 TRAIN = "train"
+SECAGG = "secagg"
 DECLINED = "declined"
 ERROR = "error"
 
@@ -112,7 +114,13 @@ class RoundEngine:
             beta2=config.server.beta2,
             eps=config.server.eps,
         )
-        self.client_phase: ClientPhase = client_phase or plain_client_phase
+        if client_phase is None:
+            from coordinator.secure_phase import secure_client_phase
+
+            secure = config.privacy.secure_aggregation.enabled
+            client_phase = secure_client_phase if secure else plain_client_phase
+        self.client_phase: ClientPhase = client_phase
+        self.privacy = JobPrivacy(config, checkpointer.folder.parent / "privacy-job.json")
         self.round_hooks = round_hooks or []
         self.completed_rounds = 0
         self.round_stats: dict[str, Any] = {}
@@ -158,7 +166,7 @@ class RoundEngine:
         pool = sorted(available)
         return sorted(rng.sample(pool, min(self.config.job.clients_per_round, len(pool))))
 
-    def train_message(self, round_id: int) -> Message:
+    def train_message(self, round_id: int, num_sampled: int) -> Message:
         """The instruction every sampled client gets: global tensors plus this round's settings."""
         train = self.config.train
         config: dict[str, Any] = {
@@ -168,7 +176,15 @@ class RoundEngine:
             "weight_decay": train.weight_decay,
             "seed": self.config.job.seed,
         }
-        config.update(self.round_stats.get("extra_train_config", {}))
+        local_dp = self.config.privacy.local_dp
+        if local_dp.enabled:
+            config["local_dp"] = {"noise_multiplier": local_dp.noise_multiplier, "delta": local_dp.delta,
+                                  "max_grad_norm": local_dp.max_grad_norm, "max_epsilon": local_dp.max_epsilon,
+                                  "accountant": local_dp.accountant}
+        client_dp = self.config.privacy.client_dp
+        if client_dp.enabled:
+            config["client_dp"] = {"clip_norm": client_dp.clip_norm, "noise_multiplier": client_dp.noise_multiplier,
+                                   "distributed": client_dp.distributed, "num_clients": num_sampled}
         return Message(round=round_id, stage=TRAIN, config=config, tensors=self.model.trainable_state())
 
     def run_round(self, round_id: int, driver: Driver) -> dict[str, Any]:
@@ -185,6 +201,7 @@ class RoundEngine:
                 raise RoundFailed(f"only {len(sampled)} clients available, min_clients is {job.min_clients}")
             outcome = self.client_phase(self, round_id, sampled, driver)
             agg_start = time.monotonic()
+            outcome.delta = self.privacy.finish_aggregate(outcome, len(sampled), len(available), record)
             new_state = self.optimizer.step(self.model.trainable_state(), outcome.delta)
             self.model.set_trainable_state(new_state)
             record["seconds_aggregate"] = time.monotonic() - agg_start
@@ -246,8 +263,9 @@ class RoundEngine:
 
 
 def plain_client_phase(engine: RoundEngine, round_id: int, sampled: list[str], driver: Driver) -> RoundOutcome:
-    """Send the global tensors, average the deltas that come back weighted by examples."""
-    message = engine.train_message(round_id)
+    """Send the global tensors, average the deltas that come back weighted by examples
+    (uniformly under client-level DP, where each client's influence must be bounded)."""
+    message = engine.train_message(round_id, len(sampled))
     messages = {cid: message for cid in sampled}
     expected = message.tensors
     result = engine.exchange(driver, round_id, messages)
@@ -255,9 +273,11 @@ def plain_client_phase(engine: RoundEngine, round_id: int, sampled: list[str], d
     weights: list[float] = []
     losses: list[float] = []
     completed: list[str] = []
+    reports: dict[str, dict[str, Any]] = {}
     for cid, reply in sorted(result.replies.items()):
+        reports[cid] = reply.config
         try:
-            if reply.stage == DECLINED:
+            if reply.stage in (DECLINED, ERROR):
                 raise UpdateRejected(f"declined: {reply.config.get('reason', 'no reason given')}")
             if reply.stage != TRAIN or reply.round != round_id:
                 raise UpdateRejected(f"reply for round {reply.round} stage {reply.stage!r}")
@@ -265,6 +285,8 @@ def plain_client_phase(engine: RoundEngine, round_id: int, sampled: list[str], d
             weight = float(reply.config.get("num_examples", 0))
             if not weight > 0:
                 raise UpdateRejected("num_examples must be positive")
+            if engine.config.privacy.client_dp.enabled:
+                weight = 1.0
         except UpdateRejected as exc:
             engine.round_stats["failures"][cid] = str(exc)
             continue
@@ -282,7 +304,56 @@ def plain_client_phase(engine: RoundEngine, round_id: int, sampled: list[str], d
     updates, weights, losses = [updates[i] for i in order], [weights[i] for i in order], [losses[i] for i in order]
     delta = weighted_mean(updates, weights)
     loss = sum(w * x for w, x in zip(weights, losses, strict=True)) / sum(weights)
-    return RoundOutcome(delta=delta, completed=completed, train_loss=loss)
+    return RoundOutcome(delta=delta, completed=completed, train_loss=loss,
+                        extra=client_privacy_metrics(reports, engine.config))
+
+
+def client_privacy_metrics(reports: dict[str, dict[str, Any]], config: JobConfig) -> dict[str, Any]:
+    """ε each client reports after the round (sample-level DP), as the design card names them."""
+    if not config.privacy.local_dp.enabled:
+        return {}
+    spent = {cid: float(r["epsilon"]) for cid, r in reports.items() if "epsilon" in r}
+    out: dict[str, Any] = {"epsilon_local": dict(sorted(spent.items())), "delta_local": config.privacy.local_dp.delta}
+    if spent:
+        out["epsilon_local_max"] = max(spent.values())
+    declined = sorted(cid for cid, r in reports.items() if "privacy budget" in str(r.get("reason", "")))
+    if declined:
+        out["budget_exhausted_clients"] = declined
+    return out
+
+
+class JobPrivacy:
+    """Client-level DP on the coordinator: the noise it adds (central mode) and the job's ε."""
+
+    def __init__(self, config: JobConfig, ledger_path: Any) -> None:
+        from privacy.accounting import PrivacyLedger
+
+        self.config = config.privacy.client_dp
+        self.ledger = PrivacyLedger(ledger_path if self.config.enabled else None)
+
+    def finish_aggregate(self, outcome: RoundOutcome, sampled: int, enrolled: int,
+                         record: dict[str, Any]) -> State:
+        if not self.config.enabled:
+            return outcome.delta
+        from privacy.client_dp import central_noise, effective_noise_multiplier
+
+        completed = len(outcome.completed)
+        delta = outcome.delta
+        sigma = self.config.noise_multiplier
+        if self.config.distributed:
+            sigma = effective_noise_multiplier(sigma, num_clients=sampled, completed_clients=completed)
+        else:
+            # the mean of m clipped updates; noise of std sigma*S on the sum is sigma*S/m on the mean
+            summed = {k: v * completed for k, v in delta.items()}
+            seed = int.from_bytes(os.urandom(8), "little")
+            noised = central_noise(summed, clip_norm=self.config.clip_norm, noise_multiplier=sigma,
+                                   generator=torch.Generator().manual_seed(seed))
+            delta = {k: v / completed for k, v in noised.items()}
+        self.ledger.record(noise_multiplier=sigma, sample_rate=min(1.0, sampled / max(enrolled, 1)), steps=1)
+        record["epsilon_client"] = self.ledger.epsilon(self.config.delta)
+        record["delta_client"] = self.config.delta
+        record["noise_multiplier_effective"] = sigma
+        return delta
 
 
 def _digest(state: State) -> str:

@@ -81,7 +81,7 @@ def build_package(config: JobConfig, output_dir: Path) -> Package:
     else:
         from emulator.offsite_package import write_offsite_package
 
-        write_offsite_package(base, tokenizer, config, spec, folder)
+        write_offsite_package(base, tokenizer, spec, folder, base_dir=config.base_dir)
     spec.save(folder)
     blob = pack(folder)
     atomic_write_bytes(tar_path, blob)

@@ -112,6 +112,24 @@ def tensors_to_numpy(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in tensors.items()}
 
 
+def flatten_state(state: dict[str, torch.Tensor]) -> np.ndarray:
+    """All tensors in name order as one float32 vector (the layout secure aggregation sums)."""
+    return torch.cat([state[name].reshape(-1).to(torch.float32) for name in sorted(state)]).numpy()
+
+
+def unflatten_state(vector: np.ndarray, template: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`flatten_state`, shaped like ``template``."""
+    out, offset = {}, 0
+    for name in sorted(template):
+        n = template[name].numel()
+        piece = np.ascontiguousarray(vector[offset : offset + n], dtype=np.float32)
+        out[name] = torch.from_numpy(piece).reshape(template[name].shape)
+        offset += n
+    if offset != vector.size:
+        raise CodecError(f"vector of {vector.size} values does not fit tensors of {offset}")
+    return out
+
+
 def iter_chunks(blob: bytes, chunk_bytes: int = DEFAULT_CHUNK_BYTES, offset: int = 0) -> Iterator[tuple[int, bytes]]:
     """(offset, piece) pairs covering ``blob[offset:]``; an empty blob yields one empty piece."""
     if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:

@@ -1,0 +1,81 @@
+"""A secure round over real gRPC with 5 real client processes, one killed after masking.
+
+The killed client's masked update is already in; the survivors' Shamir shares
+let the coordinator remove its self-mask, so the round completes and the
+sum still includes it. Tiny BERT (real tokenizer) so it runs in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.harness import (
+    TOKENS,
+    disjoint_shards,
+    start_client,
+    start_coordinator,
+    tail,
+    wait_all,
+    wait_for_text,
+    write_job,
+)
+
+pytestmark = pytest.mark.slow
+
+JOB = """
+[job]
+name = "e2e-secure"
+rounds = 2
+clients_per_round = 5
+min_clients = 3
+round_timeout_s = 120
+heartbeat_timeout_s = 6
+seed = 0
+[model]
+path = "@MODEL@"
+max_length = 32
+[data]
+validation = "@VALIDATION@"
+validation_max_examples = 200
+[train]
+local_steps = 3
+batch_size = 8
+lr = 1e-2
+[lora]
+r = 4
+[privacy.client_dp]
+enabled = true
+clip_norm = 0.5
+noise_multiplier = 0.5
+distributed = true
+[privacy.secure_aggregation]
+enabled = true
+threshold = 0.66
+[enrollment]
+tokens_file = "tokens.txt"
+"""
+
+
+def test_secure_round_with_a_client_killed_after_masking(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    job = write_job(tmp_path, JOB.replace("@MODEL@", str(tiny_bert_dir)))
+    shards = disjoint_shards(tmp_path, clients=5, per_client=60, seed=2)
+    out = tmp_path / "run"
+    coordinator, address = start_coordinator(job, out)
+    clients = [start_client(address, shards[i], TOKENS[i], tmp_path / f"client{i}") for i in range(5)]
+    victim_log = tmp_path / "client4.log"
+    assert wait_for_text(victim_log, "round 1: secagg/masked_input reply accepted", timeout_s=300), tail(victim_log)
+    clients[4].kill()
+    codes = wait_all([coordinator, *clients[:4]], timeout_s=600)
+    assert codes == [0, 0, 0, 0, 0], tail(tmp_path / "run.coordinator.log")
+    records = {r["round"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+    first = records[1]
+    assert first["status"] == "ok", first
+    assert first["completed_clients"] == 5  # the victim's masked update is in the sum
+    assert first["dropped_clients"] == 1 and "heartbeat" in next(iter(first["drop_reasons"].values()))
+    assert 0 < first["epsilon_client"] < records[2]["epsilon_client"]
+    assert records[2]["status"] == "ok" and records[2]["completed_clients"] == 4
+    log = (tmp_path / "run.coordinator.log").read_text()
+    assert "Traceback" not in log
