@@ -81,7 +81,7 @@ def test_secure_round_below_threshold_fails_cleanly_and_the_job_goes_on(tiny_ber
     def drop(client_id: str, message: Message) -> bool:  # 3 of 5 vanish before unmasking in round 1
         return message.round == 1 and client_id in {"c0", "c1", "c2"} and message.config.get("secagg_stage") == "unmask"
 
-    job, _, records = _run(_job(tiny_bert_dir, tmp_path, secure_aggregation={"enabled": True}), tmp_path, drop=drop)
+    _, _, records = _run(_job(tiny_bert_dir, tmp_path, secure_aggregation={"enabled": True}), tmp_path, drop=drop)
     assert records[1]["status"] == "failed" and "aborted" in records[1]["failure"]
     assert records[2]["status"] == "ok" and records[2]["completed_clients"] == 5
 
