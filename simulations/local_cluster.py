@@ -8,6 +8,7 @@ commands the README gives.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -30,13 +31,19 @@ def tail(path: str | Path, lines: int = 40) -> str:
         return ""
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def start_coordinator(job: Path, output_dir: Path, *extra: str, log_path: Path | None = None,
-                      threads: int = 1) -> tuple[subprocess.Popen, str]:
-    """Start ``python -m coordinator serve`` on a free loopback port; return (process, HOST:PORT)."""
+                      threads: int = 1, address: str = "127.0.0.1:0") -> tuple[subprocess.Popen, str]:
+    """Start ``python -m coordinator serve`` (on a free loopback port by default); return (process, HOST:PORT)."""
     log_path = log_path or output_dir.parent / f"{output_dir.name}.coordinator.log"
     log = open(log_path, "ab")  # noqa: SIM115 - the child process writes to it
     proc = subprocess.Popen(
-        [sys.executable, "-m", "coordinator", "serve", "--config", str(job), "--address", "127.0.0.1:0",
+        [sys.executable, "-m", "coordinator", "serve", "--config", str(job), "--address", address,
          "--output-dir", str(output_dir), "--linger-s", "3", *extra],
         stdout=log, stderr=subprocess.STDOUT, env=process_env(threads), cwd=str(REPO),
     )

@@ -39,3 +39,29 @@ def test_metrics_truncate_after_resume_point(tmp_path: Path) -> None:
     assert [r["round"] for r in log.read()] == [0, 1, 2]
     log.append({"round": 3, "x": float("nan")})
     assert log.read()[-1] == {"round": 3, "x": None}
+
+
+def test_a_failed_write_is_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
+    """A real write failure (the file-size limit makes the OS refuse the write, as a full disk would)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import resource, signal, torch
+        from pathlib import Path
+        from coordinator.checkpoint import Checkpoint, Checkpointer, CheckpointError
+        ckpts = Checkpointer(Path({str(tmp_path)!r}))
+        ckpts.save(Checkpoint(1, {{"w": torch.ones(4)}}, {{}}, {{}}))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64, 64))
+        try:
+            ckpts.save(Checkpoint(2, {{"w": torch.zeros(100_000)}}, {{}}, {{}}))
+        except CheckpointError as exc:
+            print("ERROR:", exc)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert "ERROR: cannot write checkpoint" in proc.stdout, proc.stderr
+    latest = Checkpointer(tmp_path).latest()
+    assert latest is not None and latest.round == 1 and torch.equal(latest.global_state["w"], torch.ones(4))
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
