@@ -22,6 +22,7 @@ TASKS = ("classification", "causal-lm")
 OPTIMIZERS = ("fedavg", "fedadam")
 ACCOUNTANTS = ("rdp", "prv", "gdp")
 PARTITIONS = ("iid", "dirichlet", "shards")
+AGGREGATORS = ("mean", "median", "trimmed_mean")
 
 
 class ConfigError(ValueError):
@@ -108,9 +109,15 @@ class ServerSection:
     beta1: float = _help("FedAdam first-moment decay", default=0.9)
     beta2: float = _help("FedAdam second-moment decay", default=0.99)
     eps: float = _help("FedAdam adaptivity", default=1e-3)
+    aggregator: str = _help("mean | median | trimmed_mean (robust ones need secure aggregation off)",
+                            default="mean")
+    trim_fraction: float = _help("fraction cut at each end by trimmed_mean", default=0.1)
 
     def validate(self) -> None:
         _choice("server.optimizer", self.optimizer, OPTIMIZERS)
+        _choice("server.aggregator", self.aggregator, AGGREGATORS)
+        if not 0.0 <= self.trim_fraction < 0.5:
+            raise ConfigError(f"server.trim_fraction must be in [0, 0.5), got {self.trim_fraction}")
         _positive("server.lr", self.lr)
         for key, value in (("server.beta1", self.beta1), ("server.beta2", self.beta2)):
             if not 0.0 <= value < 1.0:
@@ -264,8 +271,13 @@ class JobConfig:
             section.validate()
         if self.simulation is not None:
             self.simulation.validate()
-        if self.privacy.local_dp.enabled and self.privacy.client_dp.enabled:
-            pass  # both may be on: they protect different units (examples vs clients)
+        if self.server.aggregator != "mean" and self.privacy.secure_aggregation.enabled:
+            raise ConfigError(
+                f"server.aggregator = {self.server.aggregator!r} needs each client's update, which secure "
+                "aggregation hides; use aggregator = \"mean\" or turn privacy.secure_aggregation off")
+        if self.server.aggregator != "mean" and self.privacy.client_dp.enabled:
+            raise ConfigError("server.aggregator must be \"mean\" with privacy.client_dp (its noise is calibrated "
+                              "to the mean)")
 
     def resolve(self, relative: str) -> Path:
         """A path from the job file, relative to the job file's folder."""

@@ -30,6 +30,7 @@ from coordinator.strategy import (
     UpdateRejected,
     check_update,
     make_server_optimizer,
+    robust_mean,
     weighted_mean,
 )
 from protos.codec import Message
@@ -302,7 +303,11 @@ def plain_client_phase(engine: RoundEngine, round_id: int, sampled: list[str], d
     # name clients differently (gRPC, Flower) aggregate bit for bit the same way
     order = sorted(range(len(updates)), key=lambda i: (weights[i], _digest(updates[i])))
     updates, weights, losses = [updates[i] for i in order], [weights[i] for i in order], [losses[i] for i in order]
-    delta = weighted_mean(updates, weights)
+    aggregator = engine.config.server.aggregator
+    if aggregator == "mean":
+        delta = weighted_mean(updates, weights)
+    else:
+        delta = robust_mean(updates, aggregator, engine.config.server.trim_fraction)
     loss = sum(w * x for w, x in zip(weights, losses, strict=True)) / sum(weights)
     return RoundOutcome(delta=delta, completed=completed, train_loss=loss,
                         extra=client_privacy_metrics(reports, engine.config))

@@ -49,6 +49,28 @@ def weighted_mean(updates: Sequence[State], weights: Sequence[float]) -> State:
     return mean
 
 
+AGGREGATORS = ("mean", "median", "trimmed_mean")
+
+
+def robust_mean(updates: Sequence[State], aggregator: str, trim_fraction: float = 0.1) -> State:
+    """Coordinate-wise median or trimmed mean (Flower's implementations), unweighted.
+
+    They need each client's plain update, so they exist only with secure
+    aggregation off; they bound what a few faulty or hostile clients can do.
+    """
+    from flwr.server.strategy.aggregate import aggregate_median, aggregate_trimmed_avg
+
+    names = sorted(updates[0])
+    results = [([u[n].numpy() for n in names], 1) for u in updates]
+    if aggregator == "median":
+        arrays = aggregate_median(results)
+    elif aggregator == "trimmed_mean":
+        arrays = aggregate_trimmed_avg(results, trim_fraction)
+    else:
+        raise ValueError(f"unknown aggregator {aggregator!r}")
+    return {n: torch.from_numpy(a.astype("float32")) for n, a in zip(names, arrays, strict=True)}
+
+
 class ServerOptimizer:
     """Applies the aggregated delta to the global state; its state is checkpointed."""
 

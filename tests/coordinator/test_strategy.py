@@ -51,3 +51,26 @@ def test_check_update_refuses_wrong_names_shapes_dtypes_and_values(update: dict,
     expected = {"w": torch.zeros(2, 3), "b": torch.zeros(3)}
     with pytest.raises(UpdateRejected, match=match):
         check_update(update, expected)
+
+
+def test_median_and_trimmed_mean_resist_one_wild_update() -> None:
+    from coordinator.strategy import robust_mean
+
+    honest = [{"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([1.2, 2.2])}, {"w": torch.tensor([0.8, 1.8])},
+              {"w": torch.tensor([1.1, 2.1])}]
+    wild = {"w": torch.tensor([1e6, -1e6])}
+    median = robust_mean([*honest, wild], "median")["w"]
+    assert torch.all((median - torch.tensor([1.1, 2.0])).abs() < 0.11)
+    trimmed = robust_mean([*honest, wild], "trimmed_mean", trim_fraction=0.2)["w"]
+    assert float(trimmed.abs().max()) < 3.0
+    assert float(weighted_mean([*honest, wild], [1.0] * 5)["w"].abs().max()) > 1e5  # what the mean does
+
+
+def test_robust_aggregators_are_refused_with_secure_aggregation() -> None:
+    from pathlib import Path
+
+    from coordinator.config import ConfigError, parse_job
+
+    with pytest.raises(ConfigError, match="secure aggregation hides"):
+        parse_job({"server": {"aggregator": "median"}, "privacy": {"secure_aggregation": {"enabled": True}}},
+                  Path("."))
