@@ -33,6 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--linger-s", type=float, default=5.0, help="keep answering 'done' this long after the job ends")
     serve.add_argument("--insecure", action="store_true",
                        help="accepted for clarity: plaintext is what an empty [tls] table gives anyway")
+    serve.add_argument("--metrics-port", type=int, default=None,
+                       help="serve Prometheus metrics on this port (off by default)")
+    serve.add_argument("--metrics-host", default="127.0.0.1", help="address for --metrics-port (default 127.0.0.1)")
+    from coordinator import certs
+
+    certs.build_parser(sub.add_parser("certs", help="write a development CA and TLS certificates"))
     return parser
 
 
@@ -70,6 +76,15 @@ def serve(args: argparse.Namespace) -> int:
     if config.tls.cert:
         tls = TLSFiles(cert=config.resolve(config.tls.cert), key=config.resolve(config.tls.key),
                        client_ca=config.resolve(config.tls.client_ca) if config.tls.client_ca else None)
+    metrics = None
+    if args.metrics_port is not None:
+        from coordinator.prometheus import CoordinatorMetrics
+
+        metrics = CoordinatorMetrics(config.job.name, registry=registry, servicer=servicer,
+                                     heartbeat_timeout_s=config.job.heartbeat_timeout_s, mode=config.job.mode)
+        port = metrics.serve(args.metrics_port, args.metrics_host)
+        job.engine.round_hooks.append(metrics.round_hook)
+        log.info("Prometheus metrics on http://%s:%d/metrics", args.metrics_host, port)
     server = start_server(servicer, args.address, tls=tls)
     host = args.address.rsplit(":", 1)[0]
     (output_dir / "address").write_text(f"{host}:{server.port}\n")
@@ -85,6 +100,8 @@ def serve(args: argparse.Namespace) -> int:
     finally:
         mailbox.close("coordinator stopped")
         server.stop()
+        if metrics is not None:
+            metrics.close()
     return 0
 
 
@@ -92,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from coordinator.errors import run_cli
 
+    if args.command == "certs":
+        from coordinator import certs
+
+        return run_cli(lambda: certs.run(args), prog="fedsite-coordinator")
     return run_cli(lambda: serve(args), prog="fedsite-coordinator")
 
 

@@ -124,7 +124,7 @@ class Mailbox:
     def task(self, client_id: str, task_id: str) -> Task:
         with self._cond:
             task = self._open.get(client_id)
-        if task is None or not secrets.compare_digest(task.task_id, task_id):
+        if task is None or not secrets.compare_digest(task.task_id.encode(), task_id.encode()):
             raise TaskError("no such open task for this client (finished, expired or never issued)")
         return task
 

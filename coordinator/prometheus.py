@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -185,13 +184,7 @@ class CoordinatorMetrics:
         if self.registry is None:
             return None, None
         active = len(self.registry.active(self.heartbeat_timeout_s))
-        enrolled_fn: Callable[[], int] | None = getattr(self.registry, "enrolled", None)
-        if callable(enrolled_fn):
-            enrolled = int(enrolled_fn())
-        else:  # registries without enrolled(): count live records
-            records = getattr(self.registry, "_clients", {})
-            enrolled = sum(1 for r in list(records.values()) if not getattr(r, "revoked", False))
-        return enrolled, active
+        return self.registry.enrolled(), active
 
     def render(self) -> str:
         """The whole exposition: HELP and TYPE once per family, then its samples."""

@@ -57,6 +57,7 @@ class ClientRegistry:
         self._token_hashes = set(token_hashes)
         self._path = path
         self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
         self._clients: dict[str, ClientRecord] = {}
         self.last_seen: dict[str, float] = {}
         if path is not None and path.exists():
@@ -82,7 +83,7 @@ class ClientRegistry:
                 name=name[:128], enrolled_at=time.time(),
             )
             self.last_seen[client_id] = time.monotonic()
-            self._save()
+        self._save()
         return client_id, session_key
 
     def authenticate(self, client_id: str, session_key: str) -> str:
@@ -98,7 +99,10 @@ class ClientRegistry:
         with self._lock:
             if client_id in self._clients:
                 self._clients[client_id].revoked = True
-                self._save()
+        self._save()
+
+    def enrolled(self) -> int:
+        return sum(1 for record in self._clients.values() if not record.revoked)
 
     def active(self, within_s: float) -> list[str]:
         """Clients heard from in the last ``within_s`` seconds."""
@@ -107,5 +111,10 @@ class ClientRegistry:
                       if not record.revoked and now - self.last_seen.get(cid, -1e18) <= within_s)
 
     def _save(self) -> None:
-        if self._path is not None:
-            atomic_write_json(self._path, {"clients": [asdict(r) for r in self._clients.values()]})
+        """Persist a snapshot; enrolments do not queue behind the fsync, only writers do."""
+        if self._path is None:
+            return
+        with self._lock:
+            snapshot = {"clients": [asdict(r) for r in self._clients.values()]}
+        with self._write_lock:
+            atomic_write_json(self._path, snapshot)

@@ -61,7 +61,7 @@ def _read_metadata(blob: bytes) -> dict[str, str]:
         raise CodecError(f"safetensors header length {header_len} is invalid for a {len(blob)}-byte blob")
     try:
         header = json.loads(blob[8 : 8 + header_len])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise CodecError(f"safetensors header is not JSON: {exc}") from exc
     if not isinstance(header, dict):
         raise CodecError("safetensors header is not an object")
@@ -96,8 +96,8 @@ def decode_message(blob: bytes) -> Message:
     try:
         head = json.loads(raw)
         round_id, stage, config = head["round"], head["stage"], head["config"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise CodecError(f"malformed message header: {exc}") from exc
+    except (json.JSONDecodeError, KeyError, TypeError, RecursionError) as exc:
+        raise CodecError(f"malformed message header: {type(exc).__name__}") from exc
     if not isinstance(round_id, int) or not isinstance(stage, str) or not isinstance(config, dict):
         raise CodecError("message header has wrong types (round:int, stage:str, config:object)")
     return Message(round=round_id, stage=stage, config=config, tensors=decode_tensors(blob))

@@ -1,0 +1,153 @@
+"""The deployment: docker-compose.yml validated by docker-compose itself, and the containers' commands
+(docker/entrypoint.sh certs | coordinator | client, docker/healthcheck.py) run as plain processes.
+
+No Docker engine runs here, so the end-to-end test runs the very script the
+image's ENTRYPOINT runs, with the container paths pointed at temporary
+folders: certificates, a coordinator serving over mutual TLS, three clients
+with --ca-cert/--cert/--key, one round on the tiny model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from simulations.local_cluster import free_port, process_env, tail, wait_all, wait_for_text
+from tests.e2e.harness import disjoint_shards
+
+REPO = Path(__file__).resolve().parents[2]
+ENTRYPOINT = REPO / "docker" / "entrypoint.sh"
+COMPOSE = shutil.which("docker-compose")
+needs_compose = pytest.mark.skipif(
+    COMPOSE is None, reason="docker-compose binary not installed (apt-get install -y docker-compose)")
+
+
+def _compose(env_file: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    assert COMPOSE is not None
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FEDSITE_", "TORCH_VARIANT"))}
+    return subprocess.run([COMPOSE, "--project-directory", str(REPO), "-f", str(REPO / "docker-compose.yml"),
+                           "--env-file", str(env_file), *args], capture_output=True, text=True, env=env,
+                          timeout=60, check=False)
+
+
+@needs_compose
+def test_compose_file_is_valid_and_wires_tls_volumes_ports_and_tokens(tmp_path: Path) -> None:
+    env_file = tmp_path / "test.env"
+    env_file.write_text((REPO / ".env.example").read_text().replace("FEDSITE_PORT=50051", "FEDSITE_PORT=6000")
+                        .replace("change-me-token-2", "secret-two"))
+    result = _compose(env_file, "config")
+    assert result.returncode == 0, result.stderr
+    config: dict[str, Any] = yaml.safe_load(result.stdout)
+    services = config["services"]
+    assert set(services) == {"certs", "coordinator", "client-1", "client-2", "client-3"}
+    assert services["certs"]["command"] == ["certs"]
+    coordinator = services["coordinator"]
+    assert coordinator["depends_on"]["certs"]["condition"] == "service_completed_successfully"
+    assert coordinator["environment"]["FEDSITE_TOKENS"] == "change-me-token-1,secret-two,change-me-token-3"
+    ports = [str(p["published"]) + ":" + str(p["target"]) if isinstance(p, dict) else str(p).split("/")[0]
+             for p in coordinator["ports"]]  # compose v1 prints "host:published:target/tcp", v2 a mapping
+    assert any(p.endswith("6000:6000") for p in ports) and any(p.endswith("9100:9100") for p in ports)
+    assert all(p.startswith("127.0.0.1:") for p in ports if isinstance(p, str) and p.count(":") == 2)
+    assert coordinator["healthcheck"]["test"][-1] == "/usr/local/bin/fedsite-healthcheck"
+    volumes_of = {name: {v.split(":")[0]: v.split(":")[1] for v in s["volumes"]} for name, s in services.items()}
+    assert volumes_of["coordinator"] == {"certs": "/certs", "coordinator-data": "/data"}
+    state_and_data = [tuple(sorted(set(volumes_of[f"client-{i}"]) - {"certs"})) for i in (1, 2, 3)]
+    assert len(set(state_and_data)) == 3 and all(len(v) == 2 for v in state_and_data)  # nothing shared but certs
+    for i, token in ((1, "change-me-token-1"), (2, "secret-two"), (3, "change-me-token-3")):
+        client = services[f"client-{i}"]
+        assert client["environment"]["FEDSITE_TOKEN"] == token
+        assert client["environment"]["FEDSITE_COORDINATOR"] == "coordinator:6000"
+        assert client["environment"]["FEDSITE_MTLS"] == "1"
+        assert client["depends_on"]["coordinator"]["condition"] == "service_healthy"
+        assert all(v.endswith(":ro") for v in client["volumes"] if v.startswith("certs:"))
+    # a missing token is refused with a message naming it
+    env_file.write_text("\n".join(line for line in env_file.read_text().splitlines()
+                                  if not line.startswith("FEDSITE_TOKEN_3")))
+    missing = _compose(env_file, "config")
+    assert missing.returncode != 0 and "set FEDSITE_TOKEN_3 in .env" in missing.stderr
+
+
+def test_dockerfile_installs_cpu_torch_first_unless_gpu() -> None:
+    text = (REPO / "Dockerfile").read_text()
+    assert next(line for line in text.splitlines() if line.startswith("FROM")) == "FROM python:3.11-slim"
+    torch_at, project_at = text.index('"torch==${TORCH_VERSION}"'), text.index("pip install .")
+    assert torch_at < project_at and "ARG TORCH_VERSION=2.13.0" in text and "ARG TORCH_VARIANT=cpu" in text
+    assert "download.pytorch.org/whl/cpu" in text and 'ENTRYPOINT ["fedsite-entrypoint"]' in text
+    copied = {line.split()[1] for line in text.splitlines() if line.startswith("COPY ")}
+    assert {"docker/entrypoint.sh", "docker/healthcheck.py"} <= copied
+    for source in copied - {"pyproject.toml"}:
+        assert (REPO / source).exists(), source
+
+
+def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = process_env(threads=1)
+    env.update({"FEDSITE_PYTHON": sys.executable, "FEDSITE_CERTS_DIR": str(tmp_path / "certs"),
+                "FEDSITE_EXAMPLES": str(REPO / "coordinator" / "examples"), **extra})
+    return env
+
+
+def _entry(role: str, env: dict[str, str], log: Path, *extra: str) -> subprocess.Popen[bytes]:
+    handle = open(log, "ab")  # noqa: SIM115 - the child writes to it
+    return subprocess.Popen(["sh", str(ENTRYPOINT), role, *extra], stdout=handle, stderr=subprocess.STDOUT, env=env,
+                            cwd=str(REPO))
+
+
+def test_entrypoint_refuses_clearly_without_certs_or_token(tmp_path: Path) -> None:
+    env = _env(tmp_path, FEDSITE_TOKENS="a")
+    done = subprocess.run(["sh", str(ENTRYPOINT), "coordinator"], env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 2 and "run the certs service first" in done.stderr
+    assert subprocess.run(["sh", str(ENTRYPOINT), "certs"], env=env, capture_output=True, check=False).returncode == 0
+    env.pop("FEDSITE_TOKEN", None)
+    done = subprocess.run(["sh", str(ENTRYPOINT), "client"], env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 2 and "FEDSITE_TOKEN is empty" in done.stderr
+
+
+@pytest.mark.slow
+def test_the_container_commands_run_a_mutual_tls_round(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    port = free_port()
+    tokens = ["tok-one", "tok-two", "tok-three"]
+    base = _env(tmp_path, FEDSITE_PORT=str(port), FEDSITE_MTLS="1")
+    certs = subprocess.run(["sh", str(ENTRYPOINT), "certs"], env={**base, "FEDSITE_CERT_HOSTS": "fedsite.test"},
+                           capture_output=True, text=True, check=False)
+    assert certs.returncode == 0, certs.stderr
+    assert sorted(p.name for p in (tmp_path / "certs").iterdir()) == [
+        "ca.pem", "client-key.pem", "client.pem", "server-key.pem", "server.pem"]
+
+    coord_env = {**base, "FEDSITE_DATA_DIR": str(tmp_path / "coordinator"), "FEDSITE_TOKENS": ",".join(tokens),
+                 "FEDSITE_MODEL": str(tiny_bert_dir), "FEDSITE_ROUNDS": "1", "FEDSITE_CLIENTS_PER_ROUND": "3",
+                 "FEDSITE_MIN_CLIENTS": "3", "FEDSITE_LOCAL_STEPS": "2", "FEDSITE_BATCH_SIZE": "4",
+                 "FEDSITE_MAX_LENGTH": "32", "FEDSITE_VALIDATION_MAX": "100", "FEDSITE_ADDRESS": f"127.0.0.1:{port}",
+                 "FEDSITE_METRICS_PORT": str(free_port())}
+    coordinator = _entry("coordinator", coord_env, tmp_path / "coordinator.log", "--linger-s", "2")
+    run_dir = tmp_path / "coordinator" / "run"
+    assert wait_for_text(run_dir / "address", str(port), timeout_s=300), tail(tmp_path / "coordinator.log")
+    health = subprocess.run([sys.executable, str(REPO / "docker" / "healthcheck.py")], env=base, capture_output=True,
+                            text=True, timeout=60, check=False)
+    assert health.returncode == 0 and health.stdout.strip() == "SERVING", health.stderr
+
+    shards = disjoint_shards(tmp_path, clients=3, per_client=40, seed=3)
+    clients = [
+        _entry("client", {**base, "FEDSITE_TOKEN": tokens[i], "FEDSITE_DATA": str(shards[i]),
+                          "FEDSITE_COORDINATOR": f"127.0.0.1:{port}", "FEDSITE_STATE_DIR": str(tmp_path / f"state{i}"),
+                          "FEDSITE_DATA_DIR": str(tmp_path / f"data{i}"), "FEDSITE_CLIENT_NAME": f"c{i}"},
+               tmp_path / f"client{i}.log")
+        for i in range(3)
+    ]
+    codes = wait_all([coordinator, *clients], timeout_s=600)
+    logs = {p.name: tail(p, 30) for p in tmp_path.glob("*.log")}
+    assert codes == [0, 0, 0, 0], logs
+    job = (tmp_path / "coordinator" / "job.toml").read_text()
+    assert f'client_ca = "{tmp_path / "certs" / "ca.pem"}"' in job  # mutual TLS was on
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["round"] == 1 and records[-1]["status"] == "ok" and records[-1]["completed_clients"] == 3
+    assert (run_dir / "final" / "config.json").exists()
+    for name, text in logs.items():
+        assert "Traceback" not in text and "WITHOUT TLS" not in text, (name, text)
