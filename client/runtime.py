@@ -119,7 +119,11 @@ class ClientRuntime:
             report["epsilon_expected"] = epsilon_after
         generator = data_generator(settings.seed, message.round, self.data_seed)
         try:
-            result = train_steps(self.model, self.data, settings, generator=generator, privatize=privatize)
+            # dropout draws from torch's global RNG: seed it per (job, round, client data) so a round
+            # is reproducible whichever process or driver runs it. DP noise has its own OS-seeded generator.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(generator.initial_seed()) ^ 0x5EED)
+                result = train_steps(self.model, self.data, settings, generator=generator, privatize=privatize)
         finally:
             if local_dp:
                 unwrap(self.model)

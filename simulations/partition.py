@@ -40,9 +40,10 @@ def partition_indices(labels: Sequence[str | None], num_clients: int, *, partiti
                                            min_partition_size=min_size, self_balancing=False, seed=seed)
     elif partition == "shards":
         dataset = dataset.class_encode_column("label")
+        # shard size rounded up with the last shard kept incomplete, so no example is dropped
+        shard_size = -(-len(labels) // (num_clients * shards_per_client))
         partitioner = ShardPartitioner(num_partitions=num_clients, partition_by="label",
-                                       num_shards_per_partition=shards_per_client, keep_incomplete_shard=True,
-                                       seed=seed)
+                                       shard_size=shard_size, keep_incomplete_shard=True, seed=seed)
     else:
         raise DataError(f"unknown partition {partition!r}; use one of {', '.join(PARTITIONS)}")
     if partition == "iid":

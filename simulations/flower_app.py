@@ -1,0 +1,260 @@
+"""The Flower apps of a fedsite simulation: a ServerApp that runs the round engine, a ClientApp that runs the client.
+
+The ServerApp does not use a Flower strategy: it hands a :class:`FlowerDriver`
+over its ``Grid`` to our :class:`~coordinator.engine.RoundEngine`, which owns
+sampling, quorum, aggregation, evaluation and checkpoints, exactly as when the
+gRPC servicer drives it.
+
+The ClientApp answers two kinds of message: the driver's one-off ``query``
+(which partition is this node?) and ``train`` messages carrying a fedsite
+message, handed to a :class:`~client.runtime.ClientRuntime` like the gRPC
+agent does. Each Ray actor process serves many virtual clients one after the
+other, so what is heavy is loaded once per process and shared: the model of
+the job package (every train message sets all trainable tensors, so reusing
+it across clients is safe), the training file and the partition table. What
+is per client (its encoded examples) lives in a small LRU, so an actor's
+memory does not grow with the number of enrolled clients. A client's durable
+state (privacy ledger, ...) lives under ``<output_dir>/clients/<partition>/``
+and its in-round secure aggregation state in its node's Flower Context.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ConfigRecord, Context, RecordDict
+from flwr.app import Message as FlowerMessage
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from protos.codec import Message
+from simulations.flower_driver import HELLO, PARTITION, RECORD, FlowerDriver, pack, unpack
+
+log = logging.getLogger("fedsite.simulation")
+
+PARTITION_ID_KEY = "partition-id"  # what Flower's simulation engine puts in context.node_config
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """Everything a virtual client needs besides its partition id (small: shipped to every actor)."""
+
+    package_dir: str  # the unpacked job package the coordinator built
+    train_data: str  # one JSONL/CSV file split among the clients
+    partitions_file: str  # JSON: for each partition, the row indices of train_data it owns
+    output_dir: str  # client state goes to <output_dir>/clients/<partition>/
+    threads: int = 1  # torch threads per actor (match the actor's num_cpus)
+    cache_clients: int = 8  # encoded client datasets kept per actor (LRU)
+
+
+class _ActorState:
+    """Per-process cache shared by all virtual clients an actor serves."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.threads_set = False
+        self.loaded: dict[str, tuple[Any, Any, Any]] = {}  # package dir -> (model, tokenizer, spec)
+        self.examples: dict[str, list[Any]] = {}  # train file -> all its examples
+        self.partitions: dict[str, list[list[int]]] = {}  # partitions file -> row indices per client
+        self.data: OrderedDict[tuple[str, int], Any] = OrderedDict()  # (package, partition) -> encoded data
+
+    def clear(self) -> None:
+        with self.lock:
+            self.loaded.clear()
+            self.examples.clear()
+            self.partitions.clear()
+            self.data.clear()
+
+
+_STATE = _ActorState()
+
+
+def actor_cache_sizes() -> dict[str, int]:
+    """How much this process holds (for tests and the scale benchmark)."""
+    return {"models": len(_STATE.loaded), "train_files": len(_STATE.examples), "datasets": len(_STATE.data)}
+
+
+def _encoded_data(settings: ClientSettings, partition: int) -> Any:
+    """One virtual client's encoded examples, from the actor's LRU (loads what the process lacks)."""
+    import torch
+
+    from client.data import check_labels, read_examples
+    from emulator.package import load_trainable_model
+    from emulator.tasks import encode
+
+    state = _STATE
+    key = (settings.package_dir, partition)
+    if key in state.data:
+        state.data.move_to_end(key)
+        return state.data[key]
+    if not state.threads_set:
+        torch.set_num_threads(max(1, settings.threads))
+        state.threads_set = True
+    if settings.package_dir not in state.loaded:
+        state.loaded.clear()  # one job per process at a time
+        state.data.clear()
+        state.loaded[settings.package_dir] = load_trainable_model(Path(settings.package_dir))
+    _, tokenizer, spec = state.loaded[settings.package_dir]
+    if settings.train_data not in state.examples:
+        state.examples.clear()
+        state.examples[settings.train_data] = read_examples(settings.train_data,
+                                                            need_label=spec.task == "classification")
+    if settings.partitions_file not in state.partitions:
+        state.partitions.clear()
+        state.partitions[settings.partitions_file] = json.loads(Path(settings.partitions_file).read_text())
+    table = state.partitions[settings.partitions_file]
+    if not 0 <= partition < len(table):
+        raise ValueError(f"partition {partition} is outside the {len(table)} partitions of this simulation")
+    rows = state.examples[settings.train_data]
+    examples = [rows[i] for i in table[partition]]
+    if spec.task == "classification":
+        check_labels(examples, spec.labels, f"{settings.train_data} (partition {partition})")
+    label2id = {label: i for i, label in enumerate(spec.labels)}
+    data = encode(examples, tokenizer, task=spec.task, max_length=spec.max_length, label2id=label2id)
+    state.data[key] = data
+    while len(state.data) > max(1, settings.cache_clients):
+        state.data.popitem(last=False)
+    return data
+
+
+def client_runtime(settings: ClientSettings, partition: int) -> Any:
+    """A fresh ClientRuntime of one virtual client on the actor's shared model.
+
+    Fresh for every message: whatever a runtime keeps about its client (the
+    privacy ledger it read, secure-aggregation secrets) would go stale in this
+    process while the same client is served by another actor. Durable state is
+    re-read from ``<output_dir>/clients/<partition>/``, in-round secure
+    aggregation state travels in the node's Flower Context (see below).
+    """
+    from client.runtime import ClientRuntime
+
+    data = _encoded_data(settings, partition)
+    model, _, spec = _STATE.loaded[settings.package_dir]
+    state_dir = Path(settings.output_dir) / "clients" / str(partition)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    return ClientRuntime(model=model, spec=spec, data=data, state_dir=state_dir)
+
+
+# -- secure aggregation state between stages -----------------------------------------------------
+# The stages of one SecAgg+ round reach a client as separate messages, and Ray may hand them to
+# different actors, so the client's protocol state cannot stay in process memory. Like Flower's
+# own secaggplus_mod, it is kept in the node's Context (context.state), which the simulation engine
+# stores per node and passes with each message: encoded as JSON with private keys as raw bytes.
+
+SECAGG_RECORD = "fedsite.secagg"
+
+
+def _to_plain(value: Any) -> Any:
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    if isinstance(value, X25519PrivateKey):
+        return {"x25519": value.private_bytes_raw().hex()}
+    if isinstance(value, bytes):
+        return {"bytes": value.hex()}
+    if isinstance(value, tuple | list):
+        return {"tuple" if isinstance(value, tuple) else "list": [_to_plain(v) for v in value]}
+    if isinstance(value, dict):
+        return {"dict": [[_to_plain(k), _to_plain(v)] for k, v in value.items()]}
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    raise TypeError(f"cannot carry a {type(value).__name__} in the secure aggregation state")
+
+
+def _from_plain(value: Any) -> Any:
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    if not isinstance(value, dict):
+        return value
+    ((tag, inner),) = value.items()
+    if tag == "x25519":
+        return X25519PrivateKey.from_private_bytes(bytes.fromhex(inner))
+    if tag == "bytes":
+        return bytes.fromhex(inner)
+    if tag == "tuple":
+        return tuple(_from_plain(v) for v in inner)
+    if tag == "list":
+        return [_from_plain(v) for v in inner]
+    return {_from_plain(k): _from_plain(v) for k, v in inner}
+
+
+def save_secagg_state(runtime: Any, context: Context) -> None:
+    client = getattr(runtime, "secagg", None)
+    if client is None:
+        return
+    fields = {f.name: _to_plain(getattr(client.state, f.name)) for f in dataclasses.fields(client.state)}
+    blob = json.dumps({"client_id": client.client_id, "state": fields}).encode()
+    context.state[SECAGG_RECORD] = ConfigRecord({"blob": blob})
+
+
+def restore_secagg_state(runtime: Any, context: Context) -> None:
+    record = context.state.config_records.get(SECAGG_RECORD)
+    if record is None:
+        return
+    from privacy.secagg import SecAggPlusClient
+    from privacy.secagg.client import SecAggClientState
+
+    saved = json.loads(record["blob"])  # type: ignore[arg-type]
+    client = SecAggPlusClient(int(saved["client_id"]))
+    client.state = SecAggClientState(**{k: _from_plain(v) for k, v in saved["state"].items()})
+    runtime.secagg = client
+
+
+def handle_query(settings: ClientSettings, message: FlowerMessage, context: Context) -> FlowerMessage:
+    """The driver's hello: answer with this node's partition id (loads nothing)."""
+    record = message.content.config_records.get(RECORD)
+    if record is None or not record.get(HELLO):
+        raise ValueError("unknown query (expected the fedsite hello)")
+    partition = int(context.node_config[PARTITION_ID_KEY])
+    return FlowerMessage(RecordDict({RECORD: ConfigRecord({PARTITION: partition})}), reply_to=message)
+
+
+def handle_train(settings: ClientSettings, message: FlowerMessage, context: Context) -> FlowerMessage:
+    """One fedsite message in, one out: the same ClientRuntime.handle the gRPC agent calls."""
+    incoming, _ = unpack(message.content)
+    content, _ = pack(handle_message(settings, incoming, context))
+    return FlowerMessage(content, reply_to=message)
+
+
+def handle_message(settings: ClientSettings, incoming: Message, context: Context) -> Message:
+    """The virtual client of ``context``'s node handles one fedsite message."""
+    partition = int(context.node_config[PARTITION_ID_KEY])
+    with _STATE.lock:  # an actor runs one message at a time; the lock guards threaded backends
+        runtime = client_runtime(settings, partition)
+        restore_secagg_state(runtime, context)
+        reply: Message = runtime.handle(incoming)
+        save_secagg_state(runtime, context)
+    return reply
+
+
+def make_client_app(settings: ClientSettings) -> ClientApp:
+    """A ClientApp bound to one simulation's settings (the closures pickle small; the caches stay per process)."""
+    app = ClientApp()
+
+    @app.query()
+    def query(message: FlowerMessage, context: Context) -> FlowerMessage:
+        return handle_query(settings, message, context)
+
+    @app.train()
+    def train(message: FlowerMessage, context: Context) -> FlowerMessage:
+        return handle_train(settings, message, context)
+
+    return app
+
+
+def make_server_app(run_engine: Callable[[FlowerDriver], None], *, hello_timeout_s: float = 600.0) -> ServerApp:
+    """A ServerApp whose main hands the round engine a FlowerDriver over its Grid; no Flower strategy."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_engine(FlowerDriver(grid, hello_timeout_s=hello_timeout_s))
+
+    return app
