@@ -1,0 +1,383 @@
+"""Distil an emulator's kept middle blocks toward the full model's middle.
+
+Layer drop leaves the emulator's middle a crude stand-in for the full
+model's; the adapter a client tunes against it then meets a different middle
+when plugged back in. Distillation (coordinator-side, on public text, before
+the emulator is distributed) trains only the kept middle blocks so that the
+emulator's middle output matches the full model's on the same input:
+
+    loss = lm_weight * LM loss (causal LMs, optional)
+         + hidden_weight * mean_tokens( mean_dim( ((h_full - h_emu) / rms(h_full))^2 ) )
+
+where h is the hidden state entering the first top adapter block and
+rms(h_full) is taken per token over the hidden dimension (padding excluded),
+so the loss is scale-free across models and layers. With
+``objective="segments"`` the output of every kept middle block is also
+matched to the full model's hidden state at the end of the run of blocks it
+replaces.
+
+Runs are resumable: every ``checkpoint_every`` steps the middle blocks and
+the AdamW state go to ``distill_state.safetensors`` (never pickle) with the
+step in ``distill_state.json``, both written atomically; the data order and
+dropout seeds depend only on (seed, step), so a resumed run equals an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from emulator.architectures import transformer_blocks
+from emulator.evaluation import Encoded, _open_text, collate, encode, pad_id_of
+from emulator.offsite import EmulatorError, EmulatorLayout
+
+STATE_FILE = "distill_state.safetensors"
+META_FILE = "distill_state.json"
+OBJECTIVES = ("middle", "segments")
+
+
+class DistillError(ValueError):
+    """A user-caused problem with a distillation run (bad data, mismatched checkpoint)."""
+
+
+def read_text_corpus(path: str | Path, limit: int | None = None) -> list[str]:
+    """Lines of a text file, or the ``"text"`` field of a JSONL file (either may be .gz)."""
+    texts: list[str] = []
+    for lineno, line in enumerate(_open_text(path), 1):
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("{"):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DistillError(f"{path}:{lineno}: line looks like JSON but is not: {exc}") \
+                    from exc
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise DistillError(f"{path}:{lineno}: JSON line without a string 'text' field")
+            texts.append(row["text"])
+        else:
+            texts.append(line)
+        if limit is not None and len(texts) >= limit:
+            break
+    if not texts:
+        raise DistillError(f"{path}: no text")
+    return texts
+
+
+@dataclass
+class DistillConfig:
+    steps: int = 600
+    batch_size: int = 32
+    lr: float = 1e-4
+    warmup_fraction: float = 0.05
+    max_length: int = 64
+    hidden_weight: float = 1.0  # λ
+    lm_weight: float = 0.0  # causal LMs only
+    objective: str = "middle"  # "middle" | "segments"
+    seed: int = 0
+    checkpoint_every: int = 100
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise DistillError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.steps < 0 or self.batch_size < 1 or self.lr <= 0:
+            raise DistillError("steps >= 0, batch_size >= 1 and lr > 0 are required")
+
+
+@dataclass
+class DistillResult:
+    steps_done: int
+    losses: list[float] = field(default_factory=list)
+    resumed_from: int = 0
+
+
+# ---------------------------------------------------------------------------
+# Capturing hidden states
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once the wanted states are captured."""
+
+
+def _output_tensor(output: Any) -> Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+@contextmanager
+def _capture(model: PreTrainedModel, block_ids: Sequence[int], stop: bool) -> Iterator[dict[int, Tensor]]:
+    """Record the output of the given blocks; raise _Stop after the last one if ``stop``."""
+    blocks = transformer_blocks(model)
+    seen: dict[int, Tensor] = {}
+    last = max(block_ids)
+    handles = []
+
+    def make(i: int) -> Callable[..., None]:
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            seen[i] = _output_tensor(output)
+            if stop and i == last:
+                raise _Stop
+
+        return hook
+
+    for i in block_ids:
+        handles.append(blocks[i].register_forward_hook(make(i)))
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _run(model: PreTrainedModel, batch: dict[str, Tensor], block_ids: Sequence[int],
+         stop: bool) -> tuple[dict[int, Tensor], Any]:
+    with _capture(model, block_ids, stop) as seen:
+        try:
+            out = model(**batch)
+        except _Stop:
+            out = None
+    return seen, out
+
+
+def targets(layout: EmulatorLayout, objective: str) -> list[tuple[int, int]]:
+    """(emulator block, full block) pairs whose outputs are matched.
+
+    "middle": the last middle block of each. "segments": each kept block j
+    against the full block just before the next kept block (the run of
+    full blocks that j stands in for ends there).
+    """
+    if not layout.kept_middle:
+        raise DistillError("the emulator keeps no middle block: nothing to distil")
+    emu_ids = layout.middle_emulator_indices
+    last_full_middle = layout.adapter_top[0] - 1 if layout.adapter_top else \
+        layout.num_full_blocks - 1
+    if objective == "middle":
+        return [(emu_ids[-1], last_full_middle)]
+    ends = [nxt - 1 for nxt in layout.kept_middle[1:]] + [last_full_middle]
+    return list(zip(emu_ids, ends, strict=True))
+
+
+def normalized_distance(h_full: Tensor, h_emu: Tensor, mask: Tensor) -> Tensor:
+    """mean over real tokens of mean_dim(((h_full - h_emu) / rms(h_full))^2)."""
+    rms = h_full.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-6)
+    per_token = ((h_full - h_emu) / rms).pow(2).mean(-1)  # [batch, seq]
+    m = mask.to(per_token.dtype)
+    return (per_token * m).sum() / m.sum().clamp_min(1.0)
+
+
+def _hidden_loss(full: PreTrainedModel, emulator: PreTrainedModel, layout: EmulatorLayout,
+                 batch: dict[str, Tensor], pairs: Sequence[tuple[int, int]],
+                 lm_weight: float) -> tuple[Tensor, Any]:
+    with torch.no_grad():
+        teacher, _ = _run(full, batch, [f for _, f in pairs], stop=True)
+    if lm_weight > 0:
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        student, out = _run(emulator, {**batch, "labels": labels}, [e for e, _ in pairs],
+                            stop=False)
+    else:
+        student, out = _run(emulator, batch, [e for e, _ in pairs], stop=True)
+    loss = torch.stack([
+        normalized_distance(teacher[f], student[e], batch["attention_mask"]) for e, f in pairs
+    ]).mean()
+    return loss, out
+
+
+@torch.no_grad()
+def hidden_distance(
+    full: PreTrainedModel,
+    emulator: PreTrainedModel,
+    layout: EmulatorLayout,
+    data: Encoded,
+    *,
+    pad_id: int,
+    batch_size: int = 64,
+) -> float:
+    """Mean normalized distance between full and emulator middle outputs on ``data``."""
+    full.eval()
+    emulator.eval()
+    pairs = targets(layout, "middle")
+    total, count = 0.0, 0
+    for start in range(0, len(data), batch_size):
+        index = list(range(start, min(start + batch_size, len(data))))
+        batch = collate(data, index, pad_id)
+        batch.pop("labels", None)
+        loss, _ = _hidden_loss(full, emulator, layout, batch, pairs, 0.0)
+        total += float(loss) * len(index)
+        count += len(index)
+    return total / count
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _save_checkpoint(directory: Path, step: int, params: dict[str, nn.Parameter],
+                     opt: torch.optim.Optimizer, config: DistillConfig,
+                     losses: list[float]) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, Tensor] = {f"param.{n}": p.detach().contiguous() for n, p in params.items()}
+    index = {id(p): n for n, p in params.items()}
+    for p, state in opt.state.items():
+        for key, value in state.items():
+            if isinstance(value, Tensor):
+                tensors[f"opt.{index[id(p)]}.{key}"] = value.detach().contiguous()
+    _atomic_write(directory / STATE_FILE, lambda tmp: save_file(tensors, str(tmp)))
+    meta = {"step": step, "config": asdict(config), "losses": losses}
+
+    def write_meta(tmp: Path) -> None:
+        tmp.write_text(json.dumps(meta), encoding="utf-8")
+
+    _atomic_write(directory / META_FILE, write_meta)
+
+
+def _load_checkpoint(directory: Path, params: dict[str, nn.Parameter],
+                     opt: torch.optim.Optimizer, config: DistillConfig) -> tuple[int, list[float]]:
+    meta_path, state_path = directory / META_FILE, directory / STATE_FILE
+    if not meta_path.is_file() or not state_path.is_file():
+        return 0, []
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    saved = meta.get("config", {})
+    for key in ("batch_size", "seed", "objective", "max_length"):
+        if saved.get(key) != getattr(config, key):
+            raise DistillError(
+                f"{directory}: checkpoint was made with {key}={saved.get(key)!r}, "
+                f"this run has {getattr(config, key)!r}; use a fresh checkpoint directory"
+            )
+    tensors = load_file(str(state_path))
+    with torch.no_grad():
+        for n, p in params.items():
+            if f"param.{n}" not in tensors:
+                raise DistillError(f"{directory}: checkpoint lacks {n}; not this emulator's")
+            p.copy_(tensors[f"param.{n}"])
+    for n, p in params.items():
+        state = {k.rsplit(".", 1)[1]: v for k, v in tensors.items()
+                 if k.startswith(f"opt.{n}.") and k.count(".") == n.count(".") + 2}
+        if state:
+            opt.state[p] = state
+    return int(meta["step"]), list(meta.get("losses", []))
+
+
+# ---------------------------------------------------------------------------
+# The run
+
+
+def _batches(n: int, batch_size: int, seed: int) -> Iterator[list[int]]:
+    rng = random.Random(seed)
+    while True:
+        order = list(range(n))
+        rng.shuffle(order)
+        for start in range(0, max(1, n - batch_size + 1), batch_size):
+            yield order[start : start + batch_size]
+
+
+def middle_parameters(emulator: PreTrainedModel, layout: EmulatorLayout) -> dict[str, nn.Parameter]:
+    """The kept middle blocks' parameters, by state-dict name (what distillation trains)."""
+    blocks = transformer_blocks(emulator)
+    out: dict[str, nn.Parameter] = {}
+    for i in layout.middle_emulator_indices:
+        for n, p in blocks[i].named_parameters():
+            out[f"{layout.blocks_prefix}.{i}.{n}"] = p
+    return out
+
+
+def distill(
+    full: PreTrainedModel,
+    emulator: PreTrainedModel,
+    layout: EmulatorLayout,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    config: DistillConfig,
+    *,
+    checkpoint_dir: str | Path | None = None,
+    progress: bool = True,
+    on_step: Callable[[int, float], None] | None = None,
+) -> DistillResult:
+    """Train ``emulator``'s kept middle blocks in place; ``full`` is not changed.
+
+    With ``checkpoint_dir`` the run resumes from the last checkpoint there and
+    checkpoints every ``config.checkpoint_every`` steps and at the end.
+    """
+    if len(layout.emulator_blocks) != len(transformer_blocks(emulator)):
+        raise EmulatorError("the layout does not describe this emulator")
+    if config.lm_weight > 0 and emulator.get_output_embeddings() is None:
+        raise DistillError("lm_weight > 0 needs a causal-LM emulator")
+    data = encode(tokenizer, texts, config.max_length)
+    pad_id = pad_id_of(tokenizer)
+    pairs = targets(layout, config.objective)
+    params = middle_parameters(emulator, layout)
+    for p in emulator.parameters():
+        p.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
+    for p in full.parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=0.0)
+    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    start, losses = (0, []) if ckpt is None else _load_checkpoint(ckpt, params, opt, config)
+    warm = max(1, int(config.warmup_fraction * config.steps))
+
+    def lr_at(step: int) -> float:
+        if step < warm:
+            return config.lr * (step + 1) / warm
+        progress_ = (step - warm) / max(1, config.steps - warm)
+        return config.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress_)))
+
+    full.eval()
+    emulator.eval()  # no dropout: the student matches a deterministic function
+    order = _batches(len(data), config.batch_size, config.seed)
+    for _ in range(start):
+        next(order)
+    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="distill",
+               disable=not progress)
+    for step in bar:
+        batch = collate(data, next(order), pad_id)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        loss, out = _hidden_loss(full, emulator, layout, batch, pairs, config.lm_weight)
+        total = config.hidden_weight * loss
+        if config.lm_weight > 0 and out is not None:
+            total = total + config.lm_weight * out.loss
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(list(params.values()), config.max_grad_norm)
+        opt.step()
+        losses.append(float(loss.detach()))
+        bar.set_postfix(hidden=f"{losses[-1]:.4f}")
+        if on_step is not None:
+            on_step(step + 1, losses[-1])
+        if ckpt is not None and ((step + 1) % config.checkpoint_every == 0
+                                 or step + 1 == config.steps):
+            _save_checkpoint(ckpt, step + 1, params, opt, config, losses)
+    for p in emulator.parameters():
+        p.requires_grad_(False)
+    layout.distilled = layout.distilled or config.steps > start
+    return DistillResult(steps_done=config.steps, losses=losses, resumed_from=start)
