@@ -125,6 +125,7 @@ class RoundEngine:
         self.round_hooks = round_hooks or []
         self.completed_rounds = 0
         self.round_stats: dict[str, Any] = {}
+        self.client_epsilon: dict[str, float] = {}  # latest ε each client reported (sample-level DP)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -137,6 +138,8 @@ class RoundEngine:
         self.optimizer.load_state_dict(checkpoint.optimizer_state)
         self.completed_rounds = checkpoint.round
         self.metrics.truncate_after(checkpoint.round)
+        for record in self.metrics.read():
+            self.client_epsilon.update(record.get("epsilon_local") or {})
         log.info("resumed after round %d from %s", checkpoint.round, self.checkpointer.folder)
         return checkpoint.round
 
@@ -310,17 +313,23 @@ def plain_client_phase(engine: RoundEngine, round_id: int, sampled: list[str], d
         delta = robust_mean(updates, aggregator, engine.config.server.trim_fraction)
     loss = sum(w * x for w, x in zip(weights, losses, strict=True)) / sum(weights)
     return RoundOutcome(delta=delta, completed=completed, train_loss=loss,
-                        extra=client_privacy_metrics(reports, engine.config))
+                        extra=client_privacy_metrics(engine, reports))
 
 
-def client_privacy_metrics(reports: dict[str, dict[str, Any]], config: JobConfig) -> dict[str, Any]:
-    """ε each client reports after the round (sample-level DP), as the design card names them."""
+def client_privacy_metrics(engine: RoundEngine, reports: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """ε the clients report after the round (sample-level DP), as the design card names them.
+
+    ``epsilon_local`` is what this round's clients have spent so far; ``epsilon_local_max`` is
+    the largest ε any client of the job has reported, so it never decreases from round to round.
+    """
+    config = engine.config
     if not config.privacy.local_dp.enabled:
         return {}
     spent = {cid: float(r["epsilon"]) for cid, r in reports.items() if "epsilon" in r}
+    engine.client_epsilon.update(spent)
     out: dict[str, Any] = {"epsilon_local": dict(sorted(spent.items())), "delta_local": config.privacy.local_dp.delta}
-    if spent:
-        out["epsilon_local_max"] = max(spent.values())
+    if engine.client_epsilon:
+        out["epsilon_local_max"] = max(engine.client_epsilon.values())
     declined = sorted(cid for cid, r in reports.items() if "privacy budget" in str(r.get("reason", "")))
     if declined:
         out["budget_exhausted_clients"] = declined

@@ -80,6 +80,6 @@ def secure_client_phase(engine: RoundEngine, round_id: int, sampled: list[str], 
     losses = [(float(reports[c].get("secagg_weight", 1.0)), float(reports[c].get("train_loss", float("nan"))))
               for c in completed if c in reports]
     loss = sum(w * x for w, x in losses) / max(sum(w for w, _ in losses), 1e-12) if losses else None
-    extra = client_privacy_metrics({c: r for c, r in reports.items()}, engine.config)
+    extra = client_privacy_metrics(engine, reports)
     extra["secagg_error_bound"] = server.error_bound / weight_sum
     return RoundOutcome(delta=delta, completed=completed, train_loss=loss, extra=extra)

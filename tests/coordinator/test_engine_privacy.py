@@ -115,3 +115,12 @@ def test_client_dp_clips_every_update_and_accounts_the_job(tiny_bert_dir: Path, 
     assert max(reported) > 0.05  # training moved further than S: clipping had work to do
     if not distributed:  # without client-side noise the coordinator sees the clipped update itself
         assert max(norms) <= 0.05 * (1 + 1e-6)
+
+
+def test_epsilon_local_max_never_decreases(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    """Different clients are sampled each round; the job's worst-case ε must still only grow."""
+    table = _job(tiny_bert_dir, tmp_path, local_dp={"enabled": True, "noise_multiplier": 1.0, "max_epsilon": 50.0})
+    table["job"].update({"rounds": 4, "clients_per_round": 2, "min_clients": 1})
+    _, _, records = _run(table, tmp_path)
+    maxima = [r["epsilon_local_max"] for r in records[1:]]
+    assert maxima == sorted(maxima) and maxima[-1] >= max(records[-1]["epsilon_local"].values())
