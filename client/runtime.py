@@ -92,6 +92,7 @@ class ClientRuntime:
         settings = TrainSettings(
             local_steps=int(cfg["local_steps"]), batch_size=int(cfg["batch_size"]), lr=float(cfg["lr"]),
             weight_decay=float(cfg.get("weight_decay", 0.0)), seed=int(cfg.get("seed", 0)),
+            head_lr=float(cfg.get("head_lr", 0.0)),
         )
         global_state = {k: v for k, v in message.tensors.items() if not k.startswith(SECAGG_PREFIX)}
         load_trainable_state(self.model, global_state)

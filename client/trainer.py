@@ -28,6 +28,7 @@ class TrainSettings:
     lr: float
     weight_decay: float = 0.0
     seed: int = 0
+    head_lr: float = 0.0  # > 0: a separate learning rate for the (freshly initialised) task head
 
 
 @dataclass
@@ -49,6 +50,27 @@ def data_generator(seed: int, round_id: int, data_seed: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + round_id * 10_007 + data_seed) % (2**63))
 
 
+def is_head_parameter(model: torch.nn.Module, name: str) -> bool:
+    """Parameters of the task head (classifier/score, also inside peft's modules_to_save)."""
+    from emulator.architectures import UnsupportedArchitectureError, spec_for_config
+
+    config = getattr(model, "config", None)
+    try:
+        head = spec_for_config(config).classifier_head if config is not None else None
+    except UnsupportedArchitectureError:
+        return False
+    return head is not None and (name.startswith(head + ".") or f".{head}." in name)
+
+
+def param_groups(model: torch.nn.Module, settings: TrainSettings) -> list[dict]:
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if settings.head_lr <= 0:
+        return [{"params": [p for _, p in trainable], "lr": settings.lr}]
+    head = [p for n, p in trainable if is_head_parameter(model, n)]
+    body = [p for n, p in trainable if not is_head_parameter(model, n)]
+    return [g for g in ({"params": body, "lr": settings.lr}, {"params": head, "lr": settings.head_lr}) if g["params"]]
+
+
 def _forever(loader: DataLoader) -> Iterator[dict[str, torch.Tensor]]:
     while True:
         yield from loader
@@ -64,8 +86,8 @@ def train_steps(
 ) -> TrainResult:
     """Run ``settings.local_steps`` AdamW steps over the trainable parameters of ``model``."""
     start = time.monotonic()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer: torch.optim.Optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    optimizer: torch.optim.Optimizer = torch.optim.AdamW(param_groups(model, settings),
+                                                         weight_decay=settings.weight_decay)
     sampler = RandomSampler(data, replacement=False, generator=generator)
     loader = DataLoader(data, batch_size=min(settings.batch_size, len(data)), sampler=sampler,
                         collate_fn=data.collate, drop_last=False)

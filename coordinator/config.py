@@ -95,11 +95,14 @@ class TrainSection:
     batch_size: int = _help("examples per step", default=16)
     lr: float = _help("client learning rate (AdamW)", default=5e-4)
     weight_decay: float = _help("client AdamW weight decay", default=0.0)
+    head_lr: float = _help("learning rate of the task head; 0 = same as lr", default=0.0)
 
     def validate(self) -> None:
         _positive("train.local_steps", self.local_steps)
         _positive("train.batch_size", self.batch_size)
         _positive("train.lr", self.lr)
+        if self.head_lr < 0:
+            raise ConfigError(f"train.head_lr must be >= 0, got {self.head_lr}")
 
 
 @dataclass

@@ -178,6 +178,7 @@ class RoundEngine:
             "batch_size": train.batch_size,
             "lr": train.lr,
             "weight_decay": train.weight_decay,
+            "head_lr": train.head_lr,
             "seed": self.config.job.seed,
         }
         local_dp = self.config.privacy.local_dp

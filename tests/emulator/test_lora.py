@@ -151,3 +151,20 @@ def test_lora_targets_exist_in_each_family(family: str) -> None:
     targets = spec_for(model).lora_targets
     leaf_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     assert set(targets) <= leaf_names
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_head_learning_rate_group_finds_the_head_in_lora_and_plain_models(family: str) -> None:
+    from client.trainer import TrainSettings, param_groups
+
+    plain = tiny_model(family)
+    for p in plain.parameters():
+        p.requires_grad_(False)
+    for name, p in plain.named_parameters():
+        if name.startswith(spec_for(plain).classifier_head + "."):
+            p.requires_grad_(True)
+    lora = add_lora(tiny_model(family), LoraSettings(r=4), task="classification")
+    for model in (plain, lora):
+        groups = param_groups(model, TrainSettings(local_steps=1, batch_size=1, lr=1e-4, head_lr=1e-2))
+        head = [g for g in groups if g["lr"] == 1e-2]
+        assert len(head) == 1 and sum(p.numel() for p in head[0]["params"]) == 3 * 32 + 3 * (family == "bert")
