@@ -340,8 +340,21 @@ def adapter_lora_config(
     """
     from peft import LoraConfig
 
-    targets: list[str] | str = list(spec_for(emulator).lora_targets) if target_modules is None \
-        else (target_modules if isinstance(target_modules, str) else list(target_modules))
+    if target_modules is None:
+        targets = list(spec_for(emulator).lora_targets)
+    elif target_modules == "all-linear":
+        # peft refuses layers_to_transform with the "all-linear" shorthand: spell it out
+        blocks = transformer_blocks(emulator)
+        targets = sorted({
+            name.rsplit(".", 1)[-1]
+            for i in layout.adapter_emulator_indices
+            for name, module in blocks[i].named_modules()
+            if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+        })
+    elif isinstance(target_modules, str):
+        targets = [target_modules]
+    else:
+        targets = list(target_modules)
     return LoraConfig(
         r=r, lora_alpha=2 * r if alpha is None else alpha, lora_dropout=dropout,
         target_modules=targets,

@@ -341,3 +341,15 @@ def test_tuned_adapter_plugs_in_as_trained() -> None:
     assert changed, "training changed nothing"
     for emu_name, full_name in zip(state, emulator_to_full_state(state, layout), strict=True):
         assert torch.equal(merged_state[full_name], tuned_state[emu_name])
+
+
+def test_adapter_lora_all_linear_stays_in_the_adapter() -> None:
+    from peft import get_peft_model
+
+    emulator, layout = build_emulator(tiny_model("bert", "classification", layers=6))
+    cfg = adapter_lora_config(emulator, layout, r=2, target_modules="all-linear")
+    wrapped = get_peft_model(emulator, cfg)
+    wrapped_names = [n for n, _ in wrapped.named_parameters() if "lora_A" in n]
+    assert {block_index(n, layout.blocks_prefix) for n in wrapped_names} == {0, 3}
+    assert any(".intermediate.dense." in n for n in wrapped_names)
+    assert not any("pooler" in n or "classifier" in n for n in wrapped_names)

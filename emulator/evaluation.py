@@ -1,0 +1,471 @@
+"""The offsite evaluation table: how good is a tuned adapter, on the emulator and plugged in.
+
+For classification (a JSONL of ``{"text", "label"}``) every row is trained on
+the *same* examples, so the numbers compare methods, not data:
+
+- ``linear_probe``: the task head trained on the frozen full model;
+- ``emulator_alone``: adapter blocks + head trained on the emulator, evaluated there;
+- ``plug_in``: that tuned adapter and head plugged into the full model;
+- ``full_lora``: peft LoRA (r=8 on the registry's ``lora_targets``) + head, on the full model;
+- ``full_ft``: every parameter of the full model trained.
+
+For a causal LM (a JSONL or text file of ``{"text"}``) the same rows report
+perplexity (no head, so no probe). Beside the quality numbers the table
+reports what leaves the coordinator: the emulator's size and the fraction of
+the full model's parameters it carries byte-identical (see
+:func:`emulator.offsite.exposure`).
+
+The training loop here is a small, deterministic reference trainer (AdamW,
+linear warm-up and decay, a separate learning rate for the fresh head); it is
+what the experiments in ``experiments/offsite/`` use, not the federated
+client's trainer.
+"""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from emulator.architectures import spec_for
+from emulator.offsite import (
+    EmulatorLayout,
+    adapter_lora_config,
+    adapter_parameter_names,
+    exposure,
+    head_parameter_names,
+    plug_in,
+)
+
+
+class EvaluationDataError(ValueError):
+    """A data file the evaluation cannot use."""
+
+
+# ---------------------------------------------------------------------------
+# Data
+
+
+def _open_text(path: str | Path) -> Iterator[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise EvaluationDataError(f"{p}: no such file")
+    opener: Callable[..., Any] = gzip.open if p.suffix == ".gz" else open
+    with opener(p, "rt", encoding="utf-8") as fh:
+        yield from fh
+
+
+def read_labelled(path: str | Path) -> tuple[list[str], list[str]]:
+    """Texts and string labels from a JSONL (optionally .gz) of ``{"text", "label"}``."""
+    texts: list[str] = []
+    labels: list[str] = []
+    for lineno, line in enumerate(_open_text(path), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            texts.append(str(row["text"]))
+            labels.append(str(row["label"]))
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise EvaluationDataError(
+                f"{path}:{lineno}: expected a JSON object with 'text' and 'label' ({exc})"
+            ) from exc
+    if not texts:
+        raise EvaluationDataError(f"{path}: no examples")
+    return texts, labels
+
+
+def subsample(n: int, limit: int | None, seed: int) -> list[int]:
+    """``limit`` indices of ``range(n)`` drawn without replacement (all, shuffled, if None)."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return order if limit is None else order[: min(limit, n)]
+
+
+@dataclass
+class Encoded:
+    """Tokenized examples without padding; batches are padded when drawn."""
+
+    input_ids: list[list[int]]
+    labels: list[int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def encode(
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    max_length: int,
+    labels: Sequence[int] | None = None,
+) -> Encoded:
+    ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    return Encoded(input_ids=[list(x) for x in ids], labels=None if labels is None else list(labels))
+
+
+def collate(data: Encoded, index: Sequence[int], pad_id: int) -> dict[str, Tensor]:
+    rows = [data.input_ids[i] for i in index]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for j, r in enumerate(rows):  # right padding
+        ids[j, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[j, : len(r)] = 1
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if data.labels is not None:
+        batch["labels"] = torch.tensor([data.labels[i] for i in index], dtype=torch.long)
+    return batch
+
+
+def pad_id_of(tokenizer: PreTrainedTokenizerBase) -> int:
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = tokenizer.eos_token_id
+    return int(pad or 0)
+
+
+# ---------------------------------------------------------------------------
+# Training and metrics
+
+
+@dataclass
+class TrainConfig:
+    """One reference training run: epochs over the examples, AdamW, linear schedule."""
+
+    epochs: float = 1.0
+    batch_size: int = 32
+    lr: float = 1e-4  # body (adapter blocks, LoRA factors or full model)
+    head_lr: float = 1e-3  # freshly initialised task head
+    weight_decay: float = 0.0
+    warmup_fraction: float = 0.06
+    seed: int = 0
+    max_grad_norm: float = 1.0
+
+
+def _batches(n: int, batch_size: int, steps: int, seed: int) -> Iterator[list[int]]:
+    rng = random.Random(seed)
+    done = 0
+    while True:
+        order = list(range(n))
+        rng.shuffle(order)
+        for start in range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size):
+            if done == steps:
+                return
+            yield order[start : start + batch_size]
+            done += 1
+
+
+def train(
+    model: nn.Module,
+    body: Sequence[nn.Parameter],
+    head: Sequence[nn.Parameter],
+    data: Encoded,
+    config: TrainConfig,
+    *,
+    pad_id: int,
+    causal_lm: bool = False,
+    desc: str = "train",
+    progress: bool = True,
+) -> list[float]:
+    """Train ``body`` and ``head`` parameters (everything else frozen); returns the losses."""
+    trainable = {id(p) for p in [*body, *head]}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trainable)
+    groups: list[dict[str, Any]] = [g for g in ({"params": list(body), "lr": config.lr},
+                          {"params": list(head), "lr": config.head_lr}) if g["params"]]
+    opt = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+    steps = max(1, int(config.epochs * len(data) // config.batch_size))
+    warm = int(config.warmup_fraction * steps)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return max(0.0, (steps - step) / max(1, steps - warm))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    torch.manual_seed(config.seed)
+    model.train()
+    losses: list[float] = []
+    bar = tqdm(_batches(len(data), config.batch_size, steps, config.seed), total=steps,
+               desc=desc, disable=not progress, leave=False)
+    for index in bar:
+        batch = collate(data, index, pad_id)
+        if causal_lm:
+            labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+            batch["labels"] = labels
+        loss = model(**batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for g in groups for p in g["params"]]
+        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return losses
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, data: Encoded, *, pad_id: int, batch_size: int = 128) -> float:
+    if data.labels is None:
+        raise EvaluationDataError("accuracy needs labelled data")
+    model.eval()
+    correct = 0
+    for start in range(0, len(data), batch_size):
+        index = list(range(start, min(start + batch_size, len(data))))
+        batch = collate(data, index, pad_id)
+        labels = batch.pop("labels")
+        correct += int((model(**batch).logits.argmax(-1) == labels).sum())
+    return correct / len(data)
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, data: Encoded, *, pad_id: int, batch_size: int = 32) -> float:
+    """exp of the mean next-token loss over all predicted tokens."""
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(data), batch_size):
+        index = list(range(start, min(start + batch_size, len(data))))
+        batch = collate(data, index, pad_id)
+        logits = model(**batch).logits[:, :-1]
+        target = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100)
+        loss = nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
+            ignore_index=-100, reduction="sum",
+        )
+        total += float(loss)
+        count += int((target != -100).sum())
+    return math.exp(total / max(1, count))
+
+
+# ---------------------------------------------------------------------------
+# The methods
+
+
+def _params(model: nn.Module, names: Sequence[str]) -> list[nn.Parameter]:
+    named = dict(model.named_parameters())
+    return [named[n] for n in names if n in named]
+
+
+def head_params(model: PreTrainedModel) -> list[nn.Parameter]:
+    return _params(model, head_parameter_names(model))
+
+
+def tune_adapter(
+    emulator: PreTrainedModel,
+    layout: EmulatorLayout,
+    data: Encoded,
+    config: TrainConfig,
+    *,
+    pad_id: int,
+    causal_lm: bool,
+    lora_r: int = 0,
+    lora_targets: str | None = None,
+    progress: bool = True,
+) -> tuple[PreTrainedModel, dict[str, Tensor]]:
+    """Train the adapter (+ head) on a copy of the emulator, as a client would.
+
+    ``lora_r > 0`` trains LoRA factors on the adapter blocks instead of the
+    blocks themselves and merges them afterwards. Returns the tuned emulator
+    and the emulator-named adapter(+head) state that plug-in takes.
+    """
+    emu = copy.deepcopy(emulator)
+    names = adapter_parameter_names(emu, layout, emulator=True)
+    heads = [] if causal_lm else head_parameter_names(emu)
+    if lora_r > 0:
+        from peft import get_peft_model
+
+        wrapped = get_peft_model(emu, adapter_lora_config(emu, layout, r=lora_r,
+                                                          target_modules=lora_targets))
+        lora = [p for n, p in wrapped.named_parameters() if "lora_" in n]
+        head = _params(emu, heads)
+        train(wrapped, lora, head, data, config, pad_id=pad_id, causal_lm=causal_lm,
+              desc="adapter-lora", progress=progress)
+        emu = cast(PreTrainedModel, wrapped.merge_and_unload())
+    else:
+        train(emu, _params(emu, names), _params(emu, heads), data, config, pad_id=pad_id,
+              causal_lm=causal_lm, desc="adapter", progress=progress)
+    state = emu.state_dict()
+    return emu, {n: state[n].clone() for n in [*names, *heads]}
+
+
+def full_lora(
+    full: PreTrainedModel, data: Encoded, config: TrainConfig, *, pad_id: int,
+    causal_lm: bool, r: int = 8, progress: bool = True,
+) -> PreTrainedModel:
+    """peft LoRA r on the registry's lora_targets of every block, + head; merged."""
+    from peft import LoraConfig, get_peft_model
+
+    model = copy.deepcopy(full)
+    spec = spec_for(model)
+    lcfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
+                      target_modules=list(spec.lora_targets))
+    wrapped = get_peft_model(model, lcfg)
+    lora = [p for n, p in wrapped.named_parameters() if "lora_" in n]
+    head = [] if causal_lm else head_params(model)
+    train(wrapped, lora, head, data, config, pad_id=pad_id, causal_lm=causal_lm,
+          desc="full-lora", progress=progress)
+    return cast(PreTrainedModel, wrapped.merge_and_unload())
+
+
+def full_ft(
+    full: PreTrainedModel, data: Encoded, config: TrainConfig, *, pad_id: int,
+    causal_lm: bool, progress: bool = True,
+) -> PreTrainedModel:
+    model = copy.deepcopy(full)
+    head = [] if causal_lm else head_params(model)
+    head_ids = {id(p) for p in head}
+    body = [p for p in model.parameters() if id(p) not in head_ids]
+    train(model, body, head, data, config, pad_id=pad_id, causal_lm=causal_lm,
+          desc="full-ft", progress=progress)
+    return model
+
+
+def linear_probe(
+    full: PreTrainedModel, data: Encoded, config: TrainConfig, *, pad_id: int,
+    progress: bool = True,
+) -> PreTrainedModel:
+    model = copy.deepcopy(full)
+    train(model, [], head_params(model), data, config, pad_id=pad_id, desc="probe",
+          progress=progress)
+    return model
+
+
+def partial_ft(
+    full: PreTrainedModel, layout: EmulatorLayout, data: Encoded, config: TrainConfig, *,
+    pad_id: int, causal_lm: bool, progress: bool = True,
+) -> PreTrainedModel:
+    """The adapter blocks (+ head) trained directly on the full model: plug-in's ceiling
+    when the emulator were perfect."""
+    model = copy.deepcopy(full)
+    names = adapter_parameter_names(model, layout, emulator=False)
+    head = [] if causal_lm else head_params(model)
+    train(model, _params(model, names), head, data, config, pad_id=pad_id,
+          causal_lm=causal_lm, desc="adapter-on-full", progress=progress)
+    return model
+
+
+# ---------------------------------------------------------------------------
+# The table
+
+
+ALL_ROWS = ("linear_probe", "emulator_alone", "plug_in", "full_lora", "full_ft")
+
+
+@dataclass
+class EvaluationTable:
+    task: str  # "classification" | "causal-lm"
+    metric: str  # "accuracy" | "perplexity"
+    rows: dict[str, float]
+    train_examples: int
+    eval_examples: int
+    emulator_size_fraction: float
+    verbatim_fraction: float
+    seconds: dict[str, float] = field(default_factory=dict)
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    def to_markdown(self) -> str:
+        lines = [f"| method | {self.metric} |", "|---|---|"]
+        lines += [f"| {name} | {value:.4f} |" for name, value in self.rows.items()]
+        lines += [
+            "",
+            f"- train examples: {self.train_examples}; evaluation examples: {self.eval_examples}",
+            f"- emulator size: {self.emulator_size_fraction:.3f} of the full model's parameters",
+            f"- leaves the coordinator verbatim in the emulator: {self.verbatim_fraction:.3f}"
+            " of the full model's parameters",
+        ]
+        return "\n".join(lines)
+
+
+def evaluate_offsite(
+    full: PreTrainedModel,
+    emulator: PreTrainedModel,
+    layout: EmulatorLayout,
+    tokenizer: PreTrainedTokenizerBase,
+    train_data: Encoded,
+    eval_data: Encoded,
+    config: TrainConfig,
+    *,
+    causal_lm: bool,
+    rows: Sequence[str] = ALL_ROWS,
+    adapter_config: TrainConfig | None = None,
+    full_ft_config: TrainConfig | None = None,
+    lora_config: TrainConfig | None = None,
+    adapter_lora_r: int = 0,
+    adapter_lora_targets: str | None = None,
+    progress: bool = True,
+) -> EvaluationTable:
+    """Train each requested row on ``train_data`` and score it on ``eval_data``.
+
+    ``full`` and ``emulator`` must share the same (fresh) task head for
+    classification, so every row starts from the same point.
+    """
+    pad_id = pad_id_of(tokenizer)
+
+    def score(model: nn.Module) -> float:
+        if causal_lm:
+            return perplexity(model, eval_data, pad_id=pad_id)
+        return accuracy(model, eval_data, pad_id=pad_id)
+
+    out: dict[str, float] = {}
+    seconds: dict[str, float] = {}
+    kw: dict[str, Any] = {"pad_id": pad_id, "progress": progress}
+    for row in rows:
+        start = time.perf_counter()
+        if row == "linear_probe":
+            if causal_lm:
+                continue
+            out[row] = score(linear_probe(full, train_data, config, **kw))
+        elif row == "emulator_alone":
+            tuned, state = tune_adapter(emulator, layout, train_data, adapter_config or config,
+                                        causal_lm=causal_lm, lora_r=adapter_lora_r,
+                                        lora_targets=adapter_lora_targets, **kw)
+            out[row] = score(tuned)
+            if "plug_in" in rows:
+                out["plug_in"] = score(plug_in(full, state, layout))
+        elif row == "plug_in":
+            continue  # computed with emulator_alone
+        elif row == "full_lora":
+            out[row] = score(full_lora(full, train_data, lora_config or config,
+                                       causal_lm=causal_lm, **kw))
+        elif row == "full_ft":
+            out[row] = score(full_ft(full, train_data, full_ft_config or config,
+                                     causal_lm=causal_lm, **kw))
+        elif row == "adapter_on_full":
+            out[row] = score(partial_ft(full, layout, train_data, adapter_config or config,
+                                        causal_lm=causal_lm, **kw))
+        elif row == "untuned_full":
+            out[row] = score(full)
+        else:
+            raise ValueError(f"unknown row {row!r}; choose from {[*ALL_ROWS, 'adapter_on_full']}")
+        seconds[row] = time.perf_counter() - start
+    exp = exposure(full, emulator)
+    ordered = {name: out[name] for name in [*rows, "plug_in"] if name in out}
+    return EvaluationTable(
+        task="causal-lm" if causal_lm else "classification",
+        metric="perplexity" if causal_lm else "accuracy",
+        rows=ordered,
+        train_examples=len(train_data),
+        eval_examples=len(eval_data),
+        emulator_size_fraction=exp.size_fraction,
+        verbatim_fraction=exp.verbatim_fraction,
+        seconds=seconds,
+    )

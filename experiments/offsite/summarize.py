@@ -1,0 +1,47 @@
+"""Print results.jsonl (from run_minilm.py) as one markdown table, one line per tag.
+
+    python experiments/offsite/summarize.py [results.jsonl]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+FULL_FT_REFERENCE = 0.757  # the brief's centralized full fine-tuning on the same 8,000 examples
+COLUMNS = ("linear_probe", "full_lora", "full_ft", "adapter_on_full", "emulator_alone", "plug_in")
+
+
+def main(argv: list[str]) -> int:
+    path = Path(argv[0]) if argv else Path(__file__).with_name("results.jsonl")
+    merged: dict[str, dict[str, object]] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        row = merged.setdefault(rec["tag"], {"verbatim": rec["verbatim_fraction"],
+                                             "size": rec["emulator_size_fraction"]})
+        row.update(rec["rows"])
+        for key in ("hidden_distance_before", "hidden_distance_after"):
+            if key in rec:
+                row[key] = rec[key]
+    head = ["tag", *COLUMNS, "plug-in / 0.757", "hidden dist before→after", "size", "verbatim"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for tag, row in merged.items():
+        cells = [tag]
+        cells += [f"{row[c]:.3f}" if c in row else "" for c in COLUMNS]
+        plug = row.get("plug_in")
+        cells.append(f"{plug / FULL_FT_REFERENCE:.3f}" if isinstance(plug, float) else "")
+        before, after = row.get("hidden_distance_before"), row.get("hidden_distance_after")
+        cells.append(f"{before:.3f}→{after:.3f}" if isinstance(before, float)
+                     and isinstance(after, float) else
+                     (f"{before:.3f}" if isinstance(before, float) else ""))
+        cells += [f"{row['size']:.3f}", f"{row['verbatim']:.3f}"]
+        print("| " + " | ".join(cells) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

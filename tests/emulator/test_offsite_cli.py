@@ -1,0 +1,112 @@
+"""``fedsite-emulator build`` / ``evaluate`` end to end on tiny saved models."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from emulator.architectures import num_blocks
+from emulator.cli import main
+from emulator.offsite import LAYOUT_FILENAME, EmulatorLayout
+from tests.emulator.test_distill import word_texts, word_tokenizer
+from tests.tiny_models import tiny_model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _save(tmp_path: Path, family: str, task: str) -> Path:
+    folder = tmp_path / f"{family}-{task}"
+    tiny_model(family, task, layers=6).save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_build_with_distillation_and_reload(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                            ) -> None:
+    model = _save(tmp_path, "llama", "causal-lm")
+    public = tmp_path / "public.jsonl"
+    public.write_text("".join(json.dumps({"text": t}) + "\n" for t in word_texts(64, seed=5)))
+    out = tmp_path / "emu"
+    code = main(["build", "--model", str(model), "--output-dir", str(out), "--keep", "1",
+                 "--distill-data", str(public), "--distill-steps", "4",
+                 "--distill-batch-size", "8"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["emulator_blocks"] == [0, 3, 5] and summary["distilled"] is True
+    emulator: Any = AutoModelForCausalLM.from_pretrained(out)
+    assert num_blocks(emulator.config) == 3
+    layout = EmulatorLayout.load(out)
+    assert layout.kept_middle == [3] and layout.extra["task"] == "causal-lm"
+    assert (tmp_path / "emu.distill-checkpoint" / "distill_state.safetensors").is_file()
+    ids = torch.tensor([[5, 6, 7]])
+    assert emulator.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0).shape == (1, 6)
+
+
+def test_build_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = _save(tmp_path, "bert", "classification")
+    capsys.readouterr()
+    code = main(["build", "--model", str(model), "--output-dir", str(tmp_path / "e"),
+                 "--adapter-layers", "3"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("fedsite-emulator: error:") and "\n" not in err
+    assert main(["build", "--model", str(tmp_path / "nope"), "--output-dir", "x"]) == 2
+    assert main(["build", "--model", str(model), "--output-dir", str(tmp_path / "e"),
+                 "--distill-steps", "3"]) == 2
+
+
+def test_evaluate_classification_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                       ) -> None:
+    model = _save(tmp_path, "bert", "classification")
+    emu = tmp_path / "emu"
+    assert main(["build", "--model", str(model), "--output-dir", str(emu)]) == 0
+    assert AutoModelForSequenceClassification.from_pretrained(emu).config.num_hidden_layers == 4
+    rng = random.Random(0)
+    rows = [{"text": t, "label": ["x", "y", "z"][int(t.split()[0][1:]) % 3]}
+            for t in word_texts(80, seed=rng.randrange(100))]
+    data = tmp_path / "d.jsonl.gz"
+    with gzip.open(data, "wt") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in rows)
+    out_json = tmp_path / "table.json"
+    code = main(["evaluate", "--model", str(model), "--emulator", str(emu), "--data", str(data),
+                 "--batch-size", "8", "--json", str(out_json)])
+    assert code == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    table = json.loads(out_json.read_text())
+    assert list(table["rows"]) == ["linear_probe", "emulator_alone", "plug_in", "full_lora",
+                                   "full_ft"]
+    assert all(0.0 <= v <= 1.0 for v in table["rows"].values())
+    assert table["eval_examples"] == 16 and table["train_examples"] == 64
+    assert table["verbatim_fraction"] == pytest.approx(table["emulator_size_fraction"])
+    assert 0.5 < table["emulator_size_fraction"] < 1.0
+    assert "| plug_in |" in printed
+    assert (emu / LAYOUT_FILENAME).is_file()
+
+
+def test_evaluate_causal_lm_perplexity(tmp_path: Path) -> None:
+    model = _save(tmp_path, "gpt2", "causal-lm")
+    emu = tmp_path / "emu"
+    assert main(["build", "--model", str(model), "--output-dir", str(emu)]) == 0
+    data = tmp_path / "lm.txt"
+    data.write_text("\n".join(word_texts(40, seed=7)) + "\n")
+    out_json = tmp_path / "t.json"
+    assert main(["evaluate", "--model", str(model), "--emulator", str(emu), "--data", str(data),
+                 "--rows", "emulator_alone", "plug_in", "--batch-size", "8",
+                 "--json", str(out_json)]) == 0
+    table = json.loads(out_json.read_text())
+    assert table["metric"] == "perplexity"
+    assert set(table["rows"]) == {"emulator_alone", "plug_in"}
+    assert all(1.0 < v < 10 * 128 for v in table["rows"].values())
