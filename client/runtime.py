@@ -110,7 +110,7 @@ class ClientRuntime:
             except PrivacyBudgetExhausted as exc:
                 log.warning("round %d: declining to train: privacy budget exhausted (%s)", message.round, exc)
                 return Message(round=message.round, stage=DECLINED,
-                               config={"reason": f"privacy budget exhausted: {exc}",
+                               config={"reason": str(exc),
                                        "epsilon": ledger.epsilon(float(local_dp["delta"]))})
 
             def privatize(model, optimizer, loader):
