@@ -32,7 +32,10 @@ needs_compose = pytest.mark.skipif(
 
 def _compose(env_file: Path, *args: str) -> subprocess.CompletedProcess[str]:
     assert COMPOSE is not None
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FEDSITE_", "TORCH_VARIANT"))}
+    # Debian's docker-compose is a Python program of the system interpreter: keep this process's
+    # Python settings (PYTHONPATH, PYTHONHOME, virtualenv; Ray sets some) away from it
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("FEDSITE_", "TORCH_VARIANT", "PYTHON", "VIRTUAL_ENV", "RAY_"))}
     return subprocess.run([COMPOSE, "--project-directory", str(REPO), "-f", str(REPO / "docker-compose.yml"),
                            "--env-file", str(env_file), *args], capture_output=True, text=True, env=env,
                           timeout=60, check=False)
