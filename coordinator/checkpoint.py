@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 
 from privacy.atomic import atomic_write_bytes
 from protos.codec import encode_tensors
@@ -62,11 +61,9 @@ class Checkpointer:
         """The newest checkpoint that reads back whole (older ones if the newest is damaged)."""
         for path in reversed(self._paths()):
             try:
-                tensors = load_file(str(path))
-                from safetensors import safe_open
-
-                with safe_open(str(path), framework="pt") as handle:
+                with safe_open(str(path), framework="pt") as handle:  # one read: tensors and metadata
                     meta = handle.metadata() or {}
+                    tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
                 round_id = int(meta["round"])
                 info = json.loads(meta.get("info", "{}"))
             except (SafetensorError, OSError, KeyError, ValueError):

@@ -376,11 +376,3 @@ def _digest(state: State) -> str:
     for name in sorted(state):
         hasher.update(state[name].numpy().tobytes())
     return hasher.hexdigest()
-
-
-def state_bytes(state: State) -> int:
-    return sum(t.numel() * t.element_size() for t in state.values())
-
-
-def zeros_like_state(state: State) -> State:
-    return {k: torch.zeros_like(v) for k, v in state.items()}
