@@ -249,12 +249,17 @@ def make_client_app(settings: ClientSettings) -> ClientApp:
     return app
 
 
-def make_server_app(run_engine: Callable[[FlowerDriver], None], *, hello_timeout_s: float = 600.0) -> ServerApp:
-    """A ServerApp whose main hands the round engine a FlowerDriver over its Grid; no Flower strategy."""
+def make_server_app(run_engine: Callable[[FlowerDriver], None], *, hello_timeout_s: float = 600.0,
+                    runtime_stopped: threading.Event | None = None) -> ServerApp:
+    """A ServerApp whose main hands the round engine a FlowerDriver over its Grid; no Flower strategy.
+
+    ``runtime_stopped`` (set by the caller once ``run_simulation`` returns) makes the driver give up
+    instead of waiting out its deadlines.
+    """
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_engine(FlowerDriver(grid, hello_timeout_s=hello_timeout_s))
+        run_engine(FlowerDriver(grid, hello_timeout_s=hello_timeout_s, runtime_stopped=runtime_stopped))
 
     return app

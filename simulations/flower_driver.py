@@ -13,6 +13,7 @@ client id) is the same in every run of a job whatever node ids Flower draws.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterable
 
@@ -34,7 +35,7 @@ QUERY_TYPE = "query"
 
 
 class SimulationDriverError(RuntimeError):
-    """The simulated federation did not come up (nodes missing or not answering the hello)."""
+    """The simulated federation did not come up, or Flower's runtime stopped under the engine."""
 
 
 def client_id_for(partition: int) -> str:
@@ -59,10 +60,16 @@ def unpack(content: RecordDict) -> tuple[Message, int]:
 class FlowerDriver:
     """:class:`coordinator.engine.Driver` over a Flower ``Grid`` (simulation or deployment)."""
 
-    def __init__(self, grid: Grid, *, hello_timeout_s: float = 600.0, ttl_margin_s: float = 60.0) -> None:
+    def __init__(self, grid: Grid, *, hello_timeout_s: float = 600.0, ttl_margin_s: float = 60.0,
+                 runtime_stopped: threading.Event | None = None, pull_interval_s: float = 0.1) -> None:
         self.grid = grid
         self.hello_timeout_s = hello_timeout_s
         self.ttl_margin_s = ttl_margin_s
+        # Set by whoever runs Flower once its runtime has returned (normally or not). Flower runs the
+        # ServerApp in a non-daemon thread it never joins: without this, an engine waiting for clients
+        # of a dead runtime keeps the process alive (and its log busy) until every deadline has passed.
+        self.runtime_stopped = runtime_stopped or threading.Event()
+        self.pull_interval_s = pull_interval_s
         self.node_of: dict[str, int] = {}  # client id -> Flower node id
         self.client_of: dict[int, str] = {}  # Flower node id -> client id
 
@@ -79,7 +86,7 @@ class FlowerDriver:
                           ttl=ttl, group_id="hello")
             for node in unknown
         ]
-        replies = self.grid.send_and_receive(hellos, timeout=self.hello_timeout_s)
+        replies = self._send_and_receive(hellos, self.hello_timeout_s)
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
@@ -97,10 +104,34 @@ class FlowerDriver:
     def wait_for_clients(self, count: int, timeout_s: float) -> list[str]:
         deadline = time.monotonic() + timeout_s
         while True:
+            self._check_runtime()
             self._discover(self.grid.get_node_ids())
             if len(self.node_of) >= count or time.monotonic() >= deadline:
                 return sorted(self.node_of)
-            time.sleep(0.5)
+            self.runtime_stopped.wait(0.5)
+
+    # -- transport ---------------------------------------------------------------------------
+
+    def _check_runtime(self) -> None:
+        if self.runtime_stopped.is_set():
+            raise SimulationDriverError("Flower's simulation runtime has stopped; the round engine cannot go on")
+
+    def _send_and_receive(self, messages: list[FlowerMessage], timeout_s: float) -> list[FlowerMessage]:
+        """``Grid.send_and_receive``, but it gives up as soon as Flower's runtime stops."""
+        self._check_runtime()
+        pending = set(self.grid.push_messages(messages))
+        if len(pending) < len(messages):
+            # the grid refused some (it logs why: usually a run that has already ended)
+            self._check_runtime()
+        replies: list[FlowerMessage] = []
+        deadline = time.monotonic() + timeout_s
+        while pending and time.monotonic() < deadline:  # as Grid.send_and_receive: no pull past the deadline
+            answered = list(self.grid.pull_messages(pending))
+            replies.extend(answered)
+            pending -= {reply.metadata.reply_to_message_id for reply in answered}
+            if pending and self.runtime_stopped.wait(self.pull_interval_s):
+                self._check_runtime()
+        return replies
 
     # -- one exchange ----------------------------------------------------------------------
 
@@ -122,7 +153,7 @@ class FlowerDriver:
             bytes_down += size
         replies: dict[str, Message] = {}
         bytes_up = 0
-        for reply in self.grid.send_and_receive(outgoing, timeout=timeout_s):
+        for reply in self._send_and_receive(outgoing, timeout_s):
             sender = self.client_of.get(reply.metadata.src_node_id)
             if sender is None or sender not in messages:
                 continue  # a straggler from another exchange

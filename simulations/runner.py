@@ -24,15 +24,20 @@ import logging
 import os
 import random
 import sys
+import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from client.data import DataError, check_labels, read_examples
 from coordinator.config import ConfigError, JobConfig, SimulationSection
 from privacy.atomic import atomic_write_text
+
+if TYPE_CHECKING:
+    from simulations.flower_driver import FlowerDriver
 
 log = logging.getLogger("fedsite.simulation")
 
@@ -129,8 +134,7 @@ def backend_config(options: SimulationOptions) -> dict[str, Any]:
 def run_job(config: JobConfig, output_dir: Path, options: SimulationOptions | None = None) -> SimulationResult:
     """Run ``config`` in simulation into ``output_dir`` (which must not hold a run yet)."""
     from coordinator.job import prepare_job
-    from simulations.flower_app import ClientSettings, make_client_app, make_server_app
-    from simulations.flower_driver import FlowerDriver
+    from simulations.flower_app import ClientSettings, make_client_app
     from simulations.report import print_table, write_report
 
     options = options or SimulationOptions()
@@ -163,7 +167,7 @@ def run_job(config: JobConfig, output_dir: Path, options: SimulationOptions | No
         except BaseException as exc:  # carried to the caller with its type (ConfigError, RoundFailed, ...)
             outcome["error"] = exc
 
-    _run_flower(make_server_app(run_engine), make_client_app(settings), sim.clients, backend_config(options))
+    _run_flower(run_engine, make_client_app(settings), sim.clients, backend_config(options))
     if bar is not None:
         bar.close()
     if "error" in outcome:
@@ -179,9 +183,28 @@ def run_job(config: JobConfig, output_dir: Path, options: SimulationOptions | No
     return SimulationResult(output_dir=output_dir, records=records, seconds=seconds, config=config)
 
 
-def _run_flower(server_app: Any, client_app: Any, num_clients: int, backend: dict[str, Any]) -> None:
+def _run_flower(run_engine: Callable[[FlowerDriver], None], client_app: Any, num_clients: int,
+                backend: dict[str, Any], *, stop_wait_s: float = 60.0) -> None:
+    """Run ``run_engine`` as the ServerApp of one Flower simulation; return once both have ended.
+
+    Flower runs the ServerApp in a thread it never joins. If its runtime ends first (a Ray failure, an
+    interrupt), the engine would keep waiting for clients that are gone and hold the process open; the
+    driver is told the runtime stopped, and this waits (bounded) for the engine to notice.
+    """
     from flwr.simulation import run_simulation
 
+    from simulations.flower_app import make_server_app
+
+    runtime_stopped, engine_started, engine_done = threading.Event(), threading.Event(), threading.Event()
+
+    def engine(driver: FlowerDriver) -> None:
+        engine_started.set()
+        try:
+            run_engine(driver)
+        finally:
+            engine_done.set()
+
+    server_app = make_server_app(engine, runtime_stopped=runtime_stopped)
     flwr_log = logging.getLogger("flwr")
     level = flwr_log.level
     if not log.isEnabledFor(logging.DEBUG):
@@ -194,7 +217,11 @@ def _run_flower(server_app: Any, client_app: Any, num_clients: int, backend: dic
             run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_clients,
                            backend_name="ray", backend_config=backend)
     finally:
+        runtime_stopped.set()
         flwr_log.setLevel(level)
+        # an engine that had not started by now sees the stop at its first call to the driver
+        if engine_started.is_set() and not engine_done.wait(stop_wait_s):
+            log.error("the round engine did not stop within %.0fs of Flower's runtime", stop_wait_s)
 
 
 def _progress(config: JobConfig, enabled: bool, done: int = 0) -> Any:

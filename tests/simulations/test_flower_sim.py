@@ -28,7 +28,6 @@ from simulations.flower_app import (
     actor_cache_sizes,
     client_runtime,
     make_client_app,
-    make_server_app,
 )
 from simulations.flower_driver import FlowerDriver, client_id_for
 from simulations.runner import SimulationOptions, _run_flower, backend_config, run_job
@@ -95,7 +94,7 @@ def test_driver_maps_errors_deadlines_and_unknown_clients_and_moves_exact_bytes(
             seen["error"] = exc
 
     settings = _settings(tiny_run, threads=1)
-    _run_flower(make_server_app(scenario), make_client_app(settings), CLIENTS,
+    _run_flower(scenario, make_client_app(settings), CLIENTS,
                 backend_config(SimulationOptions(object_store_mb=100)))
     assert "error" not in seen, seen.get("error")
     assert seen["clients"] == [client_id_for(i) for i in range(CLIENTS)]
