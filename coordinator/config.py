@@ -149,7 +149,8 @@ class OffsiteSection:
     keep: int = _help("number of middle blocks kept (overrides keep_ratio when > 0)", default=0)
     distill_data: str = _help("public text for distillation; empty = layer drop only", default="")
     distill_steps: int = _help("distillation steps", default=0)
-    adapter_lora: bool = _help("train LoRA on the adapter blocks instead of the blocks themselves", default=False)
+    adapter_lora: bool = _help("train LoRA on the adapter blocks ([lora] r, alpha, dropout, target_modules, freeze_a)"
+                                " instead of the blocks themselves", default=False)
 
     def validate(self) -> None:
         if self.adapter_layers < 0:

@@ -13,12 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from coordinator.config import JobConfig
-from emulator.lora import trainable_state
+from emulator.lora import MergeError, load_trainable_state, trainable_state
 from emulator.models import load_model, resolve_model_path
-from emulator.offsite import EmulatorLayout, plug_in
+from emulator.offsite import EmulatorError, EmulatorLayout, plug_in
+from emulator.offsite_package import adapter_state_for_plug_in
 from emulator.package import load_trainable_model
 from emulator.tasks import EncodedExamples, evaluate
 
@@ -31,9 +33,10 @@ class OffsiteGlobalModel:
         self.full: PreTrainedModel = load_model(model_dir, config.model.task, package.spec.labels,
                                                 seed=config.job.seed)
         self.layout = EmulatorLayout.load(package.folder / "model")
-        emulator, _, _ = load_trainable_model(package.folder)
-        self.state: dict[str, torch.Tensor] = trainable_state(emulator)
-        self.plugged: PreTrainedModel = plug_in(self.full, self.state, self.layout)
+        # what clients train: the emulator's adapter blocks + head, or LoRA factors on them + head
+        self.trainable, _, _ = load_trainable_model(package.folder)
+        self.state: dict[str, torch.Tensor] = trainable_state(self.trainable)
+        self.plugged: PreTrainedModel = self._plug(self.state)
         self.validation = validation
         self.tokenizer = tokenizer
         self.eval_batch_size = eval_batch_size
@@ -44,8 +47,19 @@ class OffsiteGlobalModel:
     def set_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
         if set(state) != set(self.state):
             raise KeyError("offsite state names differ from the package's trainable tensors")
-        self.plugged = plug_in(self.full, state, self.layout)  # refuses non-finite values
+        self.plugged = self._plug(state)  # refuses non-finite values, and then nothing has changed
         self.state = {name: t.clone() for name, t in state.items()}
+
+    def _plug(self, state: dict[str, torch.Tensor]) -> PreTrainedModel:
+        """The full model with ``state`` (adapter blocks + head, or LoRA on them + head) plugged in."""
+        if not isinstance(self.trainable, PeftModel):
+            return plug_in(self.full, state, self.layout)
+        load_trainable_state(self.trainable, state)
+        try:
+            return plug_in(self.full, adapter_state_for_plug_in(self.trainable, self.layout), self.layout)
+        except (MergeError, EmulatorError):
+            load_trainable_state(self.trainable, self.state)  # back to the last good state
+            raise
 
     def evaluate(self) -> dict[str, float]:
         if self.validation is None:

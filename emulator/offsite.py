@@ -331,12 +331,15 @@ def adapter_lora_config(
     alpha: int | None = None,
     target_modules: Sequence[str] | str | None = None,
     dropout: float = 0.0,
+    train_head: bool = False,
 ) -> Any:
     """A peft ``LoraConfig`` that puts LoRA on the adapter blocks of the emulator only.
 
     ``target_modules`` defaults to the registry's ``lora_targets``; pass
-    ``"all-linear"`` for every linear layer of those blocks. Merge
-    (``merge_and_unload``) before taking the adapter state for plug-in.
+    ``"all-linear"`` for every linear layer of those blocks. ``train_head``
+    trains the classification head fully beside the factors (peft's
+    ``modules_to_save``). Merge (``merge_and_unload``) before taking the
+    adapter state for plug-in.
     """
     from peft import LoraConfig
 
@@ -360,6 +363,9 @@ def adapter_lora_config(
         target_modules=targets,
         layers_to_transform=layout.adapter_emulator_indices,
         layers_pattern=layout.blocks_prefix.split(".")[-1],
+        modules_to_save=[spec_for(emulator).classifier_head] if train_head else None,
+        fan_in_fan_out=spec_for(emulator).family == "gpt2",  # GPT-2 keeps its projections as Conv1D
+        bias="none",
     )
 
 

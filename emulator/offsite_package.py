@@ -5,6 +5,12 @@ the compressed middle, final norm and head) saved as a normal Hugging Face
 model with its layout JSON; the trainable tensors are the adapter blocks'
 parameters and the task head, named as in the emulator. The coordinator maps
 them back onto the full model with :func:`emulator.offsite.plug_in`.
+
+With ``[offsite] adapter_lora`` the clients train LoRA factors on the adapter
+blocks instead (the ``[lora]`` table's r, alpha, dropout, targets and
+freeze_a), saved as a peft adapter in ``adapter/`` as in lora mode; rounds
+carry the factors and the head, and :func:`adapter_state_for_plug_in` folds
+them into the blocks before plug-in.
 """
 
 from __future__ import annotations
@@ -13,17 +19,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import PeftModel, get_peft_model
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from emulator.distill import DistillConfig, distill, read_text_corpus
+from emulator.lora import freeze_lora_a, load_lora, merged_copy, trainable_state
 from emulator.offsite import (
     EmulatorLayout,
+    adapter_lora_config,
     adapter_parameter_names,
     build_emulator,
     head_parameter_names,
     save_emulator,
 )
 from emulator.package import JobSpec, PackageError
+
+ADAPTER_DIR = "adapter"  # the peft adapter (adapter_lora only), as in lora mode's package
 
 
 def trainable_names(emulator: PreTrainedModel, layout: EmulatorLayout) -> list[str]:
@@ -62,13 +73,46 @@ def write_offsite_package(full: PreTrainedModel, tokenizer: PreTrainedTokenizerB
         param.requires_grad_(False)
     save_emulator(emulator, layout, folder / "model")
     tokenizer.save_pretrained(str(folder / "model"))
+    if spec.offsite.get("adapter_lora"):
+        wrapped = add_adapter_lora(emulator, layout, spec)
+        wrapped.save_pretrained(str(folder / ADAPTER_DIR), safe_serialization=True)
+        spec.trainable = {name: list(t.shape) for name, t in trainable_state(wrapped).items()}
+        return layout
     params = dict(emulator.named_parameters())
     spec.trainable = {name: list(params[name].shape) for name in trainable_names(emulator, layout)}
     return layout
 
 
+def add_adapter_lora(emulator: PreTrainedModel, layout: EmulatorLayout, spec: JobSpec) -> PeftModel:
+    """Fresh LoRA factors (seeded) on the adapter blocks, the head trained fully beside them."""
+    lora = spec.lora
+    torch.manual_seed(spec.seed)
+    config = adapter_lora_config(
+        emulator, layout, r=int(lora.get("r", 8)), alpha=lora.get("alpha"),
+        target_modules=list(lora.get("target_modules") or []) or None, dropout=float(lora.get("dropout", 0.0)),
+        train_head=spec.task == "classification",
+    )
+    wrapped = get_peft_model(emulator, config)
+    if lora.get("freeze_a"):
+        freeze_lora_a(wrapped)
+    return wrapped
+
+
+def adapter_state_for_plug_in(model: torch.nn.Module, layout: EmulatorLayout) -> dict[str, torch.Tensor]:
+    """The emulator-named adapter blocks and head to plug in, from a trained (maybe LoRA-wrapped) emulator.
+
+    LoRA is folded into a copy (the trained model is left as it is; non-finite factors are refused).
+    """
+    emulator = merged_copy(model) if isinstance(model, PeftModel) else model
+    assert isinstance(emulator, PreTrainedModel)
+    state = emulator.state_dict()
+    return {name: state[name].detach().clone() for name in trainable_names(emulator, layout)}
+
+
 def prepare_offsite_trainable(emulator: PreTrainedModel, folder: Path, spec: JobSpec) -> torch.nn.Module:
-    """Freeze the emulator but for the tensors the spec names (adapter blocks and head)."""
+    """Freeze the emulator but for the tensors the spec names (adapter blocks and head, or LoRA on them)."""
+    if spec.offsite.get("adapter_lora"):
+        return load_lora(emulator, folder / ADAPTER_DIR, freeze_a=bool(spec.lora.get("freeze_a")))
     params = dict(emulator.named_parameters())
     missing = sorted(set(spec.trainable) - set(params))
     if missing:

@@ -212,16 +212,57 @@ def _run_flower(run_engine: Callable[[FlowerDriver], None], client_app: Any, num
         # message; a client's failure still reaches metrics.jsonl as a drop reason
         flwr_log.setLevel(logging.ERROR)
     try:
+        start_ray(backend.get("init_args", {}))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_clients,
                            backend_name="ray", backend_config=backend)
     finally:
         runtime_stopped.set()
+        _stop_ray()
         flwr_log.setLevel(level)
         # an engine that had not started by now sees the stop at its first call to the driver
         if engine_started.is_set() and not engine_done.wait(stop_wait_s):
             log.error("the round engine did not stop within %.0fs of Flower's runtime", stop_wait_s)
+
+
+RAY_START_ATTEMPTS = 3
+
+
+def _stop_ray() -> None:
+    """Flower shuts Ray down when a run ends normally; not when it fails on the way."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def start_ray(init_args: dict[str, Any], attempts: int = RAY_START_ATTEMPTS) -> None:
+    """Start (or connect to) Ray before Flower does, retrying a node that was slow to come up.
+
+    Ray gives its raylet a fixed 30 s to register; on a loaded 2-core machine that can fail once and then
+    work. Flower's backend keeps a Ray that is already initialised (and shuts it down at the end), so
+    starting it here with the same arguments changes nothing else.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    # what Flower's RayBackend.init_ray does: actors import the project from the driver's sys.path
+    pythonpath = os.pathsep.join(sys.path)
+    if os.environ.get("PYTHONPATH"):
+        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+    os.environ["PYTHONPATH"] = pythonpath
+    args = {"include_dashboard": False, **init_args}
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **args)
+            return
+        except Exception as exc:  # Ray raises bare Exception for a node that timed out
+            ray.shutdown()
+            if "timed out during startup" not in str(exc) or attempt == attempts:
+                raise SimulationError(f"Ray did not start ({attempt} attempt(s)): {exc}") from exc
+            log.warning("Ray's node did not come up in time (attempt %d of %d); retrying", attempt, attempts)
 
 
 def _progress(config: JobConfig, enabled: bool, done: int = 0) -> Any:

@@ -11,6 +11,7 @@ import io
 import tarfile
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load as load_safetensors
 
@@ -66,3 +67,70 @@ def test_the_package_and_round_messages_carry_no_dropped_block(tiny_bert_dir: Pa
     blocks = {int(name[len(prefix):].split(".")[0]) for name in message.tensors if name.startswith(prefix)}
     assert blocks == set(layout.adapter_emulator_indices)
     assert torch.equal(message.tensors["classifier.weight"], full.state_dict()["classifier.weight"])
+
+
+def test_adapter_lora_trains_factors_on_the_adapter_and_plugs_in_their_product(
+        tiny_bert_dir: Path, tmp_path: Path) -> None:
+    """``[offsite] adapter_lora``: rounds carry LoRA factors on the adapter blocks (and the head); the
+    coordinator's plug-in puts W + (alpha/r)·B·A into the full model's adapter blocks, nothing else."""
+    from client.runtime import ClientRuntime
+    from coordinator.offsite_model import OffsiteGlobalModel
+    from emulator.lora import MergeError
+
+    rows = read_examples(VALIDATION, need_label=True)[:120]
+    write_jsonl(tmp_path / "val.jsonl", rows[:60])
+    config = parse_job({
+        "job": {"name": "off-lora", "mode": "offsite", "rounds": 1, "clients_per_round": 1, "min_clients": 1},
+        "model": {"path": str(tiny_bert_dir), "max_length": 32},
+        "data": {"validation": str(tmp_path / "val.jsonl")},
+        "train": {"local_steps": 3, "batch_size": 8, "lr": 1e-2},
+        "lora": {"r": 4, "alpha": 8},
+        "offsite": {"adapter_layers": 1, "keep": 1, "adapter_lora": True},
+    }, tmp_path)
+    job = prepare_job(config, tmp_path / "out")
+    layout = EmulatorLayout.load(job.package.folder / "model")
+    message = job.engine.train_message(1, 1)
+    names = set(message.tensors)
+    factors = {n for n in names if ".lora_A." in n or ".lora_B." in n}
+    heads = names - factors
+    assert heads and all(".classifier.modules_to_save." in n for n in heads)
+    top = layout.adapter_emulator_indices[-1]
+    factor_blocks = {int(n.split(".layer.")[1].split(".")[0]) for n in factors}
+    assert factor_blocks == set(layout.adapter_emulator_indices) == {0, top}
+    assert all(".query." in n or ".value." in n for n in factors)  # the registry's targets for BERT
+    assert job.package.spec.trainable == {n: list(t.shape) for n, t in message.tensors.items()}
+
+    # a real client trains the factors and the head through the same runtime as lora mode
+    runtime = ClientRuntime.from_package(job.package.folder, rows[60:], state_dir=None)
+    reply = runtime.handle(decode_message(encode_message(message)))
+    assert set(reply.tensors) == names
+    trained = {n: message.tensors[n] + reply.tensors[n] for n in names}  # the client sends deltas
+    assert any(not torch.equal(trained[n], message.tensors[n]) for n in factors if ".lora_B." in n)
+
+    model = job.model
+    assert isinstance(model, OffsiteGlobalModel)
+    model.set_trainable_state(trained)
+    full = load_model(tiny_bert_dir, "classification", job.package.spec.labels, seed=0).state_dict()
+    plugged = model.plugged.state_dict()
+    scale = 8 / 4
+    for emulator_block, full_block in zip(layout.adapter_emulator_indices, layout.adapter_full_indices, strict=True):
+        for target in ("query", "value"):
+            stem = f"base_model.model.bert.encoder.layer.{emulator_block}.attention.self.{target}"
+            a, b = trained[f"{stem}.lora_A.default.weight"], trained[f"{stem}.lora_B.default.weight"]
+            weight = f"bert.encoder.layer.{full_block}.attention.self.{target}.weight"
+            torch.testing.assert_close(plugged[weight], full[weight] + scale * b @ a, rtol=0, atol=1e-6)
+            assert not torch.equal(plugged[weight], full[weight])
+    changed = {n for n in full if not torch.equal(full[n], plugged[n])}
+    adapter_blocks = tuple(f"bert.encoder.layer.{i}.attention.self." for i in layout.adapter_full_indices)
+    assert changed and all(n.startswith(adapter_blocks) or n.startswith("classifier.") for n in changed)
+    head = next(n for n in heads if n.endswith("weight"))
+    assert torch.equal(plugged["classifier.weight"], trained[head])
+
+    # a non-finite factor is refused and the last good state stays in force
+    bad = dict(trained)
+    first_b = next(n for n in sorted(factors) if ".lora_B." in n)
+    bad[first_b] = torch.full_like(bad[first_b], float("nan"))
+    with pytest.raises((MergeError, ValueError)):
+        model.set_trainable_state(bad)
+    assert all(torch.equal(model.trainable_state()[n], trained[n]) for n in names)
+    assert all(torch.equal(model.plugged.state_dict()[n], plugged[n]) for n in plugged)
