@@ -229,3 +229,37 @@ def test_a_client_reply_does_not_depend_on_what_its_actor_did_before(tmp_path: P
         assert all(torch.equal(a.tensors[k], c.tensors[k]) for k in a.tensors)
     finally:
         _STATE.clear()
+
+
+def test_offsite_mode_simulates_and_exports_the_full_model_with_the_adapter_plugged_in(tmp_path: Path) -> None:
+    """The simulation runs offsite jobs with the same engine: actors train the adapter on the
+    emulator, and final/ is the full 4-block model whose middle blocks are the original ones."""
+    from transformers import AutoModelForSequenceClassification
+
+    from emulator.offsite import EmulatorLayout
+
+    model = make_tiny_bert(tmp_path / "tiny-bert", layers=4)
+    job = tiny_job(tmp_path, model, clients=4, per_round=2, rounds=2, max_train_examples=200, name="offsite")
+    job.write_text(job.read_text().replace("[job]\n", '[job]\nmode = "offsite"\n') + """
+[offsite]
+adapter_layers = 1
+keep = 1
+""")
+    out = tmp_path / "run"
+    run_job(load_job(job), out, SimulationOptions(progress=False, object_store_mb=100))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]
+    assert [(r["status"], r["completed_clients"]) for r in records] == [("ok", 2), ("ok", 2)], records
+
+    layout = EmulatorLayout.load(out / "package" / "model")
+    final = AutoModelForSequenceClassification.from_pretrained(out / "final")
+    original = AutoModelForSequenceClassification.from_pretrained(model)
+    assert final.config.num_hidden_layers == layout.num_full_blocks == 4
+    assert layout.num_emulator_blocks == 3
+    tuned, untouched = final.state_dict(), original.state_dict()
+    for block in range(4):
+        names = [n for n in untouched if n.startswith(f"bert.encoder.layer.{block}.")]
+        same = all(torch.equal(tuned[n], untouched[n]) for n in names)
+        assert same == (block not in layout.adapter_full_indices), block
+    # a round carries the adapter blocks and the head: far less than the model
+    full_bytes = sum(t.numel() * 4 for t in untouched.values())
+    assert all(r["bytes_down"] < 2 * full_bytes / 2 for r in records)  # 2 clients per round
