@@ -47,6 +47,7 @@ from emulator.evaluation import (
 from emulator.offsite import (
     EmulatorError,
     build_emulator,
+    exposure,
     load_layout_checked,
     save_emulator,
 )
@@ -140,9 +141,11 @@ def cmd_build(args: argparse.Namespace) -> int:
     save_emulator(emulator, layout, out)
     if tok is not None:
         tok.save_pretrained(out)
+    shipped = exposure(model, emulator)  # what the model owner gives away by sending this emulator
     print(json.dumps({"output_dir": str(out), "emulator_blocks": layout.emulator_blocks,
                       "adapter": layout.adapter_full_indices, "dropped": layout.dropped,
-                      "distilled": layout.distilled}))
+                      "distilled": layout.distilled, "size_fraction": round(shipped.size_fraction, 4),
+                      "verbatim_fraction": round(shipped.verbatim_fraction, 4)}))
     return 0
 
 

@@ -47,6 +47,8 @@ def test_build_with_distillation_and_reload(tmp_path: Path, capsys: pytest.Captu
     assert code == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["emulator_blocks"] == [0, 3, 5] and summary["distilled"] is True
+    # what the owner gives away: 3 of 6 blocks ship, and the distilled middle block is no longer verbatim
+    assert 0 < summary["verbatim_fraction"] < summary["size_fraction"] < 1
     emulator: Any = AutoModelForCausalLM.from_pretrained(out)
     assert num_blocks(emulator.config) == 3
     layout = EmulatorLayout.load(out)
