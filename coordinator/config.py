@@ -149,6 +149,8 @@ class OffsiteSection:
     keep: int = _help("number of middle blocks kept (overrides keep_ratio when > 0)", default=0)
     distill_data: str = _help("public text for distillation; empty = layer drop only", default="")
     distill_steps: int = _help("distillation steps", default=0)
+    distill_lr: float = _help("distillation learning rate (AdamW, warm-up then cosine)", default=1e-4)
+    distill_batch_size: int = _help("distillation batch size", default=32)
     adapter_lora: bool = _help("train LoRA on the adapter blocks ([lora] r, alpha, dropout, target_modules, freeze_a)"
                                 " instead of the blocks themselves", default=False)
 
@@ -159,6 +161,8 @@ class OffsiteSection:
             raise ConfigError(f"offsite.keep_ratio must be in (0, 1], got {self.keep_ratio}")
         if self.keep < 0 or self.distill_steps < 0:
             raise ConfigError("offsite.keep and offsite.distill_steps must be >= 0")
+        _positive("offsite.distill_lr", self.distill_lr)
+        _positive("offsite.distill_batch_size", self.distill_batch_size)
 
 
 @dataclass

@@ -60,8 +60,9 @@ def build_offsite_emulator(full: PreTrainedModel, tokenizer: PreTrainedTokenizer
             raise PackageError("offsite.distill_steps > 0 needs offsite.distill_data (a public text file)")
         path = Path(source) if Path(source).is_absolute() else base_dir / source
         texts = read_text_corpus(path)
-        distill(full, emulator, layout, tokenizer, texts, DistillConfig(steps=steps, seed=seed),
-                checkpoint_dir=work_dir / "distill")
+        config = DistillConfig(steps=steps, seed=seed, lr=float(offsite.get("distill_lr") or 1e-4),
+                               batch_size=int(offsite.get("distill_batch_size") or 32))
+        distill(full, emulator, layout, tokenizer, texts, config, checkpoint_dir=work_dir / "distill")
     return emulator, layout
 
 

@@ -71,12 +71,13 @@ adapter_layers = @ADAPTER@
 keep = @KEEP@
 distill_data = "public.txt"
 distill_steps = @DISTILL@
+distill_lr = 3e-4
 
 [enrollment]
 tokens_file = "tokens.txt"
 """
 
-ADAPTER, KEEP, DISTILL = 1, 2, 0
+ADAPTER, KEEP, DISTILL = 2, 1, 300
 
 
 def test_three_clients_tune_an_emulator_and_the_plug_in_beats_probe_and_emulator(tmp_path: Path) -> None:
