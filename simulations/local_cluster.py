@@ -38,8 +38,13 @@ def free_port() -> int:
 
 
 def start_coordinator(job: Path, output_dir: Path, *extra: str, log_path: Path | None = None,
-                      threads: int = 1, address: str = "127.0.0.1:0") -> tuple[subprocess.Popen, str]:
-    """Start ``python -m coordinator serve`` (on a free loopback port by default); return (process, HOST:PORT)."""
+                      threads: int = 1, address: str = "127.0.0.1:0",
+                      start_timeout_s: float = 300.0) -> tuple[subprocess.Popen, str]:
+    """Start ``python -m coordinator serve`` (on a free loopback port by default); return (process, HOST:PORT).
+
+    The coordinator listens once the job's package is built: give ``start_timeout_s`` room for an
+    offsite job that distils its emulator first.
+    """
     log_path = log_path or output_dir.parent / f"{output_dir.name}.coordinator.log"
     log = open(log_path, "ab")  # noqa: SIM115 - the child process writes to it
     proc = subprocess.Popen(
@@ -49,7 +54,7 @@ def start_coordinator(job: Path, output_dir: Path, *extra: str, log_path: Path |
     )
     address_file = output_dir / "address"
     address_file.unlink(missing_ok=True)
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + start_timeout_s
     while time.monotonic() < deadline:
         if address_file.exists() and address_file.read_text().strip():
             return proc, address_file.read_text().strip()

@@ -30,5 +30,24 @@ $R --tag emu-1+1-keep2-nodistill-adapterlora16-lr1e-3-head5e-3 --adapter-layers 
 $R --tag emu-1+1-lr5e-4-head5e-3-onfull --adapter-layers 1 --keep 2 --adapter-lr 5e-4 \
    --head-lr 5e-3 --rows adapter_on_full
 
+# same-trainer references: full fine-tuning and the linear probe
+$R --tag baselines-ft1e-4-head5e-3 --rows full_ft linear_probe --ft-lr 1e-4 --head-lr 5e-3 --probe-lr 5e-3
+# a bigger adapter (2+2) with the one kept middle block distilled
+$R --tag emu-2+2-keep1-distill600-lr5e-4-head5e-3 --adapter-layers 2 --keep 1 --distill-steps 600 \
+   --emulator-cache "$CACHE/2+2-keep1-d600" --adapter-lr 5e-4 --head-lr 5e-3 \
+   --rows emulator_alone plug_in adapter_on_full
+# less compression: 3 of 4 middle blocks kept
+$R --tag emu-1+1-keep3-distill600-lr5e-4-head5e-3 --adapter-layers 1 --keep 3 --distill-steps 600 \
+   --emulator-cache "$CACHE/1+1-keep3-d600" --adapter-lr 5e-4 --head-lr 5e-3 --rows emulator_alone plug_in
+# longer distillation at a higher distillation lr
+$R --tag emu-1+1-keep2-distill1500-dlr3e-4-lr5e-4-head5e-3 --adapter-layers 1 --keep 2 --distill-steps 1500 \
+   --distill-lr 3e-4 --emulator-cache "$CACHE/1+1-keep2-d1500-lr3e-4" --adapter-lr 5e-4 --head-lr 5e-3 \
+   --rows emulator_alone plug_in
+# 2+2 at a lower adapter lr (four blocks train; 5e-4 is too much for them even on the full model)
+$R --tag emu-2+2-keep1-distill600-lr2e-4-head5e-3 --adapter-layers 2 --keep 1 --distill-steps 600 \
+   --emulator-cache "$CACHE/2+2-keep1-d600" --adapter-lr 2e-4 --head-lr 5e-3 \
+   --rows emulator_alone plug_in adapter_on_full
+
 # --- planned, not run for lack of CPU (see RESULTS.md) ------------------------
-# $R --tag baselines --rows linear_probe full_lora full_ft --ft-lr 5e-4 --lora-lr 1e-3 --head-lr 5e-3
+# $R --tag baselines-lora --rows full_lora --lora-lr 1e-3 --head-lr 5e-3
+# $R --tag baselines-ft2e-4 --rows full_ft --ft-lr 2e-4 --head-lr 5e-3
