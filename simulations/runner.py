@@ -240,8 +240,8 @@ def _stop_ray() -> None:
 def start_ray(init_args: dict[str, Any], attempts: int = RAY_START_ATTEMPTS) -> None:
     """Start (or connect to) Ray before Flower does, retrying a node that was slow to come up.
 
-    Ray gives its raylet a fixed 30 s to register; on a loaded 2-core machine that can fail once and then
-    work. Flower's backend keeps a Ray that is already initialised (and shuts it down at the end), so
+    Ray gives its GCS and raylet fixed times to come up (30 s for the raylet to register); on a loaded
+    2-core machine that can fail once and then work. Flower's backend keeps a Ray that is already initialised (and shuts it down at the end), so
     starting it here with the same arguments changes nothing else.
     """
     import ray
@@ -260,7 +260,8 @@ def start_ray(init_args: dict[str, Any], attempts: int = RAY_START_ATTEMPTS) -> 
             return
         except Exception as exc:  # Ray raises bare Exception for a node that timed out
             ray.shutdown()
-            if "timed out during startup" not in str(exc) or attempt == attempts:
+            # a raylet that did not register or a GCS that did not write its port file in time
+            if "timed out" not in str(exc).lower() or attempt == attempts:
                 raise SimulationError(f"Ray did not start ({attempt} attempt(s)): {exc}") from exc
             log.warning("Ray's node did not come up in time (attempt %d of %d); retrying", attempt, attempts)
 

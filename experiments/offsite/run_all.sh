@@ -48,6 +48,10 @@ $R --tag emu-2+2-keep1-distill600-lr2e-4-head5e-3 --adapter-layers 2 --keep 1 --
    --emulator-cache "$CACHE/2+2-keep1-d600" --adapter-lr 2e-4 --head-lr 5e-3 \
    --rows emulator_alone plug_in adapter_on_full
 
+# a second seed (head init, batch order; the same distilled emulator) for the best recipe
+$R --tag emu-1+1-keep3-distill600-lr5e-4-head5e-3-seed1 --seed 1 --adapter-layers 1 --keep 3 --distill-steps 600 \
+   --emulator-cache "$CACHE/1+1-keep3-d600" --adapter-lr 5e-4 --head-lr 5e-3 --rows emulator_alone plug_in
+
 # --- planned, not run for lack of CPU (see RESULTS.md) ------------------------
 # $R --tag baselines-lora --rows full_lora --lora-lr 1e-3 --head-lr 5e-3
 # $R --tag baselines-ft2e-4 --rows full_ft --ft-lr 2e-4 --head-lr 5e-3
