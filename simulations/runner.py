@@ -241,8 +241,9 @@ def start_ray(init_args: dict[str, Any], attempts: int = RAY_START_ATTEMPTS) -> 
     """Start (or connect to) Ray before Flower does, retrying a node that was slow to come up.
 
     Ray gives its GCS and raylet fixed times to come up (30 s for the raylet to register); on a loaded
-    2-core machine that can fail once and then work. Flower's backend keeps a Ray that is already initialised (and shuts it down at the end), so
-    starting it here with the same arguments changes nothing else.
+    2-core machine that can fail once and then work. Flower's backend keeps a Ray that is already
+    initialised (and shuts it down at the end), so starting it here with the same arguments changes
+    nothing else.
     """
     import ray
 
