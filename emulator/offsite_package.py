@@ -45,7 +45,8 @@ def trainable_names(emulator: PreTrainedModel, layout: EmulatorLayout) -> list[s
 
 
 def build_offsite_emulator(full: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, offsite: dict[str, Any],
-                           *, base_dir: Path, work_dir: Path, seed: int) -> tuple[PreTrainedModel, EmulatorLayout]:
+                           *, base_dir: Path, work_dir: Path, seed: int,
+                           max_length: int = 64) -> tuple[PreTrainedModel, EmulatorLayout]:
     """Layer drop, then (if asked) distillation of the kept middle blocks on the owner's public text."""
     emulator, layout = build_emulator(
         full,
@@ -61,7 +62,7 @@ def build_offsite_emulator(full: PreTrainedModel, tokenizer: PreTrainedTokenizer
         path = Path(source) if Path(source).is_absolute() else base_dir / source
         texts = read_text_corpus(path)
         config = DistillConfig(steps=steps, seed=seed, lr=float(offsite.get("distill_lr") or 1e-4),
-                               batch_size=int(offsite.get("distill_batch_size") or 32))
+                               batch_size=int(offsite.get("distill_batch_size") or 32), max_length=max_length)
         distill(full, emulator, layout, tokenizer, texts, config, checkpoint_dir=work_dir / "distill")
     return emulator, layout
 
@@ -69,7 +70,7 @@ def build_offsite_emulator(full: PreTrainedModel, tokenizer: PreTrainedTokenizer
 def write_offsite_package(full: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, spec: JobSpec, folder: Path,
                           *, base_dir: Path) -> EmulatorLayout:
     emulator, layout = build_offsite_emulator(full, tokenizer, spec.offsite, base_dir=base_dir,
-                                              work_dir=folder.parent, seed=spec.seed)
+                                              work_dir=folder.parent, seed=spec.seed, max_length=spec.max_length)
     for param in emulator.parameters():
         param.requires_grad_(False)
     save_emulator(emulator, layout, folder / "model")

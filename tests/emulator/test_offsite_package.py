@@ -134,3 +134,30 @@ def test_adapter_lora_trains_factors_on_the_adapter_and_plugs_in_their_product(
         model.set_trainable_state(bad)
     assert all(torch.equal(model.trainable_state()[n], trained[n]) for n in names)
     assert all(torch.equal(model.plugged.state_dict()[n], plugged[n]) for n in plugged)
+
+
+def test_a_job_with_distillation_ships_a_changed_middle_and_keeps_its_checkpoint(
+        tiny_bert_dir: Path, tmp_path: Path) -> None:
+    """``distill_steps`` > 0: the coordinator distils the kept middle on the owner's public text before
+    packaging; what ships of the middle is no longer the full model's block, and a resumable
+    distillation checkpoint stays beside the package."""
+    rows = read_examples(VALIDATION, need_label=True)[:200]
+    write_jsonl(tmp_path / "val.jsonl", rows[:50])
+    (tmp_path / "public.txt").write_text("\n".join(r.text for r in rows[50:]) + "\n")
+    config = parse_job({
+        "job": {"name": "off-distil", "mode": "offsite", "rounds": 1, "clients_per_round": 1, "min_clients": 1},
+        "model": {"path": str(tiny_bert_dir), "max_length": 24},
+        "data": {"validation": str(tmp_path / "val.jsonl")},
+        "offsite": {"adapter_layers": 1, "keep": 1, "distill_data": "public.txt", "distill_steps": 3,
+                    "distill_lr": 1e-3, "distill_batch_size": 8},
+    }, tmp_path)
+    job = prepare_job(config, tmp_path / "out")
+    layout = EmulatorLayout.load(job.package.folder / "model")
+    (kept,) = layout.kept_middle
+    full = load_model(tiny_bert_dir, "classification", job.package.spec.labels, seed=0).state_dict()
+    shipped = load_safetensors((job.package.folder / "model" / "model.safetensors").read_bytes())
+    prefix = "bert.encoder.layer."
+    middle = [n for n in shipped if n.startswith(f"{prefix}1.") and n.endswith("dense.weight")]
+    assert middle
+    assert all(not torch.equal(shipped[n], full[n.replace(f"{prefix}1.", f"{prefix}{kept}.")]) for n in middle)
+    assert any((tmp_path / "out").rglob("distill*")), sorted(p.name for p in (tmp_path / "out").iterdir())
