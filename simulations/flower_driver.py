@@ -119,10 +119,7 @@ class FlowerDriver:
     def _send_and_receive(self, messages: list[FlowerMessage], timeout_s: float) -> list[FlowerMessage]:
         """``Grid.send_and_receive``, but it gives up as soon as Flower's runtime stops."""
         self._check_runtime()
-        pending = set(self.grid.push_messages(messages))
-        if len(pending) < len(messages):
-            # the grid refused some (it logs why: usually a run that has already ended)
-            self._check_runtime()
+        pending = set(self.grid.push_messages(messages))  # a refused message (the grid logs why) gets no id
         replies: list[FlowerMessage] = []
         deadline = time.monotonic() + timeout_s
         while pending and time.monotonic() < deadline:  # as Grid.send_and_receive: no pull past the deadline
