@@ -30,8 +30,9 @@ $R --tag emu-1+1-keep2-nodistill-adapterlora16-lr1e-3-head5e-3 --adapter-layers 
 $R --tag emu-1+1-lr5e-4-head5e-3-onfull --adapter-layers 1 --keep 2 --adapter-lr 5e-4 \
    --head-lr 5e-3 --rows adapter_on_full
 
-# same-trainer references: full fine-tuning and the linear probe
+# same-trainer references: full fine-tuning, the linear probe, full-model LoRA
 $R --tag baselines-ft1e-4-head5e-3 --rows full_ft linear_probe --ft-lr 1e-4 --head-lr 5e-3 --probe-lr 5e-3
+$R --tag baselines-lora-r8-lr1e-3-head5e-3 --rows full_lora --lora-lr 1e-3 --head-lr 5e-3 --threads 2
 # a bigger adapter (2+2) with the one kept middle block distilled
 $R --tag emu-2+2-keep1-distill600-lr5e-4-head5e-3 --adapter-layers 2 --keep 1 --distill-steps 600 \
    --emulator-cache "$CACHE/2+2-keep1-d600" --adapter-lr 5e-4 --head-lr 5e-3 \
@@ -53,5 +54,4 @@ $R --tag emu-1+1-keep3-distill600-lr5e-4-head5e-3-seed1 --seed 1 --adapter-layer
    --emulator-cache "$CACHE/1+1-keep3-d600" --adapter-lr 5e-4 --head-lr 5e-3 --rows emulator_alone plug_in
 
 # --- planned, not run for lack of CPU (see RESULTS.md) ------------------------
-# $R --tag baselines-lora --rows full_lora --lora-lr 1e-3 --head-lr 5e-3
 # $R --tag baselines-ft2e-4 --rows full_ft --ft-lr 2e-4 --head-lr 5e-3
