@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,14 +28,6 @@ from emulator.distill import (
 from emulator.evaluation import encode, pad_id_of
 from emulator.offsite import EmulatorLayout, build_emulator, plan_layout, tensor_digest
 from tests.tiny_models import VOCAB, tiny_model
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def word_tokenizer() -> PreTrainedTokenizerFast:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,15 +36,6 @@ from tests.tiny_models import FAMILIES, tiny_batch, tiny_model
 CASES = [(f, t) for f, t in itertools.product(FAMILIES, ("classification", "causal-lm"))
          if not (f == "bert" and t == "causal-lm")]
 AUTO = {"classification": AutoModelForSequenceClassification, "causal-lm": AutoModelForCausalLM}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models run ~30x faster on one thread when the shared CPU is busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def scrambled(family: str, task: str, layers: int = 6, seed: int = 0) -> PreTrainedModel:

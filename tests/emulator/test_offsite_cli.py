@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import json
 import random
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +17,6 @@ from emulator.cli import main
 from emulator.offsite import LAYOUT_FILENAME, EmulatorLayout
 from tests.emulator.test_distill import word_texts, word_tokenizer
 from tests.tiny_models import tiny_model
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _save(tmp_path: Path, family: str, task: str) -> Path:

@@ -260,6 +260,6 @@ keep = 1
         names = [n for n in untouched if n.startswith(f"bert.encoder.layer.{block}.")]
         same = all(torch.equal(tuned[n], untouched[n]) for n in names)
         assert same == (block not in layout.adapter_full_indices), block
-    # a round carries the adapter blocks and the head: far less than the model
+    # a client's round message carries the adapter blocks and the head: a few percent of the model
     full_bytes = sum(t.numel() * 4 for t in untouched.values())
-    assert all(r["bytes_down"] < 2 * full_bytes / 2 for r in records)  # 2 clients per round
+    assert all(r["bytes_down"] / r["sampled_clients"] < 0.05 * full_bytes for r in records)
