@@ -66,11 +66,15 @@ def start_coordinator(job: Path, output_dir: Path, *extra: str, log_path: Path |
 
 
 def start_client(address: str, data: Path, token: str, state_dir: Path, *extra: str,
-                 log_path: Path | None = None, threads: int = 1) -> subprocess.Popen:
-    """Start ``python -m client run`` against ``address``."""
+                 log_path: Path | None = None, threads: int = 1,
+                 program: tuple[str, ...] = ("-m", "client")) -> subprocess.Popen:
+    """Start ``python -m client run`` against ``address``.
+
+    ``program`` replaces ``-m client`` (the fault tests run the same CLI through a wrapper module).
+    """
     log = open(log_path or state_dir.parent / f"{state_dir.name}.log", "ab")  # noqa: SIM115
     return subprocess.Popen(
-        [sys.executable, "-m", "client", "run", "--coordinator", address, "--data", str(data), "--token", token,
+        [sys.executable, *program, "run", "--coordinator", address, "--data", str(data), "--token", token,
          "--state-dir", str(state_dir), "--give-up-after-s", "60", *extra],
         stdout=log, stderr=subprocess.STDOUT, env=process_env(threads), cwd=str(REPO),
     )

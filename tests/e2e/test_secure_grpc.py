@@ -1,8 +1,9 @@
 """A secure round over real gRPC with 5 real client processes, one killed after masking.
 
-The killed client's masked update is already in; the survivors' Shamir shares
-let the coordinator remove its self-mask, so the round completes and the
-sum still includes it. Tiny BERT (real tokenizer) so it runs in seconds.
+One client dies (as if SIGKILLed) right after its masked input is accepted:
+its masked update is already in; the survivors' Shamir shares let the
+coordinator remove its self-mask, so the round completes and the sum still
+includes it. Tiny BERT (real tokenizer) so it runs in seconds.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.die_on_log import EXIT_CODE
 from tests.e2e.harness import (
     TOKENS,
     disjoint_shards,
@@ -19,7 +21,6 @@ from tests.e2e.harness import (
     start_coordinator,
     tail,
     wait_all,
-    wait_for_text,
     write_job,
 )
 
@@ -64,12 +65,14 @@ def test_secure_round_with_a_client_killed_after_masking(tiny_bert_dir: Path, tm
     shards = disjoint_shards(tmp_path, clients=5, per_client=60, seed=2)
     out = tmp_path / "run"
     coordinator, address = start_coordinator(job, out)
-    clients = [start_client(address, shards[i], TOKENS[i], tmp_path / f"client{i}") for i in range(5)]
-    victim_log = tmp_path / "client4.log"
-    assert wait_for_text(victim_log, "round 1: secagg/masked_input reply accepted", timeout_s=300), tail(victim_log)
-    clients[4].kill()
-    codes = wait_all([coordinator, *clients[:4]], timeout_s=600)
-    assert codes == [0, 0, 0, 0, 0], tail(tmp_path / "run.coordinator.log")
+    clients = [start_client(address, shards[i], TOKENS[i], tmp_path / f"client{i}") for i in range(4)]
+    # the victim dies inside the log call that says its masked input was accepted: a kill from here
+    # after seeing that line could land after it had also sent its unmasking shares
+    victim = start_client(address, shards[4], TOKENS[4], tmp_path / "client4",
+                          program=("-m", "tests.e2e.die_on_log", "round 1: secagg/masked_input reply accepted",
+                                   "client"))
+    codes = wait_all([coordinator, *clients, victim], timeout_s=600)
+    assert codes == [0, 0, 0, 0, 0, EXIT_CODE], tail(tmp_path / "run.coordinator.log") + tail(tmp_path / "client4.log")
     records = {r["round"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
     first = records[1]
     assert first["status"] == "ok", first
