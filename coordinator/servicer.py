@@ -135,6 +135,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             self._abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except ReplyInvalid as exc:
             self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        log.info("round %d: %s reply from %s received (%d bytes)", task.round, task.stage, client_id, len(blob))
         return pb.UploadReply(accepted=True, message="reply accepted")
 
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatReply:

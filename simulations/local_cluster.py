@@ -39,8 +39,11 @@ def free_port() -> int:
 
 def start_coordinator(job: Path, output_dir: Path, *extra: str, log_path: Path | None = None,
                       threads: int = 1, address: str = "127.0.0.1:0",
-                      start_timeout_s: float = 300.0) -> tuple[subprocess.Popen, str]:
+                      start_timeout_s: float = 300.0,
+                      program: tuple[str, ...] = ("-m", "coordinator")) -> tuple[subprocess.Popen, str]:
     """Start ``python -m coordinator serve`` (on a free loopback port by default); return (process, HOST:PORT).
+
+    ``program`` replaces ``-m coordinator`` (the fault tests run the same CLI through a wrapper module).
 
     The coordinator listens once the job's package is built: give ``start_timeout_s`` room for an
     offsite job that distils its emulator first.
@@ -48,7 +51,7 @@ def start_coordinator(job: Path, output_dir: Path, *extra: str, log_path: Path |
     log_path = log_path or output_dir.parent / f"{output_dir.name}.coordinator.log"
     log = open(log_path, "ab")  # noqa: SIM115 - the child process writes to it
     proc = subprocess.Popen(
-        [sys.executable, "-m", "coordinator", "serve", "--config", str(job), "--address", address,
+        [sys.executable, *program, "serve", "--config", str(job), "--address", address,
          "--output-dir", str(output_dir), "--linger-s", "3", *extra],
         stdout=log, stderr=subprocess.STDOUT, env=process_env(threads), cwd=str(REPO),
     )

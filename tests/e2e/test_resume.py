@@ -1,4 +1,4 @@
-"""The coordinator killed with SIGKILL mid-round and restarted with --resume.
+"""The coordinator dying mid-round (no cleanup, as under SIGKILL) and restarted with --resume.
 
 Clients are not told anything: they retry while the coordinator is down and
 carry on when it is back. No completed round is lost, none is applied twice.
@@ -14,6 +14,7 @@ import pytest
 
 from coordinator.checkpoint import Checkpointer
 from simulations.local_cluster import free_port
+from tests.e2e.die_on_log import EXIT_CODE
 from tests.e2e.harness import (
     TOKENS,
     disjoint_shards,
@@ -21,7 +22,6 @@ from tests.e2e.harness import (
     start_coordinator,
     tail,
     wait_all,
-    wait_for_text,
     write_job,
 )
 
@@ -61,12 +61,13 @@ def test_sigkill_mid_round_then_resume_loses_nothing(tiny_bert_dir: Path, tmp_pa
     shards = disjoint_shards(tmp_path, clients=3, per_client=80, seed=3)
     out = tmp_path / "run"
     address = f"127.0.0.1:{free_port()}"
-    first, _ = start_coordinator(job, out, address=address)
+    # the first coordinator dies (as if SIGKILLed) while round 3 is out with the clients: inside the
+    # log call for the round's first reply, before it answers that upload (rounds 1 and 2 are checkpointed).
+    # A kill from here after seeing a client's log line could land after round 3 had finished.
+    first, _ = start_coordinator(job, out, address=address,
+                                 program=("-m", "tests.e2e.die_on_log", "round 3: train reply from", "coordinator"))
     clients = [start_client(address, shards[i], TOKENS[i], tmp_path / f"client{i}") for i in range(3)]
-    # kill it while round 3 is out with the clients (rounds 1 and 2 are checkpointed)
-    assert wait_for_text(tmp_path / "client0.log", "round 3: train", timeout_s=300), tail(tmp_path / "client0.log")
-    first.kill()
-    first.wait()
+    assert first.wait(timeout=300) == EXIT_CODE, tail(tmp_path / "run.coordinator.log")
     checkpoint = Checkpointer(out / "checkpoints").latest()
     assert checkpoint is not None and checkpoint.round == 2
     second, _ = start_coordinator(job, out, "--resume", address=address)
