@@ -16,6 +16,7 @@ import platform
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -136,13 +137,15 @@ class Agent:
             saved = json.loads(path.read_text())
             if saved.get("coordinator") == self.options.coordinator:
                 self.credentials = pb.Credentials(client_id=saved["client_id"], session_key=saved["session_key"])
+                self.heartbeat_interval_s = float(saved.get("heartbeat_interval_s", self.heartbeat_interval_s))
                 return
         reply = self._call("enrol", lambda: self.stub.Enroll(
             pb.EnrollRequest(token=self.options.token, client_name=self.options.name), timeout=UNARY_DEADLINE_S))
         self.credentials = reply.credentials
         self.heartbeat_interval_s = float(reply.heartbeat_interval_s or 5)
         atomic_write_json(path, {"coordinator": self.options.coordinator, "client_id": reply.credentials.client_id,
-                                 "session_key": reply.credentials.session_key})
+                                 "session_key": reply.credentials.session_key,
+                                 "heartbeat_interval_s": self.heartbeat_interval_s})
         log.info("enrolled as %s for job %r", reply.credentials.client_id, reply.job_name)
 
     def _download(self, rpc: Callable[..., Iterator[pb.Chunk]], request_for: Callable[[int], pb.FetchRequest],
@@ -205,13 +208,17 @@ class Agent:
                 self.enrol(force=True)
 
     def _run_enrolled(self) -> int:
-        folder = self.fetch_package()
-        spec_task = json.loads((folder / "job.json").read_text())["task"]
-        local = read_examples(self.options.data, need_label=spec_task == "classification")
-        runtime = ClientRuntime.from_package(folder, local, state_dir=self.state_dir, source=str(self.options.data))
-        log.info("ready: %d local examples", len(local))
         assert self.credentials is not None
         creds = self.credentials
+        # loading a large model takes longer than a heartbeat timeout: keep saying we are here, or a
+        # coordinator that samples this client meanwhile would count it as gone before it even polled
+        with self._keep_alive(creds):
+            folder = self.fetch_package()
+            spec_task = json.loads((folder / "job.json").read_text())["task"]
+            local = read_examples(self.options.data, need_label=spec_task == "classification")
+            runtime = ClientRuntime.from_package(folder, local, state_dir=self.state_dir,
+                                                 source=str(self.options.data))
+        log.info("ready: %d local examples", len(local))
         while True:
             task = self._call("poll", lambda: self.stub.PollTask(pb.PollRequest(credentials=creds),
                                                                  timeout=UNARY_DEADLINE_S))
@@ -230,24 +237,31 @@ class Agent:
         message = decode_message(blob)
         label = task.stage + (f"/{message.config['secagg_stage']}" if "secagg_stage" in message.config else "")
         log.info("round %d: %s", task.round, label)
-        stop = threading.Event()
-        alive = threading.Event()
-        alive.set()
-        beat = threading.Thread(target=self._heartbeat, args=(creds, task.task_id, stop, alive), daemon=True)
-        beat.start()
-        try:
-            reply = runtime.handle(message)
-        except Exception as exc:  # report, don't die: the coordinator counts it as a failed client
-            log.exception("task failed")
-            reply = Message(round=message.round, stage="error", config={"reason": str(exc)[:500]})
-        finally:
-            stop.set()
-            beat.join()
+        with self._keep_alive(creds, task.task_id) as alive:
+            try:
+                reply = runtime.handle(message)
+            except Exception as exc:  # report, don't die: the coordinator counts it as a failed client
+                log.exception("task failed")
+                reply = Message(round=message.round, stage="error", config={"reason": str(exc)[:500]})
         if not alive.is_set():
             log.warning("round %d: the coordinator stopped waiting for this task; not uploading", task.round)
             return
         if self._upload(task.task_id, reply, creds):
             log.info("round %d: %s reply accepted", task.round, label)
+
+    @contextmanager
+    def _keep_alive(self, creds: pb.Credentials, task_id: str = "") -> Iterator[threading.Event]:
+        """Heartbeat in the background while the body runs; the event clears if the coordinator drops ``task_id``."""
+        stop = threading.Event()
+        alive = threading.Event()
+        alive.set()
+        beat = threading.Thread(target=self._heartbeat, args=(creds, task_id, stop, alive), daemon=True)
+        beat.start()
+        try:
+            yield alive
+        finally:
+            stop.set()
+            beat.join()
 
     def _heartbeat(self, creds: pb.Credentials, task_id: str, stop: threading.Event, alive: threading.Event) -> None:
         while not stop.wait(self.heartbeat_interval_s):

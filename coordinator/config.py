@@ -23,6 +23,7 @@ OPTIMIZERS = ("fedavg", "fedadam")
 ACCOUNTANTS = ("rdp", "prv", "gdp")
 PARTITIONS = ("iid", "dirichlet", "shards")
 AGGREGATORS = ("mean", "median", "trimmed_mean")
+MIN_HEARTBEAT_TIMEOUT_S = 3.0
 
 
 class ConfigError(ValueError):
@@ -63,7 +64,11 @@ class JobSection:
                 f"({self.clients_per_round})"
             )
         _positive("job.round_timeout_s", self.round_timeout_s)
-        _positive("job.heartbeat_timeout_s", self.heartbeat_timeout_s)
+        if self.heartbeat_timeout_s < MIN_HEARTBEAT_TIMEOUT_S:
+            raise ConfigError(
+                f"job.heartbeat_timeout_s must be >= {MIN_HEARTBEAT_TIMEOUT_S} (clients beat at most once a second "
+                f"and need room for a late beat), got {self.heartbeat_timeout_s}"
+            )
 
 
 @dataclass

@@ -89,6 +89,7 @@ class Mailbox:
                     silent = now - self.registry.last_seen.get(task.client_id, -1e18)
                     if silent > self.heartbeat_timeout_s:
                         failures[task.client_id] = f"silent for {silent:.0f}s (heartbeat timeout)"
+                        self._close(task)  # a late upload is refused, not counted as completed and dropped
                 waiting = [t for t in waiting if t.client_id not in failures]
                 if not waiting:
                     break
@@ -97,16 +98,20 @@ class Mailbox:
                         failures[task.client_id] = "no reply before the round deadline"
                     break
                 self._cond.wait(timeout=min(0.5, deadline - now))
-            for client_id, task in tasks.items():
-                if self._open.get(client_id) is task:
-                    del self._open[client_id]
-        replies = {cid: t.reply for cid, t in tasks.items() if t.reply is not None}
+            for task in tasks.values():
+                self._close(task)
+        replies = {cid: t.reply for cid, t in tasks.items() if t.reply is not None and cid not in failures}
         return Exchange(
             replies=replies,
             failures=failures,
             bytes_down=sum(t.bytes_sent for t in tasks.values()),
             bytes_up=sum(t.reply_bytes for t in tasks.values()),
         )
+
+    def _close(self, task: Task) -> None:
+        """Stop accepting anything for ``task`` (caller holds the lock)."""
+        if self._open.get(task.client_id) is task:
+            del self._open[task.client_id]
 
     def close(self, reason: str) -> None:
         """Every later poll is told the job is done."""

@@ -31,14 +31,24 @@ class PackageBlob:
     sha256: str
 
 
+def heartbeat_interval_for(timeout_s: float) -> int:
+    """Seconds between a busy client's heartbeats: a third of the timeout, 1 to 5 s.
+
+    Two beats can be lost or late (a client starved of CPU, a slow link) before
+    the client counts as gone; a fixed 5 s would drop every working client of a
+    job whose heartbeat timeout is shorter than that.
+    """
+    return max(1, min(5, int(timeout_s // 3)))
+
+
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     def __init__(self, *, job_name: str, registry: ClientRegistry, mailbox: Mailbox, package: PackageBlob,
-                 heartbeat_interval_s: int = 5, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+                 heartbeat_interval_s: int | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
         self.job_name = job_name
         self.registry = registry
         self.mailbox = mailbox
         self.package = package
-        self.heartbeat_interval_s = heartbeat_interval_s
+        self.heartbeat_interval_s = heartbeat_interval_s or heartbeat_interval_for(mailbox.heartbeat_timeout_s)
         self.chunk_bytes = chunk_bytes
         self.errors = 0
 

@@ -87,6 +87,7 @@ def test_shipped_examples_load() -> None:
         ({"job": {"rounds": 0}}, r"job.rounds must be a positive number"),
         ({"job": {"rounds": "5"}}, r"job.rounds must be an integer"),
         ({"job": {"min_clients": 4, "clients_per_round": 3}}, r"job.min_clients \(4\) must be <="),
+        ({"job": {"heartbeat_timeout_s": 2}}, r"job.heartbeat_timeout_s must be >= 3"),
         ({"job": {"roundz": 3}}, r"unknown key 'roundz' in \[job\]; allowed: .*rounds"),
         ({"model": {"task": "qa"}}, r"model.task = 'qa' is not one of: classification, causal-lm"),
         ({"train": {"lr": -1.0}}, r"train.lr must be a positive number"),

@@ -8,7 +8,8 @@ engine does.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
@@ -16,10 +17,10 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from coordinator.engine import Exchange
-from coordinator.mailbox import Mailbox
+from coordinator.mailbox import Mailbox, TaskError
 from coordinator.registry import ClientRegistry
 from coordinator.server import RunningServer, start_server
-from coordinator.servicer import CoordinatorServicer, PackageBlob
+from coordinator.servicer import CoordinatorServicer, PackageBlob, heartbeat_interval_for
 from protos import fedsite_pb2 as pb
 from protos import fedsite_pb2_grpc as pb_grpc
 from protos.codec import MAX_CHUNK_BYTES, Message, assemble, decode_message, encode_message, iter_chunks, sha256_hex
@@ -156,3 +157,42 @@ def test_job_done_is_announced(service) -> None:  # type: ignore[no-untyped-def]
     mailbox.close("job complete")
     task = stub.PollTask(pb.PollRequest(credentials=creds), timeout=5)
     assert task.kind == pb.Task.DONE and task.message == "job complete"
+
+
+def test_a_dropped_clients_late_reply_is_refused_not_counted_twice() -> None:
+    """Once a client is dropped for silence its task closes at once, while the round still waits for others."""
+    registry = ClientRegistry.from_tokens(["t1", "t2"])
+    mailbox = Mailbox(registry, heartbeat_timeout_s=1.0)
+    silent, _ = registry.enroll("t1")
+    alive, alive_key = registry.enroll("t2")
+    results = []
+    engine = threading.Thread(target=lambda: results.append(mailbox.exchange(
+        1, {silent: Message(1, "train", {}, {}), alive: Message(1, "train", {}, {})}, timeout_s=60)))
+    engine.start()
+
+    def beat_until(done: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 30
+        while not done():
+            assert time.monotonic() < deadline
+            registry.authenticate(alive, alive_key)  # the other client keeps beating
+            time.sleep(0.05)
+
+    beat_until(lambda: mailbox.open_task(silent) is not None)
+    silent_task = mailbox.open_task(silent)
+    assert silent_task is not None
+    beat_until(lambda: mailbox.open_task(silent) is None)  # dropped: its task is closed ...
+    assert mailbox.open_task(alive) is not None and not results  # ... while the round still waits
+    late_reply = Message(1, "train", {"num_examples": 1}, {})
+    with pytest.raises(TaskError):  # the silent client comes back too late
+        mailbox.deliver(silent, silent_task.task_id, encode_message(late_reply))
+    alive_task = mailbox.open_task(alive)
+    assert alive_task is not None
+    mailbox.deliver(alive, alive_task.task_id, encode_message(late_reply))
+    engine.join(timeout=30)
+    (result,) = results
+    assert set(result.replies) == {alive}
+    assert set(result.failures) == {silent} and "heartbeat" in result.failures[silent]
+
+
+def test_heartbeats_come_three_times_per_timeout_at_most_every_five_seconds() -> None:
+    assert [heartbeat_interval_for(t) for t in (3, 6, 8, 20, 60, 3600)] == [1, 2, 2, 5, 5, 5]
