@@ -52,7 +52,7 @@ def start_coordinator(job: Path, output_dir: Path, *extra: str, log_path: Path |
     log = open(log_path, "ab")  # noqa: SIM115 - the child process writes to it
     proc = subprocess.Popen(
         [sys.executable, *program, "serve", "--config", str(job), "--address", address,
-         "--output-dir", str(output_dir), "--linger-s", "3", *extra],
+         "--output-dir", str(output_dir), "--linger-s", "10", *extra],
         stdout=log, stderr=subprocess.STDOUT, env=process_env(threads), cwd=str(REPO),
     )
     address_file = output_dir / "address"

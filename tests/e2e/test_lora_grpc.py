@@ -19,6 +19,7 @@ from client.data import read_examples, sample
 from coordinator.checkpoint import Checkpointer
 from emulator.lora import load_trainable_state
 from emulator.package import load_trainable_model
+from tests.e2e.die_on_log import EXIT_CODE
 from tests.e2e.harness import (
     TOKENS,
     VALIDATION,
@@ -27,7 +28,6 @@ from tests.e2e.harness import (
     start_coordinator,
     tail,
     wait_all,
-    wait_for_text,
     write_job,
 )
 
@@ -42,6 +42,7 @@ clients_per_round = 3
 min_clients = 2
 round_timeout_s = 300
 heartbeat_timeout_s = {heartbeat}
+sample_grace_s = 120
 seed = 0
 
 [model]
@@ -118,11 +119,12 @@ def test_client_killed_mid_round_the_round_completes_with_the_others(tmp_path: P
     shards = disjoint_shards(tmp_path, clients=3, per_client=300, seed=1)
     out = tmp_path / "run"
     coordinator, address = start_coordinator(job, out)
-    clients = [start_client(address, shards[i], TOKENS[i], tmp_path / f"client{i}") for i in range(3)]
-    assert wait_for_text(tmp_path / "client2.log", "round 1: train", timeout_s=600), tail(tmp_path / "client2.log")
-    clients[2].kill()
-    codes = wait_all([coordinator, clients[0], clients[1]], timeout_s=600)
-    assert codes == [0, 0, 0], tail(tmp_path / "run.coordinator.log")
+    clients = [start_client(address, shards[i], TOKENS[i], tmp_path / f"client{i}") for i in range(2)]
+    # the victim dies (as under SIGKILL) the moment it has its round-1 task, before it can reply
+    victim = start_client(address, shards[2], TOKENS[2], tmp_path / "client2",
+                          program=("-m", "tests.e2e.die_on_log", "round 1: train", "client"))
+    codes = wait_all([coordinator, *clients, victim], timeout_s=600)
+    assert codes == [0, 0, 0, EXIT_CODE], tail(tmp_path / "run.coordinator.log") + tail(tmp_path / "client2.log")
     (record,) = [r for r in _metrics(out) if r["round"] == 1]
     assert record["status"] == "ok"
     assert record["sampled_clients"] == 3 and record["completed_clients"] == 2 and record["dropped_clients"] == 1

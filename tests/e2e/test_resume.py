@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from coordinator.checkpoint import Checkpointer
-from simulations.local_cluster import free_port
 from tests.e2e.die_on_log import EXIT_CODE
 from tests.e2e.harness import (
     TOKENS,
@@ -60,13 +59,15 @@ def test_sigkill_mid_round_then_resume_loses_nothing(tiny_bert_dir: Path, tmp_pa
     job = write_job(tmp_path, JOB.replace("@MODEL@", str(tiny_bert_dir)))
     shards = disjoint_shards(tmp_path, clients=3, per_client=80, seed=3)
     out = tmp_path / "run"
-    address = f"127.0.0.1:{free_port()}"
     # the first coordinator dies (as if SIGKILLed) while round 3 is out with the clients: inside the
     # log call for the round's first reply, before it answers that upload (rounds 1 and 2 are checkpointed).
     # A kill from here after seeing a client's log line could land after round 3 had finished.
-    first, _ = start_coordinator(job, out, address=address,
-                                 program=("-m", "tests.e2e.die_on_log", "round 3: train reply from", "coordinator"))
-    clients = [start_client(address, shards[i], TOKENS[i], tmp_path / f"client{i}") for i in range(3)]
+    first, address = start_coordinator(job, out,
+                                       program=("-m", "tests.e2e.die_on_log", "round 3: train reply from",
+                                                "coordinator"))
+    # the clients' retry window must outlast the restart on a slow machine
+    clients = [start_client(address, shards[i], TOKENS[i], tmp_path / f"client{i}", "--give-up-after-s", "600")
+               for i in range(3)]
     assert first.wait(timeout=300) == EXIT_CODE, tail(tmp_path / "run.coordinator.log")
     checkpoint = Checkpointer(out / "checkpoints").latest()
     assert checkpoint is not None and checkpoint.round == 2

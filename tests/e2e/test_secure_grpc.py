@@ -34,6 +34,7 @@ clients_per_round = 5
 min_clients = 3
 round_timeout_s = 120
 heartbeat_timeout_s = 6
+sample_grace_s = 120
 seed = 0
 [model]
 path = "@MODEL@"

@@ -16,7 +16,7 @@ from simulations.bench_load import run_load
 
 def test_twenty_concurrent_clients_are_all_accounted_for(tiny_bert_dir: Path, tmp_path: Path) -> None:
     report = run_load(20, tmp_path, model=tiny_bert_dir, drop_fraction=0.05, reject_fraction=0.05,
-                      heartbeat_timeout_s=3.0)
+                      heartbeat_timeout_s=10.0)
     summary = report.summary()
     assert report.errors == []
     assert summary["status"] == "ok"
@@ -31,4 +31,4 @@ def test_twenty_concurrent_clients_are_all_accounted_for(tiny_bert_dir: Path, tm
     assert uploads["n"] == 19 and 0 < uploads["p50"] <= uploads["p99"]
     assert "Traceback" not in (tmp_path / "run" / "coordinator.log").read_text()
     # the round waited for the vanished client's heartbeat timeout, and not for the 600 s round deadline
-    assert 3.0 <= report.round_seconds < 120
+    assert 10.0 <= report.round_seconds < 120

@@ -83,7 +83,7 @@ def test_waiting_for_clients_ends_when_the_runtime_stops() -> None:
     start = time.monotonic()
     with pytest.raises(SimulationDriverError, match="runtime has stopped"):
         driver.wait_for_clients(3, timeout_s=600)
-    assert time.monotonic() - start < 5
+    assert time.monotonic() - start < 60  # far from the 600 s deadline, with room for a loaded machine
 
 
 def test_an_exchange_ends_when_the_runtime_stops_not_at_its_deadline() -> None:
@@ -100,5 +100,5 @@ def test_an_exchange_ends_when_the_runtime_stops_not_at_its_deadline() -> None:
     start = time.monotonic()
     with pytest.raises(SimulationDriverError, match="runtime has stopped"):
         driver.exchange(2, {client_id_for(0): message}, timeout_s=600)
-    assert time.monotonic() - start < 5
+    assert time.monotonic() - start < 60  # far from the 600 s deadline, with room for a loaded machine
     assert len(grid.pushed) == 2
