@@ -14,7 +14,12 @@ rms(h_full) is taken per token over the hidden dimension (padding excluded),
 so the loss is scale-free across models and layers. With
 ``objective="segments"`` the output of every kept middle block is also
 matched to the full model's hidden state at the end of the run of blocks it
-replaces.
+replaces. With ``input_noise`` > 0 the hidden state entering the middle gets
+the same Gaussian perturbation (std ``input_noise`` x its per-token rms) in
+teacher and student, so the kept middle learns to match the full middle
+*around* the untuned bottom blocks' outputs rather than only at them: the
+adapter the clients tune moves those outputs, and the plugged-in model then
+meets the full middle there.
 
 Runs are resumable: every ``checkpoint_every`` steps the middle blocks and
 the AdamW state go to ``distill_state.safetensors`` (never pickle) with the
@@ -90,6 +95,7 @@ class DistillConfig:
     hidden_weight: float = 1.0  # λ
     lm_weight: float = 0.0  # causal LMs only
     objective: str = "middle"  # "middle" | "segments"
+    input_noise: float = 0.0  # relative std of the perturbation of the middle's input (0 = none)
     seed: int = 0
     checkpoint_every: int = 100
     max_grad_norm: float = 1.0
@@ -97,6 +103,8 @@ class DistillConfig:
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
             raise DistillError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if not 0.0 <= self.input_noise <= 10.0:
+            raise DistillError(f"input_noise must be in [0, 10], got {self.input_noise}")
         if self.steps < 0 or self.batch_size < 1 or self.lr <= 0:
             raise DistillError("steps >= 0, batch_size >= 1 and lr > 0 are required")
 
@@ -171,6 +179,45 @@ def targets(layout: EmulatorLayout, objective: str) -> list[tuple[int, int]]:
         return [(emu_ids[-1], last_full_middle)]
     ends = [nxt - 1 for nxt in layout.kept_middle[1:]] + [last_full_middle]
     return list(zip(emu_ids, ends, strict=True))
+
+
+@contextmanager
+def _perturbed_middle_input(full: PreTrainedModel, emulator: PreTrainedModel, layout: EmulatorLayout,
+                            relative_std: float, generator: torch.Generator) -> Iterator[None]:
+    """Add one noise draw to the input of the first middle block, the same in teacher and student.
+
+    The teacher runs first (see _hidden_loss): its hook draws the noise from the
+    input's shape and per-token rms, the student's hook adds the same tensor.
+    """
+    if relative_std <= 0 or not layout.kept_middle:
+        yield
+        return
+    first_full = layout.adapter_bottom[-1] + 1 if layout.adapter_bottom else 0
+    first_emu = len(layout.adapter_bottom)
+    drawn: list[Tensor] = []
+
+    def perturb(args: tuple[Any, ...], kwargs: dict[str, Any], teacher: bool) -> tuple[Any, Any]:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if teacher:
+            rms = hidden.pow(2).mean(-1, keepdim=True).sqrt()
+            noise = torch.randn(hidden.shape, generator=generator, dtype=hidden.dtype) * rms * relative_std
+            drawn[:] = [noise.to(hidden.device)]
+        hidden = hidden + drawn[0]
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+    handles = [
+        transformer_blocks(full)[first_full].register_forward_pre_hook(
+            lambda _m, a, k: perturb(a, k, teacher=True), with_kwargs=True),
+        transformer_blocks(emulator)[first_emu].register_forward_pre_hook(
+            lambda _m, a, k: perturb(a, k, teacher=False), with_kwargs=True),
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def normalized_distance(h_full: Tensor, h_emu: Tensor, mask: Tensor) -> Tensor:
@@ -362,7 +409,9 @@ def distill(
         batch = collate(data, next(order), pad_id)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        loss, out = _hidden_loss(full, emulator, layout, batch, pairs, config.lm_weight)
+        noise_seed = torch.Generator().manual_seed(config.seed * 1_000_003 + step)  # resumable: depends on step
+        with _perturbed_middle_input(full, emulator, layout, config.input_noise, noise_seed):
+            loss, out = _hidden_loss(full, emulator, layout, batch, pairs, config.lm_weight)
         total = config.hidden_weight * loss
         if config.lm_weight > 0 and out is not None:
             total = total + config.lm_weight * out.loss

@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--distill-lr", type=float, default=1e-4)
     ap.add_argument("--distill-batch", type=int, default=32)
     ap.add_argument("--distill-objective", default="middle")
+    ap.add_argument("--distill-input-noise", type=float, default=0.0,
+                    help="relative std of the noise on the middle's input during distillation")
     ap.add_argument("--emulator-cache", default=None,
                     help="directory: load the (distilled) emulator from here if present, "
                          "else save it here after building/distilling")
@@ -121,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         dres = distill(full, emulator, layout, tok, [texts[i] for i in public_idx],
                        DistillConfig(steps=args.distill_steps, batch_size=args.distill_batch,
                                      lr=args.distill_lr, max_length=args.max_length,
-                                     objective=args.distill_objective, seed=args.seed),
+                                     objective=args.distill_objective, seed=args.seed,
+                                     input_noise=args.distill_input_noise),
                        progress=False)
         extra["distill_seconds"] = time.perf_counter() - t0
         extra["distill_loss_last50"] = sum(dres.losses[-50:]) / len(dres.losses[-50:])

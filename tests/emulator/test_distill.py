@@ -109,6 +109,27 @@ def test_distillation_lowers_heldout_distance(family: str, task: str, objective:
             assert digest == before_emu[name], f"{name} is outside the middle but changed"
 
 
+@pytest.mark.parametrize(("family", "task"), [("llama", "causal-lm"), ("bert", "classification"),
+                                            ("gpt2", "causal-lm"), ("opt", "causal-lm")])
+def test_input_noise_reaches_teacher_and_student_alike(family: str, task: str) -> None:
+    tok = word_tokenizer()
+    texts = word_texts(32, seed=1)
+    config = DistillConfig(steps=2, batch_size=8, lr=1e-12, max_length=16, input_noise=0.5)
+    # every middle block kept: the emulator is the full model, so only unequal noise could make a loss
+    full = tiny_model(family, task, layers=6)
+    same, same_layout = build_emulator(full, adapter_layers=2, keep=2)
+    assert not same_layout.dropped
+    assert max(distill(full, same, same_layout, tok, texts, config, progress=False).losses) < 1e-10
+    # with blocks dropped the perturbed middle input changes what is matched
+    full = tiny_model(family, task, layers=8)
+    emulator, layout = build_emulator(full, adapter_layers=2, keep=2)
+    noisy = distill(full, emulator, layout, tok, texts, config, progress=False).losses[0]
+    emulator, layout = build_emulator(full, adapter_layers=2, keep=2)
+    clean = distill(full, emulator, layout, tok, texts, DistillConfig(steps=2, batch_size=8, lr=1e-12,
+                    max_length=16), progress=False).losses[0]
+    assert noisy > 0 and clean > 0 and abs(noisy - clean) > 1e-4 * clean, (noisy, clean)
+
+
 def test_lm_weight_adds_the_language_model_loss() -> None:
     full, emulator, layout = _build()
     tok = word_tokenizer()
