@@ -33,6 +33,7 @@ from protos import fedsite_pb2_grpc as pb_grpc
 from protos.codec import (
     DEFAULT_CHUNK_BYTES,
     MAX_CHUNK_BYTES,
+    NOT_READY_KEY,
     BlobAssembler,
     CodecError,
     Message,
@@ -49,12 +50,18 @@ UNARY_DEADLINE_S = 30.0
 STREAM_DEADLINE_S = 900.0
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED,
              grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL)
+PREPARING_RETRY_S = 5.0
 MAX_PACKAGE_BYTES = 64 * 1024**3
 MAX_TASK_BYTES = 16 * 1024**3
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_CHUNK_BYTES + 64 * 1024),
     ("grpc.max_send_message_length", MAX_CHUNK_BYTES + 64 * 1024),
 ]
+
+
+def _package_not_ready(exc: grpc.RpcError) -> bool:
+    trailing = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+    return exc.code() == grpc.StatusCode.UNAVAILABLE and any(key == NOT_READY_KEY for key, _ in trailing or ())
 
 
 @dataclass
@@ -103,14 +110,26 @@ class Agent:
         return grpc.secure_channel(o.coordinator, creds, options=CHANNEL_OPTIONS)
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
-        """Run an RPC, retrying with backoff while the coordinator is unreachable."""
+        """Run an RPC, retrying with backoff while the coordinator is unreachable.
+
+        A coordinator still preparing the job package (it says so in trailing
+        metadata) is reachable: the client waits for it as long as it takes.
+        """
         delay, started = 1.0, time.monotonic()
+        last_note = -1e18
         while True:
             try:
                 return fn()
             except grpc.RpcError as exc:
                 code = exc.code()
                 detail = exc.details()
+                if _package_not_ready(exc):
+                    if time.monotonic() - last_note > 60:
+                        log.info("%s: %s; waiting", what, detail)
+                        last_note = time.monotonic()
+                    time.sleep(PREPARING_RETRY_S)
+                    delay, started = 1.0, time.monotonic()
+                    continue
                 if code == grpc.StatusCode.PERMISSION_DENIED:
                     if what == "enrol":
                         raise UserError(f"coordinator refused enrolment: {detail}") from exc

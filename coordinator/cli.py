@@ -55,7 +55,7 @@ def setup_logging(output_dir: Path | None) -> None:
 
 def serve(args: argparse.Namespace) -> int:
     from coordinator.config import load_job
-    from coordinator.job import prepare_job
+    from coordinator.job import check_output_dir, prepare_job
     from coordinator.mailbox import Mailbox
     from coordinator.registry import ClientRegistry, read_tokens
     from coordinator.server import TLSFiles, start_server
@@ -66,32 +66,37 @@ def serve(args: argparse.Namespace) -> int:
     setup_logging(output_dir)
     log = logging.getLogger("fedsite.coordinator")
     tokens = read_tokens(config.resolve(config.enrollment.tokens_file))
-    log.info("preparing job %r (%s mode) in %s", config.job.name, config.job.mode, output_dir)
-    job = prepare_job(config, output_dir, resume=args.resume)
+    check_output_dir(output_dir, resume=args.resume)  # fail before listening
     registry = ClientRegistry.from_tokens(tokens, output_dir / "clients.json")
     mailbox = Mailbox(registry, heartbeat_timeout_s=config.job.heartbeat_timeout_s)
-    servicer = CoordinatorServicer(job_name=config.job.name, registry=registry, mailbox=mailbox,
-                                   package=PackageBlob(job.package.blob, job.package.sha256))
+    # listen before the package exists (an offsite job distils for minutes): clients enrol and wait
+    # instead of timing out, and the health service says NOT_SERVING until the package is ready
+    servicer = CoordinatorServicer(job_name=config.job.name, registry=registry, mailbox=mailbox, package=None)
     tls = None
     if config.tls.cert:
         tls = TLSFiles(cert=config.resolve(config.tls.cert), key=config.resolve(config.tls.key),
                        client_ca=config.resolve(config.tls.client_ca) if config.tls.client_ca else None)
-    metrics = None
-    if args.metrics_port is not None:
-        from coordinator.prometheus import CoordinatorMetrics
-
-        metrics = CoordinatorMetrics(config.job.name, registry=registry, servicer=servicer,
-                                     heartbeat_timeout_s=config.job.heartbeat_timeout_s, mode=config.job.mode)
-        port = metrics.serve(args.metrics_port, args.metrics_host)
-        job.engine.round_hooks.append(metrics.round_hook)
-        log.info("Prometheus metrics on http://%s:%d/metrics", args.metrics_host, port)
     server = start_server(servicer, args.address, tls=tls)
     host = args.address.rsplit(":", 1)[0]
     (output_dir / "address").write_text(f"{host}:{server.port}\n")
-    log.info("listening on %s:%d; %d rounds to go", host, server.port,
-             config.job.rounds - job.engine.completed_rounds)
-    server.set_serving(True)
+    log.info("listening on %s:%d; preparing job %r (%s mode) in %s", host, server.port, config.job.name,
+             config.job.mode, output_dir)
+    metrics = None
     try:
+        if args.metrics_port is not None:
+            from coordinator.prometheus import CoordinatorMetrics
+
+            metrics = CoordinatorMetrics(config.job.name, registry=registry, servicer=servicer,
+                                         heartbeat_timeout_s=config.job.heartbeat_timeout_s, mode=config.job.mode)
+            port = metrics.serve(args.metrics_port, args.metrics_host)
+            log.info("Prometheus metrics on http://%s:%d/metrics", args.metrics_host, port)
+        job = prepare_job(config, output_dir, resume=args.resume)
+        servicer.set_package(PackageBlob(job.package.blob, job.package.sha256))
+        if metrics is not None:
+            job.engine.round_hooks.append(metrics.round_hook)
+        log.info("job package ready (%.1f MB); %d rounds to go", len(job.package.blob) / 1e6,
+                 config.job.rounds - job.engine.completed_rounds)
+        server.set_serving(True)
         job.engine.run(mailbox)
         job.model.export(output_dir / "final")
         log.info("job complete: final model in %s", output_dir / "final")

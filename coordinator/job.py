@@ -145,16 +145,22 @@ def load_validation(config: JobConfig, tokenizer: PreTrainedTokenizerBase, label
                   label2id=label2id)
 
 
-def prepare_job(config: JobConfig, output_dir: Path, *, resume: bool = False,
-                client_phase: ClientPhase | None = None) -> PreparedJob:
+def check_output_dir(output_dir: Path, *, resume: bool) -> None:
+    """Create ``output_dir``; refuse one that holds a run unless resuming it."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    checkpointer = Checkpointer(output_dir / "checkpoints")
-    metrics = MetricsLog(output_dir / "metrics.jsonl")
-    if not resume and (checkpointer.latest() is not None or metrics.path.exists()):
+    if not resume and (Checkpointer(output_dir / "checkpoints").latest() is not None
+                       or (output_dir / "metrics.jsonl").exists()):
         raise ConfigError(
             f"output directory {output_dir} already holds a run; pass --resume to continue it "
             "or choose another --output-dir"
         )
+
+
+def prepare_job(config: JobConfig, output_dir: Path, *, resume: bool = False,
+                client_phase: ClientPhase | None = None) -> PreparedJob:
+    check_output_dir(output_dir, resume=resume)
+    checkpointer = Checkpointer(output_dir / "checkpoints")
+    metrics = MetricsLog(output_dir / "metrics.jsonl")
     atomic_write_text(output_dir / "job.toml.json", _json(config.to_dict()))
     package = build_package(config, output_dir)
     tokenizer = load_tokenizer(package.folder / "model")

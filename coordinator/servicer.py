@@ -18,7 +18,7 @@ from coordinator.mailbox import Mailbox, ReplyInvalid, TaskError
 from coordinator.registry import AuthError, ClientRegistry
 from protos import fedsite_pb2 as pb
 from protos import fedsite_pb2_grpc as pb_grpc
-from protos.codec import DEFAULT_CHUNK_BYTES, BlobAssembler, CodecError, iter_chunks
+from protos.codec import DEFAULT_CHUNK_BYTES, NOT_READY_KEY, BlobAssembler, CodecError, iter_chunks
 
 log = logging.getLogger("fedsite.servicer")
 
@@ -42,15 +42,23 @@ def heartbeat_interval_for(timeout_s: float) -> int:
 
 
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):
-    def __init__(self, *, job_name: str, registry: ClientRegistry, mailbox: Mailbox, package: PackageBlob,
+    """The coordinator's RPCs. ``package`` may be None while the job is being prepared (an offsite job
+    distils its emulator first): clients can enrol and heartbeat, and a package download is answered
+    UNAVAILABLE with :data:`NOT_READY_KEY` until :meth:`set_package` is called."""
+
+    def __init__(self, *, job_name: str, registry: ClientRegistry, mailbox: Mailbox, package: PackageBlob | None,
                  heartbeat_interval_s: int | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
         self.job_name = job_name
         self.registry = registry
         self.mailbox = mailbox
         self.package = package
+        self.preparing = "the coordinator is preparing the job package"
         self.heartbeat_interval_s = heartbeat_interval_s or heartbeat_interval_for(mailbox.heartbeat_timeout_s)
         self.chunk_bytes = chunk_bytes
         self.errors = 0
+
+    def set_package(self, package: PackageBlob) -> None:
+        self.package = package
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -78,8 +86,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         log.info("enrolled %s (%s)", client_id, request.client_name[:64])
         return pb.EnrollReply(
             credentials=pb.Credentials(client_id=client_id, session_key=session_key),
-            job_name=self.job_name, package_sha256=self.package.sha256,
-            package_size=len(self.package.data), heartbeat_interval_s=self.heartbeat_interval_s,
+            job_name=self.job_name, package_sha256=self.package.sha256 if self.package else "",
+            package_size=len(self.package.data) if self.package else 0,
+            heartbeat_interval_s=self.heartbeat_interval_s,
         )
 
     def _stream(self, blob: bytes, sha256: str, offset: int, context: grpc.ServicerContext,
@@ -94,7 +103,12 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     def FetchPackage(self, request: pb.FetchRequest, context: grpc.ServicerContext) -> Iterator[pb.Chunk]:
         self._auth(request.credentials, context)
-        yield from self._stream(self.package.data, self.package.sha256, request.offset, context)
+        package = self.package
+        if package is None:
+            context.set_trailing_metadata(((NOT_READY_KEY, "1"),))
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"job package not ready yet: {self.preparing}")
+        assert package is not None
+        yield from self._stream(package.data, package.sha256, request.offset, context)
 
     def PollTask(self, request: pb.PollRequest, context: grpc.ServicerContext) -> pb.Task:
         client_id = self._auth(request.credentials, context)

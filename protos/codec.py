@@ -25,6 +25,9 @@ from safetensors.torch import save as st_save
 
 MAX_CHUNK_BYTES = 4 * 1024 * 1024  # never one gRPC message over 4 MiB
 DEFAULT_CHUNK_BYTES = 1024 * 1024
+# trailing-metadata key on UNAVAILABLE while the coordinator is still building the job package: it is up
+# and answering, so a client waits for it without counting the time against its give-up window
+NOT_READY_KEY = "fedsite-package-not-ready"
 _METADATA_KEY = "fedsite.message"
 _MAX_HEADER_BYTES = 16 * 1024 * 1024
 

@@ -45,8 +45,7 @@ def start_coordinator(job: Path, output_dir: Path, *extra: str, log_path: Path |
 
     ``program`` replaces ``-m coordinator`` (the fault tests run the same CLI through a wrapper module).
 
-    The coordinator listens once the job's package is built: give ``start_timeout_s`` room for an
-    offsite job that distils its emulator first.
+    Returns once the coordinator listens (before its job package is built: clients started then wait).
     """
     log_path = log_path or output_dir.parent / f"{output_dir.name}.coordinator.log"
     log = open(log_path, "ab")  # noqa: SIM115 - the child process writes to it

@@ -10,20 +10,32 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from client.agent import Agent, AgentOptions
 from coordinator.engine import Exchange
 from coordinator.mailbox import Mailbox, TaskError
 from coordinator.registry import ClientRegistry
 from coordinator.server import RunningServer, start_server
 from coordinator.servicer import CoordinatorServicer, PackageBlob, heartbeat_interval_for
+from emulator.package import pack
 from protos import fedsite_pb2 as pb
 from protos import fedsite_pb2_grpc as pb_grpc
-from protos.codec import MAX_CHUNK_BYTES, Message, assemble, decode_message, encode_message, iter_chunks, sha256_hex
+from protos.codec import (
+    MAX_CHUNK_BYTES,
+    NOT_READY_KEY,
+    Message,
+    assemble,
+    decode_message,
+    encode_message,
+    iter_chunks,
+    sha256_hex,
+)
 
 PACKAGE = bytes(range(256)) * 40_000  # ~10 MB: several chunks
 
@@ -196,3 +208,42 @@ def test_a_dropped_clients_late_reply_is_refused_not_counted_twice() -> None:
 
 def test_heartbeats_come_three_times_per_timeout_at_most_every_five_seconds() -> None:
     assert [heartbeat_interval_for(t) for t in (3, 6, 8, 20, 60, 3600)] == [1, 2, 2, 5, 5, 5]
+
+
+def test_a_client_waits_for_a_coordinator_still_preparing_its_package(tmp_path: Path) -> None:
+    """Listening before the package exists: enrolment works, downloads say 'not ready', a real
+    client waits past its give-up window (the coordinator answers), health is NOT_SERVING meanwhile."""
+    registry = ClientRegistry.from_tokens(["t"])
+    servicer = CoordinatorServicer(job_name="t", registry=registry,
+                                   mailbox=Mailbox(registry, heartbeat_timeout_s=30), package=None)
+    server = start_server(servicer, "127.0.0.1:0")
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    try:
+        assert not _serving(channel)
+        stub = pb_grpc.CoordinatorStub(channel)
+        creds = _enrol(stub, "t")
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.FetchPackage(pb.FetchRequest(credentials=creds), timeout=5))
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "not ready" in info.value.details()
+        assert NOT_READY_KEY in dict(info.value.trailing_metadata())
+        agent = Agent(AgentOptions(coordinator=f"127.0.0.1:{server.port}", token="t", data=tmp_path / "unused",
+                                   state_dir=tmp_path / "state", give_up_after_s=1.0))
+        agent.enrol()
+        fetched: list[Path] = []
+        download = threading.Thread(target=lambda: fetched.append(agent.fetch_package()))
+        download.start()
+        download.join(timeout=7)  # past the 1 s give-up window and a retry
+        assert download.is_alive() and not fetched
+        folder = tmp_path / "package"
+        folder.mkdir()
+        (folder / "job.json").write_text("{}")
+        blob = pack(folder)
+        servicer.set_package(PackageBlob(blob, sha256_hex(blob)))
+        server.set_serving(True)
+        download.join(timeout=60)
+        assert fetched and (fetched[0] / "job.json").read_text() == "{}"
+        assert _serving(channel)
+        agent.channel.close()
+    finally:
+        channel.close()
+        server.stop(0)

@@ -91,7 +91,7 @@ def test_three_clients_tune_an_emulator_and_the_plug_in_beats_probe_and_emulator
     job = write_job(tmp_path, JOB.replace("@ADAPTER@", str(ADAPTER)).replace("@KEEP@", str(KEEP))
                     .replace("@DISTILL@", str(DISTILL)))
     out = tmp_path / "run"
-    coordinator, address = start_coordinator(job, out, threads=2, start_timeout_s=1200)  # it distils first
+    coordinator, address = start_coordinator(job, out, threads=2)  # listens, then distils; clients wait
     clients = [start_client(address, shards[i], TOKENS[i], tmp_path / f"client{i}") for i in range(CLIENTS)]
     codes = wait_all([coordinator, *clients], timeout_s=1200)
     assert codes == [0] * (CLIENTS + 1), tail(tmp_path / "run.coordinator.log") + tail(tmp_path / "client0.log")

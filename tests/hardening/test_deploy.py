@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -132,8 +133,14 @@ def test_the_container_commands_run_a_mutual_tls_round(tiny_bert_dir: Path, tmp_
     coordinator = _entry("coordinator", coord_env, tmp_path / "coordinator.log", "--linger-s", "2")
     run_dir = tmp_path / "coordinator" / "run"
     assert wait_for_text(run_dir / "address", str(port), timeout_s=300), tail(tmp_path / "coordinator.log")
-    health = subprocess.run([sys.executable, str(REPO / "docker" / "healthcheck.py")], env=base, capture_output=True,
-                            text=True, timeout=60, check=False)
+    # as Docker does: run the healthcheck until it passes (NOT_SERVING while the job package is built)
+    deadline = time.monotonic() + 300
+    while True:
+        health = subprocess.run([sys.executable, str(REPO / "docker" / "healthcheck.py")], env=base,
+                                capture_output=True, text=True, timeout=60, check=False)
+        if health.returncode == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
     assert health.returncode == 0 and health.stdout.strip() == "SERVING", health.stderr
 
     shards = disjoint_shards(tmp_path, clients=3, per_client=40, seed=3)
