@@ -23,21 +23,27 @@ VOCAB = 128
 
 
 def tiny_config(family: str, num_labels: int = 3, layers: int = 4) -> PretrainedConfig:
+    config: PretrainedConfig
     if family == "bert":
-        return BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers,
-                          num_attention_heads=2, intermediate_size=64, num_labels=num_labels)
-    if family == "gpt2":
-        return GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=layers, n_head=2, n_positions=128,
-                          num_labels=num_labels, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    if family == "opt":
-        return OPTConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers,
-                         num_attention_heads=2, ffn_dim=64, word_embed_proj_dim=32,
-                         max_position_embeddings=128, num_labels=num_labels, pad_token_id=1)
-    if family == "llama":
-        return LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers,
-                           num_attention_heads=2, num_key_value_heads=2, intermediate_size=64,
-                           max_position_embeddings=128, num_labels=num_labels, pad_token_id=0)
-    raise ValueError(family)
+        config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers,
+                            num_attention_heads=2, intermediate_size=64)
+    elif family == "gpt2":
+        config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=layers, n_head=2, n_positions=128,
+                            pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    elif family == "opt":
+        config = OPTConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers,
+                           num_attention_heads=2, ffn_dim=64, word_embed_proj_dim=32,
+                           max_position_embeddings=128, pad_token_id=1)
+    elif family == "llama":
+        config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers,
+                             num_attention_heads=2, num_key_value_heads=2, intermediate_size=64,
+                             max_position_embeddings=128, pad_token_id=0)
+    else:
+        raise ValueError(family)
+    # transformers 5 configs take num_labels only through **kwargs (untyped); the
+    # property setter builds the same id2label/label2id maps
+    config.num_labels = num_labels
+    return config
 
 
 def tiny_model(family: str, task: str = "classification", seed: int = 0,

@@ -39,9 +39,12 @@ from protos.codec import (
 
 PACKAGE = bytes(range(256)) * 40_000  # ~10 MB: several chunks
 
+# what the ``service`` fixture yields
+Service = tuple[pb_grpc.CoordinatorStub, Mailbox, grpc.Channel, CoordinatorServicer]
+
 
 @pytest.fixture
-def service(tmp_path):  # type: ignore[no-untyped-def]
+def service(tmp_path: Path) -> Iterator[Service]:
     registry = ClientRegistry.from_tokens(["good-a", "good-b"], tmp_path / "clients.json")
     mailbox = Mailbox(registry, heartbeat_timeout_s=30)
     servicer = CoordinatorServicer(job_name="t", registry=registry, mailbox=mailbox,
@@ -58,7 +61,7 @@ def _enrol(stub: pb_grpc.CoordinatorStub, token: str) -> pb.Credentials:
     return stub.Enroll(pb.EnrollRequest(token=token, client_name="test"), timeout=5).credentials
 
 
-def _code(call) -> grpc.StatusCode:  # type: ignore[no-untyped-def]
+def _code(call: Callable[[], object]) -> grpc.StatusCode:
     with pytest.raises(grpc.RpcError) as info:
         call()
     return info.value.code()
@@ -79,7 +82,7 @@ def _serving(channel: grpc.Channel) -> bool:
     return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_enrolment_and_package_download_in_chunks(service) -> None:  # type: ignore[no-untyped-def]
+def test_enrolment_and_package_download_in_chunks(service: Service) -> None:
     stub, _, channel, _ = service
     assert _code(lambda: stub.Enroll(pb.EnrollRequest(token="wrong"), timeout=5)) == grpc.StatusCode.PERMISSION_DENIED
     assert _code(lambda: stub.Enroll(pb.EnrollRequest(token=""), timeout=5)) == grpc.StatusCode.INVALID_ARGUMENT
@@ -103,7 +106,7 @@ def test_enrolment_and_package_download_in_chunks(service) -> None:  # type: ign
     assert _serving(channel)
 
 
-def test_bad_uploads_are_refused_precisely_and_the_good_one_lands(service) -> None:  # type: ignore[no-untyped-def]
+def test_bad_uploads_are_refused_precisely_and_the_good_one_lands(service: Service) -> None:
     stub, mailbox, channel, _ = service
     a, b = _enrol(stub, "good-a"), _enrol(stub, "good-b")
     state = {"w": torch.ones(3, 2)}
@@ -155,7 +158,7 @@ def test_bad_uploads_are_refused_precisely_and_the_good_one_lands(service) -> No
     assert stub.PollTask(pb.PollRequest(credentials=a), timeout=5).kind == pb.Task.WAIT
 
 
-def test_silent_client_is_a_dropout_not_a_hang(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_silent_client_is_a_dropout_not_a_hang(tmp_path: Path) -> None:
     registry = ClientRegistry.from_tokens(["t1"])
     mailbox = Mailbox(registry, heartbeat_timeout_s=0.5)
     client_id, _ = registry.enroll("t1")
@@ -163,7 +166,7 @@ def test_silent_client_is_a_dropout_not_a_hang(tmp_path) -> None:  # type: ignor
     assert not result.replies and "heartbeat" in result.failures[client_id]
 
 
-def test_job_done_is_announced(service) -> None:  # type: ignore[no-untyped-def]
+def test_job_done_is_announced(service: Service) -> None:
     stub, mailbox, _, _ = service
     creds = _enrol(stub, "good-b")
     mailbox.close("job complete")

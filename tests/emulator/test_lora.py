@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,7 +57,7 @@ def test_merged_model_matches_adapter_model(family: str, task: str) -> None:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_exported_model_loads_with_plain_transformers(family: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_exported_model_loads_with_plain_transformers(family: str, tmp_path: Path) -> None:
     model = add_lora(tiny_model(family, "classification"), LoraSettings(r=4), task="classification")
     _perturb_lora(model, seed=2)
     merged = merged_copy(model)
@@ -101,7 +102,12 @@ def test_ffa_lora_averaging_b_equals_averaging_products() -> None:
         clients.append(client)
     states = [trainable_state(c) for c in clients]
     averaged = copy.deepcopy(base)
-    load_trainable_state(averaged, {k: sum(s[k] for s in states) / 3 for k in states[0]})
+    mean_b: dict[str, torch.Tensor] = {}
+    for k in states[0]:
+        total = sum(s[k] for s in states)
+        assert isinstance(total, torch.Tensor)
+        mean_b[k] = total / 3
+    load_trainable_state(averaged, mean_b)
     params = [dict(c.named_parameters()) for c in [*clients, averaged]]
     checked = 0
     for name, a in base.named_parameters():
@@ -119,8 +125,11 @@ def test_plain_lora_averaging_is_not_exact() -> None:
     torch.manual_seed(0)
     a = [torch.randn(4, 8) for _ in range(2)]
     b = [torch.randn(8, 4) for _ in range(2)]
-    separate = (sum(b) / 2) @ (sum(a) / 2)
+    sum_a, sum_b = sum(a), sum(b)
     products = sum(bi @ ai for ai, bi in zip(a, b, strict=True)) / 2
+    assert isinstance(sum_a, torch.Tensor) and isinstance(sum_b, torch.Tensor)
+    assert isinstance(products, torch.Tensor)
+    separate = (sum_b / 2) @ (sum_a / 2)
     assert not torch.allclose(separate, products, atol=1e-3)
 
 

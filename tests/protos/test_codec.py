@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 import torch
@@ -33,7 +35,10 @@ def test_message_round_trip_keeps_tensors_and_config() -> None:
 
 
 def test_numpy_payloads_including_uint32_survive() -> None:
-    arrays = {"masked": np.arange(10, dtype=np.uint32) * 400_000_000, "key": np.frombuffer(b"abc", np.uint8)}
+    arrays: dict[str, np.ndarray] = {
+        "masked": np.arange(10, dtype=np.uint32) * 400_000_000,
+        "key": np.frombuffer(b"abc", np.uint8),
+    }
     back = tensors_to_numpy(decode_message(encode_message(Message(1, "s", {}, numpy_to_tensors(arrays)))).tensors)
     for name, value in arrays.items():
         assert back[name].dtype == value.dtype
@@ -77,7 +82,9 @@ def test_sha256_mismatch_is_detected() -> None:
         (lambda chunks: [*chunks, (5000, b"z")], "exceed"),
     ],
 )
-def test_out_of_order_missing_and_extra_chunks_are_refused(mutate, match) -> None:  # type: ignore[no-untyped-def]
+def test_out_of_order_missing_and_extra_chunks_are_refused(
+    mutate: Callable[[list[tuple[int, bytes]]], list[tuple[int, bytes]]], match: str
+) -> None:
     blob = b"q" * 5000
     with pytest.raises(CodecError, match=match):
         assemble(mutate(list(iter_chunks(blob, 1000))), len(blob), sha256_hex(blob), max_bytes=len(blob))
