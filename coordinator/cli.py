@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--linger-s", type=float, default=5.0, help="keep answering 'done' this long after the job ends")
     serve.add_argument("--insecure", action="store_true",
                        help="accepted for clarity: plaintext is what an empty [tls] table gives anyway")
+    serve.add_argument("--max-calls-per-s", type=float, default=20.0,
+                       help="per enrolled client, bursts of 10x allowed; more is refused with RESOURCE_EXHAUSTED "
+                            "(clients back off). 0 = no limit (default 20)")
     serve.add_argument("--metrics-port", type=int, default=None,
                        help="serve Prometheus metrics on this port (off by default)")
     serve.add_argument("--metrics-host", default="127.0.0.1", help="address for --metrics-port (default 127.0.0.1)")
@@ -55,8 +58,10 @@ def setup_logging(output_dir: Path | None) -> None:
 
 def serve(args: argparse.Namespace) -> int:
     from coordinator.config import load_job
+    from coordinator.errors import UserError
     from coordinator.job import check_output_dir, prepare_job
     from coordinator.mailbox import Mailbox
+    from coordinator.ratelimit import RateLimiter
     from coordinator.registry import ClientRegistry, read_tokens
     from coordinator.server import TLSFiles, start_server
     from coordinator.servicer import CoordinatorServicer, PackageBlob
@@ -71,7 +76,15 @@ def serve(args: argparse.Namespace) -> int:
     mailbox = Mailbox(registry, heartbeat_timeout_s=config.job.heartbeat_timeout_s)
     # listen before the package exists (an offsite job distils for minutes): clients enrol and wait
     # instead of timing out, and the health service says NOT_SERVING until the package is ready
-    servicer = CoordinatorServicer(job_name=config.job.name, registry=registry, mailbox=mailbox, package=None)
+    if args.max_calls_per_s < 0:
+        raise UserError("--max-calls-per-s must be >= 0")
+    servicer = CoordinatorServicer(
+        job_name=config.job.name, registry=registry, mailbox=mailbox, package=None,
+        calls_per_client=RateLimiter(args.max_calls_per_s, 10 * args.max_calls_per_s)
+        if args.max_calls_per_s > 0 else None,
+        # wrong tokens: 20 at once, then one a second, per caller address
+        failed_enrolments_per_address=RateLimiter(1.0, 20.0),
+    )
     tls = None
     if config.tls.cert:
         tls = TLSFiles(cert=config.resolve(config.tls.cert), key=config.resolve(config.tls.key),

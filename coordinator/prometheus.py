@@ -54,6 +54,7 @@ FAMILIES = {f.name: f for f in (
     _Family("fedsite_epsilon_local_max", "gauge", "Largest sample-level DP epsilon any client reported so far."),
     _Family("fedsite_epsilon_client", "gauge", "Client-level DP epsilon of the job so far."),
     _Family("fedsite_rejected_rpcs_total", "counter", "Calls the servicer refused (auth, validation, stale task)."),
+    _Family("fedsite_rate_limited_rpcs_total", "counter", "Of those, calls refused by a rate limit."),
     _Family("fedsite_round_metric", "gauge", "Last round's evaluation and training figures, by name."),
     _Family("fedsite_round_seconds", "gauge", "Duration of the last round's phases, by phase."),
 )}
@@ -178,6 +179,7 @@ class CoordinatorMetrics:
             out.append(("fedsite_epsilon_client", {}, eps_client))
         if self.servicer is not None:
             out.append(("fedsite_rejected_rpcs_total", {}, float(getattr(self.servicer, "errors", 0))))
+            out.append(("fedsite_rate_limited_rpcs_total", {}, float(getattr(self.servicer, "rate_limited", 0))))
         return out
 
     def _client_counts(self) -> tuple[int | None, int | None]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import grpc
 
 from coordinator.mailbox import Mailbox, ReplyInvalid, TaskError
+from coordinator.ratelimit import RateLimiter
 from coordinator.registry import AuthError, ClientRegistry
 from protos import fedsite_pb2 as pb
 from protos import fedsite_pb2_grpc as pb_grpc
@@ -41,14 +42,25 @@ def heartbeat_interval_for(timeout_s: float) -> int:
     return max(1, min(5, int(timeout_s // 3)))
 
 
+def _peer_address(context: grpc.ServicerContext) -> str:
+    """The caller's host without its port ("ipv4:10.0.0.7:51234" -> "ipv4:10.0.0.7")."""
+    peer = context.peer() or "unknown"
+    return peer.rsplit(":", 1)[0] if peer.count(":") >= 2 else peer
+
+
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     """The coordinator's RPCs. ``package`` may be None while the job is being prepared (an offsite job
     distils its emulator first): clients can enrol and heartbeat, and a package download is answered
     UNAVAILABLE with :data:`NOT_READY_KEY` until :meth:`set_package` is called."""
 
     def __init__(self, *, job_name: str, registry: ClientRegistry, mailbox: Mailbox, package: PackageBlob | None,
-                 heartbeat_interval_s: int | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+                 heartbeat_interval_s: int | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 calls_per_client: RateLimiter | None = None,
+                 failed_enrolments_per_address: RateLimiter | None = None) -> None:
         self.job_name = job_name
+        self.calls_per_client = calls_per_client
+        self.failed_enrolments_per_address = failed_enrolments_per_address
+        self.rate_limited = 0
         self.registry = registry
         self.mailbox = mailbox
         self.package = package
@@ -64,10 +76,23 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     def _auth(self, credentials: pb.Credentials, context: grpc.ServicerContext) -> str:
         try:
-            return self.registry.authenticate(credentials.client_id, credentials.session_key)
+            client_id = self.registry.authenticate(credentials.client_id, credentials.session_key)
         except AuthError as exc:
             self._abort(context, grpc.StatusCode.PERMISSION_DENIED, str(exc))
             raise  # unreachable: abort raises
+        if self.calls_per_client is not None and not self.calls_per_client.allow(client_id):
+            limit = self.calls_per_client
+            self._refuse_quietly(context, f"rate limit: more than {limit.rate:g} calls/s (burst {limit.burst:g}) "
+                                          "from this client; back off and retry")
+        return client_id
+
+    def _refuse_quietly(self, context: grpc.ServicerContext, message: str) -> None:
+        """RESOURCE_EXHAUSTED without a log line each time: a flood must not flood the log too."""
+        self.errors += 1
+        self.rate_limited += 1
+        if self.rate_limited in (1, 10, 100) or self.rate_limited % 1000 == 0:
+            log.warning("%d calls refused by rate limits so far (latest: %s)", self.rate_limited, message)
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
 
     def _abort(self, context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> None:
         self.errors += 1
@@ -79,9 +104,15 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     def Enroll(self, request: pb.EnrollRequest, context: grpc.ServicerContext) -> pb.EnrollReply:
         if not request.token or len(request.token) > 1024:
             self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, "a token of 1..1024 characters is required")
+        address = _peer_address(context)
+        failures = self.failed_enrolments_per_address
+        if failures is not None and failures.exhausted(address):
+            self._refuse_quietly(context, "too many failed enrolments from this address; wait and retry")
         try:
             client_id, session_key = self.registry.enroll(request.token, request.client_name)
         except AuthError as exc:
+            if failures is not None:
+                failures.allow(address)  # a wrong token spends one of the address's attempts
             self._abort(context, grpc.StatusCode.PERMISSION_DENIED, str(exc))
         log.info("enrolled %s (%s)", client_id, request.client_name[:64])
         return pb.EnrollReply(
