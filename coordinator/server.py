@@ -30,6 +30,9 @@ GRPC_OPTIONS = [
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
+    # gRPC sets SO_REUSEPORT by default: a second coordinator on the same port would silently share
+    # the clients with the first. Off, binding a port in use is an error.
+    ("grpc.so_reuseport", 0),
 ]
 
 
@@ -76,11 +79,14 @@ def start_server(servicer: fedsite_pb2_grpc.CoordinatorServicer, address: str, *
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
-    if tls is None:
-        log.warning("serving WITHOUT TLS on %s: traffic and tokens travel in plaintext", address)
-        port = server.add_insecure_port(address)
-    else:
-        port = server.add_secure_port(address, server_credentials(tls))
+    try:
+        if tls is None:
+            log.warning("serving WITHOUT TLS on %s: traffic and tokens travel in plaintext", address)
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, server_credentials(tls))
+    except RuntimeError as exc:  # grpc's "Failed to bind to address ..."
+        raise OSError(f"cannot bind {address} (in use, or not an address of this machine)") from exc
     if port == 0:
         raise OSError(f"cannot bind {address}")
     server.start()

@@ -250,3 +250,14 @@ def test_a_client_waits_for_a_coordinator_still_preparing_its_package(tmp_path: 
     finally:
         channel.close()
         server.stop(0)
+
+
+def test_a_second_coordinator_on_a_port_in_use_fails_instead_of_sharing_it(service: Service) -> None:
+    """gRPC sets SO_REUSEPORT by default; with it two coordinators would silently split the clients."""
+    _, _, _, servicer = service
+    first = start_server(servicer, "127.0.0.1:0")
+    try:
+        with pytest.raises(OSError, match=r"cannot bind 127\.0\.0\.1"):
+            start_server(servicer, f"127.0.0.1:{first.port}")
+    finally:
+        first.stop(0)
