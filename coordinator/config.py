@@ -156,6 +156,9 @@ class OffsiteSection:
     distill_steps: int = _help("distillation steps", default=0)
     distill_lr: float = _help("distillation learning rate (AdamW, warm-up then cosine)", default=1e-4)
     distill_batch_size: int = _help("distillation batch size", default=32)
+    distill_input_noise: float = _help(
+        "relative std of a perturbation of the middle's input while distilling, the same for the full model and "
+        "the emulator, so the emulator matches around the untuned adapter's outputs (0 = off)", default=0.0)
     adapter_lora: bool = _help("train LoRA on the adapter blocks ([lora] r, alpha, dropout, target_modules, freeze_a)"
                                 " instead of the blocks themselves", default=False)
 
@@ -168,6 +171,8 @@ class OffsiteSection:
             raise ConfigError("offsite.keep and offsite.distill_steps must be >= 0")
         _positive("offsite.distill_lr", self.distill_lr)
         _positive("offsite.distill_batch_size", self.distill_batch_size)
+        if not 0.0 <= self.distill_input_noise <= 10.0:
+            raise ConfigError(f"offsite.distill_input_noise must be in [0, 10], got {self.distill_input_noise}")
 
 
 @dataclass

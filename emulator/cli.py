@@ -128,11 +128,11 @@ def cmd_build(args: argparse.Namespace) -> int:
         config = DistillConfig(steps=args.distill_steps, batch_size=args.distill_batch_size,
                                lr=args.distill_lr, max_length=args.max_length,
                                objective=args.distill_objective, seed=args.seed,
-                               lm_weight=args.lm_weight)
+                               lm_weight=args.lm_weight, input_noise=args.distill_input_noise)
         result = distill(model, emulator, layout, tok, texts, config, checkpoint_dir=ckpt)
         layout.extra["distill"] = {"steps": config.steps, "lr": config.lr,
                                    "batch_size": config.batch_size,
-                                   "objective": config.objective,
+                                   "objective": config.objective, "input_noise": config.input_noise,
                                    "final_hidden_loss": result.losses[-1] if result.losses
                                    else None}
     elif args.distill_data or args.distill_steps:
@@ -237,6 +237,9 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--distill-lr", type=float, default=1e-4)
     b.add_argument("--distill-batch-size", type=int, default=32)
     b.add_argument("--distill-objective", choices=("middle", "segments"), default="middle")
+    b.add_argument("--distill-input-noise", type=float, default=0.0,
+                   help="relative std of the same noise on the middle's input in teacher and student "
+                        "(0 = off; see experiments/offsite/RESULTS.md)")
     b.add_argument("--lm-weight", type=float, default=0.0,
                    help="weight of the LM loss during distillation (causal LMs)")
     b.add_argument("--checkpoint-dir", default=None)

@@ -313,8 +313,8 @@ def _load_checkpoint(directory: Path, params: dict[str, nn.Parameter],
         return 0, []
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     saved = meta.get("config", {})
-    for key in ("batch_size", "seed", "objective", "max_length"):
-        if saved.get(key) != getattr(config, key):
+    for key in ("batch_size", "seed", "objective", "max_length", "input_noise"):
+        if saved.get(key, 0.0 if key == "input_noise" else None) != getattr(config, key):
             raise DistillError(
                 f"{directory}: checkpoint was made with {key}={saved.get(key)!r}, "
                 f"this run has {getattr(config, key)!r}; use a fresh checkpoint directory"

@@ -62,7 +62,8 @@ def build_offsite_emulator(full: PreTrainedModel, tokenizer: PreTrainedTokenizer
         path = Path(source) if Path(source).is_absolute() else base_dir / source
         texts = read_text_corpus(path)
         config = DistillConfig(steps=steps, seed=seed, lr=float(offsite.get("distill_lr") or 1e-4),
-                               batch_size=int(offsite.get("distill_batch_size") or 32), max_length=max_length)
+                               batch_size=int(offsite.get("distill_batch_size") or 32), max_length=max_length,
+                               input_noise=float(offsite.get("distill_input_noise") or 0.0))
         distill(full, emulator, layout, tokenizer, texts, config, checkpoint_dir=work_dir / "distill")
     return emulator, layout
 

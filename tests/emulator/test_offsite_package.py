@@ -8,6 +8,7 @@ package tar (what FetchPackage streams) and of a round's task message.
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 from pathlib import Path
 
@@ -149,7 +150,7 @@ def test_a_job_with_distillation_ships_a_changed_middle_and_keeps_its_checkpoint
         "model": {"path": str(tiny_bert_dir), "max_length": 24},
         "data": {"validation": str(tmp_path / "val.jsonl")},
         "offsite": {"adapter_layers": 1, "keep": 1, "distill_data": "public.txt", "distill_steps": 3,
-                    "distill_lr": 1e-3, "distill_batch_size": 8},
+                    "distill_lr": 1e-3, "distill_batch_size": 8, "distill_input_noise": 0.5},
     }, tmp_path)
     job = prepare_job(config, tmp_path / "out")
     layout = EmulatorLayout.load(job.package.folder / "model")
@@ -160,4 +161,6 @@ def test_a_job_with_distillation_ships_a_changed_middle_and_keeps_its_checkpoint
     middle = [n for n in shipped if n.startswith(f"{prefix}1.") and n.endswith("dense.weight")]
     assert middle
     assert all(not torch.equal(shipped[n], full[n.replace(f"{prefix}1.", f"{prefix}{kept}.")]) for n in middle)
-    assert any((tmp_path / "out").rglob("distill*")), sorted(p.name for p in (tmp_path / "out").iterdir())
+    (meta,) = (tmp_path / "out").rglob("distill_state.json")
+    saved = json.loads(meta.read_text())["config"]
+    assert saved["input_noise"] == 0.5 and saved["max_length"] == 24 and saved["batch_size"] == 8
