@@ -53,5 +53,22 @@ $R --tag emu-2+2-keep1-distill600-lr2e-4-head5e-3 --adapter-layers 2 --keep 1 --
 $R --tag emu-1+1-keep3-distill600-lr5e-4-head5e-3-seed1 --seed 1 --adapter-layers 1 --keep 3 --distill-steps 600 \
    --emulator-cache "$CACHE/1+1-keep3-d600" --adapter-lr 5e-4 --head-lr 5e-3 --rows emulator_alone plug_in
 
+# distillation with the middle's input perturbed (same noise in teacher and student), 2 of 4 kept
+for noise in 0.2 0.5 1.0 2.0; do
+  $R --tag emu-1+1-keep2-distill600-noise$noise-lr5e-4-head5e-3 --adapter-layers 1 --keep 2 --distill-steps 600 \
+     --distill-input-noise $noise --emulator-cache "$CACHE/1+1-keep2-d600-noise$noise" --adapter-lr 5e-4 \
+     --head-lr 5e-3 --rows emulator_alone plug_in
+done
+# ... and on the best recipe (3 of 4 kept)
+$R --tag emu-1+1-keep3-distill600-noise1.0-lr5e-4-head5e-3 --adapter-layers 1 --keep 3 --distill-steps 600 \
+   --distill-input-noise 1.0 --emulator-cache "$CACHE/1+1-keep3-d600-noise1.0" --adapter-lr 5e-4 --head-lr 5e-3 \
+   --rows emulator_alone plug_in
+# the "segments" objective (every kept block matched to the end of the run it replaces)
+$R --tag emu-1+1-keep2-distill600-segments-lr5e-4-head5e-3 --adapter-layers 1 --keep 2 --distill-steps 600 \
+   --distill-objective segments --emulator-cache "$CACHE/1+1-keep2-d600-segments" --adapter-lr 5e-4 \
+   --head-lr 5e-3 --rows emulator_alone plug_in
+# layer sharing instead of layer drop (CRaSh), before training: hidden distance only
+$PY experiments/offsite/sharing_distance.py
+
 # --- planned, not run for lack of CPU (see RESULTS.md) ------------------------
 # $R --tag baselines-ft2e-4 --rows full_ft --ft-lr 2e-4 --head-lr 5e-3
