@@ -59,6 +59,12 @@ for noise in 0.2 0.5 1.0 2.0; do
      --distill-input-noise $noise --emulator-cache "$CACHE/1+1-keep2-d600-noise$noise" --adapter-lr 5e-4 \
      --head-lr 5e-3 --rows emulator_alone plug_in
 done
+# a second seed for none vs 1.0
+for noise in 0 1.0; do
+  $R --seed 1 --tag emu-1+1-keep2-distill600-noise$noise-lr5e-4-head5e-3-seed1 --adapter-layers 1 --keep 2 \
+     --distill-steps 600 --distill-input-noise $noise --emulator-cache "$CACHE/1+1-keep2-d600-noise$noise-seed1" \
+     --adapter-lr 5e-4 --head-lr 5e-3 --rows emulator_alone plug_in
+done
 # ... and on the best recipe (3 of 4 kept)
 $R --tag emu-1+1-keep3-distill600-noise1.0-lr5e-4-head5e-3 --adapter-layers 1 --keep 3 --distill-steps 600 \
    --distill-input-noise 1.0 --emulator-cache "$CACHE/1+1-keep3-d600-noise1.0" --adapter-lr 5e-4 --head-lr 5e-3 \
