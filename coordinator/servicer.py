@@ -64,7 +64,6 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self.registry = registry
         self.mailbox = mailbox
         self.package = package
-        self.preparing = "the coordinator is preparing the job package"
         self.heartbeat_interval_s = heartbeat_interval_s or heartbeat_interval_for(mailbox.heartbeat_timeout_s)
         self.chunk_bytes = chunk_bytes
         self.errors = 0
@@ -115,11 +114,11 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 failures.allow(address)  # a wrong token spends one of the address's attempts
             self._abort(context, grpc.StatusCode.PERMISSION_DENIED, str(exc))
         log.info("enrolled %s (%s)", client_id, request.client_name[:64])
+        package = self.package  # None while the job is being prepared
         return pb.EnrollReply(
             credentials=pb.Credentials(client_id=client_id, session_key=session_key),
-            job_name=self.job_name, package_sha256=self.package.sha256 if self.package else "",
-            package_size=len(self.package.data) if self.package else 0,
-            heartbeat_interval_s=self.heartbeat_interval_s,
+            job_name=self.job_name, package_sha256=package.sha256 if package else "",
+            package_size=len(package.data) if package else 0, heartbeat_interval_s=self.heartbeat_interval_s,
         )
 
     def _stream(self, blob: bytes, sha256: str, offset: int, context: grpc.ServicerContext,
@@ -137,7 +136,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         package = self.package
         if package is None:
             context.set_trailing_metadata(((NOT_READY_KEY, "1"),))
-            context.abort(grpc.StatusCode.UNAVAILABLE, f"job package not ready yet: {self.preparing}")
+            context.abort(grpc.StatusCode.UNAVAILABLE,
+                          "job package not ready yet: the coordinator is preparing the job package")
         assert package is not None
         yield from self._stream(package.data, package.sha256, request.offset, context)
 
