@@ -103,7 +103,7 @@ def serve(args: argparse.Namespace) -> int:
                                          heartbeat_timeout_s=config.job.heartbeat_timeout_s, mode=config.job.mode)
             port = metrics.serve(args.metrics_port, args.metrics_host)
             log.info("Prometheus metrics on http://%s:%d/metrics", args.metrics_host, port)
-        job = prepare_job(config, output_dir, resume=args.resume)
+        job = prepare_job(config, output_dir, resume=args.resume, report=servicer.set_preparing)
         servicer.set_package(PackageBlob(job.package.blob, job.package.sha256))
         if metrics is not None:
             job.engine.round_hooks.append(metrics.round_hook)

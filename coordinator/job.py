@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -54,14 +55,20 @@ def lora_settings(config: JobConfig) -> LoraSettings:
                         freeze_a=config.lora.freeze_a, target_modules=tuple(config.lora.target_modules))
 
 
-def build_package(config: JobConfig, output_dir: Path) -> Package:
+Report = Callable[[str], None]
+"""Receives a one-line status of a long preparation ("distilling the emulator: step 40/600, ...")."""
+
+
+def build_package(config: JobConfig, output_dir: Path, *, report: Report | None = None) -> Package:
     """Write the package folder and its tar once; a resumed job reuses them byte for byte."""
+    say = report or (lambda _text: None)
     folder = output_dir / "package"
     tar_path = output_dir / "package.tar"
     if tar_path.exists() and (folder / "job.json").exists():
         blob = tar_path.read_bytes()
         return Package(folder, blob, sha256_hex(blob), JobSpec.load(folder))
     shutil.rmtree(folder, ignore_errors=True)
+    say("loading the model")
     labels = job_labels(config)
     model_dir = resolve_model_path(config.model.path, config.base_dir)
     tokenizer = load_tokenizer(model_dir)
@@ -81,7 +88,9 @@ def build_package(config: JobConfig, output_dir: Path) -> Package:
     else:
         from emulator.offsite_package import write_offsite_package
 
-        write_offsite_package(base, tokenizer, spec, folder, base_dir=config.base_dir)
+        say("building the emulator")
+        write_offsite_package(base, tokenizer, spec, folder, base_dir=config.base_dir, report=report)
+    say("writing the package")
     spec.save(folder)
     blob = pack(folder)
     atomic_write_bytes(tar_path, blob)
@@ -157,12 +166,15 @@ def check_output_dir(output_dir: Path, *, resume: bool) -> None:
 
 
 def prepare_job(config: JobConfig, output_dir: Path, *, resume: bool = False,
-                client_phase: ClientPhase | None = None) -> PreparedJob:
+                client_phase: ClientPhase | None = None, report: Report | None = None) -> PreparedJob:
+    """``report`` hears what the preparation is doing (the coordinator passes it on to waiting clients)."""
     check_output_dir(output_dir, resume=resume)
     checkpointer = Checkpointer(output_dir / "checkpoints")
     metrics = MetricsLog(output_dir / "metrics.jsonl")
     atomic_write_text(output_dir / "job.toml.json", _json(config.to_dict()))
-    package = build_package(config, output_dir)
+    package = build_package(config, output_dir, report=report)
+    if report is not None:
+        report("loading the validation data and the global model")
     tokenizer = load_tokenizer(package.folder / "model")
     validation = load_validation(config, tokenizer, package.spec.labels)
     model: Any

@@ -64,12 +64,17 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self.registry = registry
         self.mailbox = mailbox
         self.package = package
+        self.preparing = "preparing the job package"  # what clients are told while package is None
         self.heartbeat_interval_s = heartbeat_interval_s or heartbeat_interval_for(mailbox.heartbeat_timeout_s)
         self.chunk_bytes = chunk_bytes
         self.errors = 0
 
     def set_package(self, package: PackageBlob) -> None:
         self.package = package
+
+    def set_preparing(self, status: str) -> None:
+        """What the coordinator is doing before the package exists; waiting clients see it."""
+        self.preparing = status
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -136,8 +141,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         package = self.package
         if package is None:
             context.set_trailing_metadata(((NOT_READY_KEY, "1"),))
-            context.abort(grpc.StatusCode.UNAVAILABLE,
-                          "job package not ready yet: the coordinator is preparing the job package")
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"job package not ready yet: {self.preparing}")
         assert package is not None
         yield from self._stream(package.data, package.sha256, request.offset, context)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -277,6 +278,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    # progress off a terminal (a job's log file) comes as INFO lines, see emulator/progress.py
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # weight-loading bars; our own progress stays
     if args.threads:

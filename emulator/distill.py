@@ -31,6 +31,7 @@ uninterrupted one.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -44,12 +45,12 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from emulator.architectures import transformer_blocks
 from emulator.evaluation import Encoded, _open_text, collate, encode, pad_id_of
 from emulator.offsite import EmulatorError, EmulatorLayout
+from emulator.progress import StepProgress
 
 STATE_FILE = "distill_state.safetensors"
 META_FILE = "distill_state.json"
@@ -367,11 +368,14 @@ def distill(
     checkpoint_dir: str | Path | None = None,
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
+    report: Callable[[str], None] | None = None,
 ) -> DistillResult:
     """Train ``emulator``'s kept middle blocks in place; ``full`` is not changed.
 
     With ``checkpoint_dir`` the run resumes from the last checkpoint there and
     checkpoints every ``config.checkpoint_every`` steps and at the end.
+    ``progress`` shows a bar on a terminal and log lines elsewhere; ``report``
+    gets a one-line status after every step (see :class:`StepProgress`).
     """
     if len(layout.emulator_blocks) != len(transformer_blocks(emulator)):
         raise EmulatorError("the layout does not describe this emulator")
@@ -403,9 +407,9 @@ def distill(
     order = _batches(len(data), config.batch_size, config.seed)
     for _ in range(start):
         next(order)
-    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="distill",
-               disable=not progress)
-    for step in bar:
+    bar = StepProgress("distilling the emulator", config.steps, initial=start, enabled=progress,
+                       log=logging.getLogger("fedsite.distill"), report=report)
+    for step in range(start, config.steps):
         batch = collate(data, next(order), pad_id)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
@@ -420,12 +424,13 @@ def distill(
         torch.nn.utils.clip_grad_norm_(list(params.values()), config.max_grad_norm)
         opt.step()
         losses.append(float(loss.detach()))
-        bar.set_postfix(hidden=f"{losses[-1]:.4f}")
+        bar.step(hidden_loss=losses[-1])
         if on_step is not None:
             on_step(step + 1, losses[-1])
         if ckpt is not None and ((step + 1) % config.checkpoint_every == 0
                                  or step + 1 == config.steps):
             _save_checkpoint(ckpt, step + 1, params, opt, config, losses)
+    bar.close()
     for p in emulator.parameters():
         p.requires_grad_(False)
     layout.distilled = layout.distilled or config.steps > start

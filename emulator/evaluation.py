@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import gzip
 import json
+import logging
 import math
 import random
 import time
@@ -36,7 +37,6 @@ from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from emulator.architectures import spec_for
@@ -48,6 +48,9 @@ from emulator.offsite import (
     head_parameter_names,
     plug_in,
 )
+from emulator.progress import StepProgress
+
+log = logging.getLogger("fedsite.evaluate")
 
 
 class EvaluationDataError(ValueError):
@@ -198,9 +201,8 @@ def train(
     torch.manual_seed(config.seed)
     model.train()
     losses: list[float] = []
-    bar = tqdm(_batches(len(data), config.batch_size, steps, config.seed), total=steps,
-               desc=desc, disable=not progress, leave=False)
-    for index in bar:
+    bar = StepProgress(desc, steps, enabled=progress, log=log)
+    for index in _batches(len(data), config.batch_size, steps, config.seed):
         batch = collate(data, index, pad_id)
         if causal_lm:
             labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
@@ -213,7 +215,8 @@ def train(
         opt.step()
         sched.step()
         losses.append(float(loss.detach()))
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        bar.step(loss=losses[-1])
+    bar.close()
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

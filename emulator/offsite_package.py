@@ -15,6 +15,7 @@ them into the blocks before plug-in.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +46,12 @@ def trainable_names(emulator: PreTrainedModel, layout: EmulatorLayout) -> list[s
 
 
 def build_offsite_emulator(full: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, offsite: dict[str, Any],
-                           *, base_dir: Path, work_dir: Path, seed: int,
-                           max_length: int = 64) -> tuple[PreTrainedModel, EmulatorLayout]:
-    """Layer drop, then (if asked) distillation of the kept middle blocks on the owner's public text."""
+                           *, base_dir: Path, work_dir: Path, seed: int, max_length: int = 64,
+                           report: Callable[[str], None] | None = None) -> tuple[PreTrainedModel, EmulatorLayout]:
+    """Layer drop, then (if asked) distillation of the kept middle blocks on the owner's public text.
+
+    ``report`` gets a one-line status after every distillation step.
+    """
     emulator, layout = build_emulator(
         full,
         adapter_layers=offsite.get("adapter_layers") or None,
@@ -64,14 +68,15 @@ def build_offsite_emulator(full: PreTrainedModel, tokenizer: PreTrainedTokenizer
         config = DistillConfig(steps=steps, seed=seed, lr=float(offsite.get("distill_lr") or 1e-4),
                                batch_size=int(offsite.get("distill_batch_size") or 32), max_length=max_length,
                                input_noise=float(offsite.get("distill_input_noise") or 0.0))
-        distill(full, emulator, layout, tokenizer, texts, config, checkpoint_dir=work_dir / "distill")
+        distill(full, emulator, layout, tokenizer, texts, config, checkpoint_dir=work_dir / "distill", report=report)
     return emulator, layout
 
 
 def write_offsite_package(full: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, spec: JobSpec, folder: Path,
-                          *, base_dir: Path) -> EmulatorLayout:
+                          *, base_dir: Path, report: Callable[[str], None] | None = None) -> EmulatorLayout:
     emulator, layout = build_offsite_emulator(full, tokenizer, spec.offsite, base_dir=base_dir,
-                                              work_dir=folder.parent, seed=spec.seed, max_length=spec.max_length)
+                                              work_dir=folder.parent, seed=spec.seed, max_length=spec.max_length,
+                                              report=report)
     for param in emulator.parameters():
         param.requires_grad_(False)
     save_emulator(emulator, layout, folder / "model")

@@ -7,6 +7,7 @@ engine does.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -213,9 +214,11 @@ def test_heartbeats_come_three_times_per_timeout_at_most_every_five_seconds() ->
     assert [heartbeat_interval_for(t) for t in (3, 6, 8, 20, 60, 3600)] == [1, 2, 2, 5, 5, 5]
 
 
-def test_a_client_waits_for_a_coordinator_still_preparing_its_package(tmp_path: Path) -> None:
-    """Listening before the package exists: enrolment works, downloads say 'not ready', a real
-    client waits past its give-up window (the coordinator answers), health is NOT_SERVING meanwhile."""
+def test_a_client_waits_for_a_coordinator_still_preparing_its_package(tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """Listening before the package exists: enrolment works, downloads say 'not ready' and what the
+    coordinator is doing, a real client waits past its give-up window (the coordinator answers) and
+    logs that status, health is NOT_SERVING meanwhile."""
     registry = ClientRegistry.from_tokens(["t"])
     servicer = CoordinatorServicer(job_name="t", registry=registry,
                                    mailbox=Mailbox(registry, heartbeat_timeout_s=30), package=None)
@@ -225,9 +228,11 @@ def test_a_client_waits_for_a_coordinator_still_preparing_its_package(tmp_path: 
         assert not _serving(channel)
         stub = pb_grpc.CoordinatorStub(channel)
         creds = _enrol(stub, "t")
+        servicer.set_preparing("distilling the emulator: step 3/10, hidden_loss 0.25")
         with pytest.raises(grpc.RpcError) as info:
             list(stub.FetchPackage(pb.FetchRequest(credentials=creds), timeout=5))
-        assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "not ready" in info.value.details()
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert info.value.details() == "job package not ready yet: distilling the emulator: step 3/10, hidden_loss 0.25"
         assert NOT_READY_KEY in dict(info.value.trailing_metadata())
         agent = Agent(AgentOptions(coordinator=f"127.0.0.1:{server.port}", token="t", data=tmp_path / "unused",
                                    state_dir=tmp_path / "state", give_up_after_s=1.0))
@@ -235,8 +240,10 @@ def test_a_client_waits_for_a_coordinator_still_preparing_its_package(tmp_path: 
         fetched: list[Path] = []
         download = threading.Thread(target=lambda: fetched.append(agent.fetch_package()))
         download.start()
+        caplog.set_level(logging.INFO, logger="fedsite.client")
         download.join(timeout=7)  # past the 1 s give-up window and a retry
         assert download.is_alive() and not fetched
+        assert "distilling the emulator: step 3/10" in caplog.text
         folder = tmp_path / "package"
         folder.mkdir()
         (folder / "job.json").write_text("{}")

@@ -95,6 +95,9 @@ def test_three_clients_tune_an_emulator_and_the_plug_in_beats_probe_and_emulator
     clients = [start_client(address, shards[i], TOKENS[i], tmp_path / f"client{i}") for i in range(CLIENTS)]
     codes = wait_all([coordinator, *clients], timeout_s=1200)
     assert codes == [0] * (CLIENTS + 1), tail(tmp_path / "run.coordinator.log") + tail(tmp_path / "client0.log")
+    # distillation progress reads as log lines in the coordinator's log, not tqdm redraws
+    coordinator_log = (tmp_path / "run.coordinator.log").read_text()
+    assert f"distilling the emulator: step {DISTILL}/{DISTILL}" in coordinator_log and "\r" not in coordinator_log
 
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records] == list(range(ROUNDS + 1))

@@ -4,6 +4,7 @@ middle, checkpoints as safetensors and resumes to the same result."""
 from __future__ import annotations
 
 import json
+import logging
 import random
 from pathlib import Path
 
@@ -190,6 +191,31 @@ def test_resume_refuses_a_different_run(tmp_path: Path) -> None:
         distill(full, emulator, layout, tok, texts,
                 DistillConfig(steps=4, batch_size=8, max_length=16), checkpoint_dir=tmp_path,
                 progress=False)
+
+
+def test_progress_goes_to_the_log_off_a_terminal_and_to_the_report_every_step(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A coordinator's stderr is a log file: a line per tenth of the run, no carriage-return bar;
+    the report hook (what waiting clients are told) hears every step, counting from a resume."""
+    full, emulator, layout = _build()
+    tok = word_tokenizer()
+    texts = word_texts(64, seed=4)
+    config = DistillConfig(steps=20, batch_size=4, max_length=16, checkpoint_every=5)
+    caplog.set_level(logging.INFO, logger="fedsite.distill")
+    heard: list[str] = []
+
+    def stop_at_12(step: int, _loss: float) -> None:
+        if step == 12:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        distill(full, emulator, layout, tok, texts, config, checkpoint_dir=tmp_path, on_step=stop_at_12)
+    steps_logged = [r.getMessage() for r in caplog.records if r.name == "fedsite.distill"]
+    assert [m.split(",")[0] for m in steps_logged] == [f"distilling the emulator: step {n}/20" for n in (2, 4, 6,
+                                                                                                         8, 10, 12)]
+    assert all("\r" not in m and "hidden_loss" in m for m in steps_logged)
+    distill(full, emulator, layout, tok, texts, config, checkpoint_dir=tmp_path, report=heard.append)
+    assert [h.split(",")[0] for h in heard] == [f"distilling the emulator: step {n}/20" for n in range(11, 21)]
 
 
 def test_read_text_corpus(tmp_path: Path) -> None:
