@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,7 +27,9 @@ import grpc
 from client.data import DataError, read_examples
 from client.runtime import ClientRuntime
 from coordinator.errors import UserError
-from emulator.package import unpack
+from emulator.base_fingerprint import restore_base_weights
+from emulator.models import ModelLoadError
+from emulator.package import PackageError, unpack
 from privacy.atomic import atomic_write_bytes, atomic_write_json
 from protos import fedsite_pb2 as pb
 from protos import fedsite_pb2_grpc as pb_grpc
@@ -75,6 +78,7 @@ class AgentOptions:
     key: Path | None = None
     name: str = field(default_factory=platform.node)
     give_up_after_s: float = 900.0
+    base_model: str | None = None  # lora jobs: a local copy of the base model, checked against the fingerprint
 
 
 class _Reenrol(Exception):
@@ -203,13 +207,25 @@ class Agent:
                 return folder
         assert self.credentials is not None
         creds = self.credentials
-        blob = self._download(self.stub.FetchPackage, lambda off: pb.FetchRequest(credentials=creds, offset=off),
-                              partial=self.state_dir / "package.partial", max_bytes=MAX_PACKAGE_BYTES,
-                              what="package download")
+        own = self.options.base_model
+        partial = self.state_dir / ("package-slim.partial" if own else "package.partial")
+        slim = bool(own)
+        blob = self._download(self.stub.FetchPackage,
+                              lambda off: pb.FetchRequest(credentials=creds, offset=off, without_base_weights=slim),
+                              partial=partial, max_bytes=MAX_PACKAGE_BYTES, what="package download")
         folder = self.state_dir / f"package-{sha256_hex(blob)[:16]}"
+        shutil.rmtree(folder, ignore_errors=True)  # a half-restored folder from a crash
         unpack(blob, folder)
+        if own:
+            log.info("job package without base weights (%.1f MB); loading the base model from %s", len(blob) / 1e6, own)
+            try:
+                restore_base_weights(folder, own)
+            except (PackageError, ModelLoadError, OSError) as exc:
+                shutil.rmtree(folder, ignore_errors=True)
+                raise UserError(str(exc)) from exc
+            log.info("base model from %s matches the job's fingerprint", own)
         atomic_write_json(marker, {"folder": str(folder), "sha256": sha256_hex(blob)})
-        (self.state_dir / "package.partial").unlink(missing_ok=True)
+        partial.unlink(missing_ok=True)
         log.info("job package verified (%.1f MB)", len(blob) / 1e6)
         return folder
 

@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--name", default=None, help="a name for the coordinator's logs")
     run.add_argument("--give-up-after-s", type=float, default=900.0,
                      help="exit if the coordinator stays unreachable this long (default 900)")
+    run.add_argument("--base-model", default=None,
+                     help="lora jobs: load the base model from this local Hugging Face folder (or 'minilm') "
+                          "instead of downloading it; it must match the job's fingerprint tensor for tensor")
     run.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
 
     split = sub.add_parser("split", help="split one JSONL file into per-client files")
@@ -59,7 +62,7 @@ def _run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     options = AgentOptions(coordinator=args.coordinator, token=args.token, data=args.data,
                            state_dir=args.state_dir, ca_cert=args.ca_cert, cert=args.cert, key=args.key,
-                           give_up_after_s=args.give_up_after_s)
+                           give_up_after_s=args.give_up_after_s, base_model=args.base_model)
     if args.name:
         options.name = args.name
     return Agent(options).run()

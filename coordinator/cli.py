@@ -104,7 +104,8 @@ def serve(args: argparse.Namespace) -> int:
             port = metrics.serve(args.metrics_port, args.metrics_host)
             log.info("Prometheus metrics on http://%s:%d/metrics", args.metrics_host, port)
         job = prepare_job(config, output_dir, resume=args.resume, report=servicer.set_preparing)
-        servicer.set_package(PackageBlob(job.package.blob, job.package.sha256))
+        servicer.set_package(PackageBlob(job.package.blob, job.package.sha256),
+                             slim=PackageBlob(job.package.slim, job.package.slim_sha256) if job.package.slim else None)
         if metrics is not None:
             job.engine.round_hooks.append(metrics.round_hook)
         log.info("job package ready (%.1f MB); %d rounds to go", len(job.package.blob) / 1e6,

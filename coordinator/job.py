@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,8 +23,9 @@ from coordinator.checkpoint import Checkpointer
 from coordinator.config import ConfigError, JobConfig
 from coordinator.engine import ClientPhase, RoundEngine
 from coordinator.metrics import MetricsLog
+from emulator.base_fingerprint import FINGERPRINT_FILE, write_fingerprint, write_slim_package
 from emulator.lora import LoraSettings, add_lora, load_trainable_state, merged_copy, trainable_state
-from emulator.models import load_model, load_tokenizer, resolve_model_path
+from emulator.models import load_model_and_new_tensors, load_tokenizer, resolve_model_path
 from emulator.package import JobSpec, load_trainable_model, pack
 from emulator.tasks import EncodedExamples, encode, evaluate
 from privacy.atomic import atomic_write_bytes, atomic_write_text
@@ -38,6 +40,8 @@ class Package:
     blob: bytes
     sha256: str
     spec: JobSpec
+    slim: bytes | None = None  # lora mode: the package without the base weights, for clients with their own copy
+    slim_sha256: str = ""
 
 
 def job_labels(config: JobConfig) -> list[str]:
@@ -66,13 +70,13 @@ def build_package(config: JobConfig, output_dir: Path, *, report: Report | None 
     tar_path = output_dir / "package.tar"
     if tar_path.exists() and (folder / "job.json").exists():
         blob = tar_path.read_bytes()
-        return Package(folder, blob, sha256_hex(blob), JobSpec.load(folder))
+        return _with_slim(Package(folder, blob, sha256_hex(blob), JobSpec.load(folder)), output_dir)
     shutil.rmtree(folder, ignore_errors=True)
     say("loading the model")
     labels = job_labels(config)
     model_dir = resolve_model_path(config.model.path, config.base_dir)
     tokenizer = load_tokenizer(model_dir)
-    base = load_model(model_dir, config.model.task, labels, seed=config.job.seed)
+    base, job_initialized = load_model_and_new_tensors(model_dir, config.model.task, labels, seed=config.job.seed)
     spec = JobSpec(
         job_name=config.job.name, mode=config.job.mode, task=config.model.task,
         max_length=config.model.max_length, labels=labels, seed=config.job.seed,
@@ -81,6 +85,7 @@ def build_package(config: JobConfig, output_dir: Path, *, report: Report | None 
     (folder / "model").mkdir(parents=True)
     if config.job.mode == "lora":
         base.save_pretrained(str(folder / "model"), safe_serialization=True)
+        write_fingerprint(base, job_initialized, folder)
         tokenizer.save_pretrained(str(folder / "model"))
         peft_model = add_lora(base, lora_settings(config), task=config.model.task, seed=config.job.seed)
         peft_model.save_pretrained(str(folder / "adapter"), safe_serialization=True)
@@ -94,7 +99,21 @@ def build_package(config: JobConfig, output_dir: Path, *, report: Report | None 
     spec.save(folder)
     blob = pack(folder)
     atomic_write_bytes(tar_path, blob)
-    return Package(folder, blob, sha256_hex(blob), spec)
+    return _with_slim(Package(folder, blob, sha256_hex(blob), spec), output_dir)
+
+
+def _with_slim(package: Package, output_dir: Path) -> Package:
+    """Add the slim package (written once, beside the full one) when the package has a base fingerprint."""
+    if not (package.folder / FINGERPRINT_FILE).exists():
+        return package  # offsite mode (the emulator is not the client's to have)
+    slim_path = output_dir / "package-slim.tar"
+    if not slim_path.exists():
+        with tempfile.TemporaryDirectory(dir=output_dir) as tmp:
+            write_slim_package(package.folder, Path(tmp) / "slim")
+            atomic_write_bytes(slim_path, pack(Path(tmp) / "slim"))
+    package.slim = slim_path.read_bytes()
+    package.slim_sha256 = sha256_hex(package.slim)
+    return package
 
 
 class LoraGlobalModel:

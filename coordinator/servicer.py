@@ -64,12 +64,15 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self.registry = registry
         self.mailbox = mailbox
         self.package = package
+        self.slim_package: PackageBlob | None = None
         self.preparing = "preparing the job package"  # what clients are told while package is None
         self.heartbeat_interval_s = heartbeat_interval_s or heartbeat_interval_for(mailbox.heartbeat_timeout_s)
         self.chunk_bytes = chunk_bytes
         self.errors = 0
 
-    def set_package(self, package: PackageBlob) -> None:
+    def set_package(self, package: PackageBlob, slim: PackageBlob | None = None) -> None:
+        """``slim``: the package without the base weights (lora mode), for clients with their own copy."""
+        self.slim_package = slim
         self.package = package
 
     def set_preparing(self, status: str) -> None:
@@ -143,6 +146,14 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             context.set_trailing_metadata(((NOT_READY_KEY, "1"),))
             context.abort(grpc.StatusCode.UNAVAILABLE, f"job package not ready yet: {self.preparing}")
         assert package is not None
+        if request.without_base_weights:
+            slim = self.slim_package
+            if slim is None:
+                self._abort(context, grpc.StatusCode.FAILED_PRECONDITION,
+                            "this job has no package without base weights (an offsite job ships an emulator, "
+                            "not the model): run the client without --base-model")
+            assert slim is not None
+            package = slim
         yield from self._stream(package.data, package.sha256, request.offset, context)
 
     def PollTask(self, request: pb.PollRequest, context: grpc.ServicerContext) -> pb.Task:

@@ -70,6 +70,19 @@ def load_model(
     dtype: torch.dtype = torch.float32,
 ) -> PreTrainedModel:
     """The model with the task's head; a new classification head is seeded so every party agrees."""
+    return load_model_and_new_tensors(folder, task, labels, seed=seed, dtype=dtype)[0]
+
+
+def load_model_and_new_tensors(
+    folder: Path,
+    task: str,
+    labels: Sequence[str] | None = None,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[PreTrainedModel, list[str]]:
+    """:func:`load_model`, and the names of the tensors the folder did not hold (a new task head),
+    which the job itself initialised (tensors tied to loaded ones, like a tied LM head, excluded)."""
     try:
         config = AutoConfig.from_pretrained(str(folder))
     except (OSError, ValueError) as exc:
@@ -79,18 +92,24 @@ def load_model(
     if task == "classification":
         if not labels:
             raise ModelLoadError("a classification model needs its labels")
-        model = AutoModelForSequenceClassification.from_pretrained(
+        model, info = AutoModelForSequenceClassification.from_pretrained(
             str(folder),
             num_labels=len(labels),
             id2label=dict(enumerate(labels)),
             label2id={label: i for i, label in enumerate(labels)},
             dtype=dtype,
+            output_loading_info=True,
         )
     elif task == "causal-lm":
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+        model, info = AutoModelForCausalLM.from_pretrained(  # type: ignore[misc]  # a tuple with loading info
+            str(folder), dtype=dtype, output_loading_info=True)
     else:
         raise ModelLoadError(f"unknown task {task!r}")
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
     model.eval()
-    return model
+    state = model.state_dict()
+    missing = set(info.get("missing_keys") or ()) & set(state)
+    loaded_storage = {t.data_ptr() for name, t in state.items() if name not in missing}
+    new = sorted(name for name in missing if state[name].data_ptr() not in loaded_storage)
+    return model, new

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14protos/fedsite.proto\x12\nfedsite.v1\"5\n\x0b\x43redentials\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x13\n\x0bsession_key\x18\x02 \x01(\t\"3\n\rEnrollRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x13\n\x0b\x63lient_name\x18\x02 \x01(\t\"\x99\x01\n\x0b\x45nrollReply\x12,\n\x0b\x63redentials\x18\x01 \x01(\x0b\x32\x17.fedsite.v1.Credentials\x12\x10\n\x08job_name\x18\x02 \x01(\t\x12\x16\n\x0epackage_sha256\x18\x03 \x01(\t\x12\x14\n\x0cpackage_size\x18\x04 \x01(\x04\x12\x1c\n\x14heartbeat_interval_s\x18\x05 \x01(\r\"]\n\x0c\x46\x65tchRequest\x12,\n\x0b\x63redentials\x18\x01 \x01(\x0b\x32\x17.fedsite.v1.Credentials\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x04\"I\n\x05\x43hunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\";\n\x0bPollRequest\x12,\n\x0b\x63redentials\x18\x01 \x01(\x0b\x32\x17.fedsite.v1.Credentials\"\xda\x01\n\x04Task\x12#\n\x04kind\x18\x01 \x01(\x0e\x32\x15.fedsite.v1.Task.Kind\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\x12\r\n\x05stage\x18\x04 \x01(\t\x12\x0c\n\x04size\x18\x05 \x01(\x04\x12\x0e\n\x06sha256\x18\x06 \x01(\t\x12\x16\n\x0eretry_after_ms\x18\x07 \x01(\r\x12\x0f\n\x07message\x18\x08 \x01(\t\x12\x12\n\ndeadline_s\x18\t \x01(\x01\"#\n\x04Kind\x12\x08\n\x04WAIT\x10\x00\x12\x07\n\x03RUN\x10\x01\x12\x08\n\x04\x44ONE\x10\x02\"\x8e\x01\n\x0bUploadChunk\x12,\n\x0b\x63redentials\x18\x01 \x01(\x0b\x32\x17.fedsite.v1.Credentials\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x0e\n\x06offset\x18\x05 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\"0\n\x0bUploadReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\"a\n\x10HeartbeatRequest\x12,\n\x0b\x63redentials\x18\x01 \x01(\x0b\x32\x17.fedsite.v1.Credentials\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\"$\n\x0eHeartbeatReply\x12\x12\n\ntask_alive\x18\x01 \x01(\x08\x32\x82\x03\n\x0b\x43oordinator\x12<\n\x06\x45nroll\x12\x19.fedsite.v1.EnrollRequest\x1a\x17.fedsite.v1.EnrollReply\x12=\n\x0c\x46\x65tchPackage\x12\x18.fedsite.v1.FetchRequest\x1a\x11.fedsite.v1.Chunk0\x01\x12\x35\n\x08PollTask\x12\x17.fedsite.v1.PollRequest\x1a\x10.fedsite.v1.Task\x12:\n\tFetchTask\x12\x18.fedsite.v1.FetchRequest\x1a\x11.fedsite.v1.Chunk0\x01\x12<\n\x06Upload\x12\x17.fedsite.v1.UploadChunk\x1a\x17.fedsite.v1.UploadReply(\x01\x12\x45\n\tHeartbeat\x12\x1c.fedsite.v1.HeartbeatRequest\x1a\x1a.fedsite.v1.HeartbeatReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14protos/fedsite.proto\x12\nfedsite.v1\"5\n\x0b\x43redentials\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x13\n\x0bsession_key\x18\x02 \x01(\t\"3\n\rEnrollRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x13\n\x0b\x63lient_name\x18\x02 \x01(\t\"\x99\x01\n\x0b\x45nrollReply\x12,\n\x0b\x63redentials\x18\x01 \x01(\x0b\x32\x17.fedsite.v1.Credentials\x12\x10\n\x08job_name\x18\x02 \x01(\t\x12\x16\n\x0epackage_sha256\x18\x03 \x01(\t\x12\x14\n\x0cpackage_size\x18\x04 \x01(\x04\x12\x1c\n\x14heartbeat_interval_s\x18\x05 \x01(\r\"{\n\x0c\x46\x65tchRequest\x12,\n\x0b\x63redentials\x18\x01 \x01(\x0b\x32\x17.fedsite.v1.Credentials\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x1c\n\x14without_base_weights\x18\x04 \x01(\x08\"I\n\x05\x43hunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\";\n\x0bPollRequest\x12,\n\x0b\x63redentials\x18\x01 \x01(\x0b\x32\x17.fedsite.v1.Credentials\"\xda\x01\n\x04Task\x12#\n\x04kind\x18\x01 \x01(\x0e\x32\x15.fedsite.v1.Task.Kind\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\x12\r\n\x05stage\x18\x04 \x01(\t\x12\x0c\n\x04size\x18\x05 \x01(\x04\x12\x0e\n\x06sha256\x18\x06 \x01(\t\x12\x16\n\x0eretry_after_ms\x18\x07 \x01(\r\x12\x0f\n\x07message\x18\x08 \x01(\t\x12\x12\n\ndeadline_s\x18\t \x01(\x01\"#\n\x04Kind\x12\x08\n\x04WAIT\x10\x00\x12\x07\n\x03RUN\x10\x01\x12\x08\n\x04\x44ONE\x10\x02\"\x8e\x01\n\x0bUploadChunk\x12,\n\x0b\x63redentials\x18\x01 \x01(\x0b\x32\x17.fedsite.v1.Credentials\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x0e\n\x06offset\x18\x05 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\"0\n\x0bUploadReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\"a\n\x10HeartbeatRequest\x12,\n\x0b\x63redentials\x18\x01 \x01(\x0b\x32\x17.fedsite.v1.Credentials\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\"$\n\x0eHeartbeatReply\x12\x12\n\ntask_alive\x18\x01 \x01(\x08\x32\x82\x03\n\x0b\x43oordinator\x12<\n\x06\x45nroll\x12\x19.fedsite.v1.EnrollRequest\x1a\x17.fedsite.v1.EnrollReply\x12=\n\x0c\x46\x65tchPackage\x12\x18.fedsite.v1.FetchRequest\x1a\x11.fedsite.v1.Chunk0\x01\x12\x35\n\x08PollTask\x12\x17.fedsite.v1.PollRequest\x1a\x10.fedsite.v1.Task\x12:\n\tFetchTask\x12\x18.fedsite.v1.FetchRequest\x1a\x11.fedsite.v1.Chunk0\x01\x12<\n\x06Upload\x12\x17.fedsite.v1.UploadChunk\x1a\x17.fedsite.v1.UploadReply(\x01\x12\x45\n\tHeartbeat\x12\x1c.fedsite.v1.HeartbeatRequest\x1a\x1a.fedsite.v1.HeartbeatReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,23 +38,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENROLLREPLY']._serialized_start=145
   _globals['_ENROLLREPLY']._serialized_end=298
   _globals['_FETCHREQUEST']._serialized_start=300
-  _globals['_FETCHREQUEST']._serialized_end=393
-  _globals['_CHUNK']._serialized_start=395
-  _globals['_CHUNK']._serialized_end=468
-  _globals['_POLLREQUEST']._serialized_start=470
-  _globals['_POLLREQUEST']._serialized_end=529
-  _globals['_TASK']._serialized_start=532
-  _globals['_TASK']._serialized_end=750
-  _globals['_TASK_KIND']._serialized_start=715
-  _globals['_TASK_KIND']._serialized_end=750
-  _globals['_UPLOADCHUNK']._serialized_start=753
-  _globals['_UPLOADCHUNK']._serialized_end=895
-  _globals['_UPLOADREPLY']._serialized_start=897
-  _globals['_UPLOADREPLY']._serialized_end=945
-  _globals['_HEARTBEATREQUEST']._serialized_start=947
-  _globals['_HEARTBEATREQUEST']._serialized_end=1044
-  _globals['_HEARTBEATREPLY']._serialized_start=1046
-  _globals['_HEARTBEATREPLY']._serialized_end=1082
-  _globals['_COORDINATOR']._serialized_start=1085
-  _globals['_COORDINATOR']._serialized_end=1471
+  _globals['_FETCHREQUEST']._serialized_end=423
+  _globals['_CHUNK']._serialized_start=425
+  _globals['_CHUNK']._serialized_end=498
+  _globals['_POLLREQUEST']._serialized_start=500
+  _globals['_POLLREQUEST']._serialized_end=559
+  _globals['_TASK']._serialized_start=562
+  _globals['_TASK']._serialized_end=780
+  _globals['_TASK_KIND']._serialized_start=745
+  _globals['_TASK_KIND']._serialized_end=780
+  _globals['_UPLOADCHUNK']._serialized_start=783
+  _globals['_UPLOADCHUNK']._serialized_end=925
+  _globals['_UPLOADREPLY']._serialized_start=927
+  _globals['_UPLOADREPLY']._serialized_end=975
+  _globals['_HEARTBEATREQUEST']._serialized_start=977
+  _globals['_HEARTBEATREQUEST']._serialized_end=1074
+  _globals['_HEARTBEATREPLY']._serialized_start=1076
+  _globals['_HEARTBEATREPLY']._serialized_end=1112
+  _globals['_COORDINATOR']._serialized_start=1115
+  _globals['_COORDINATOR']._serialized_end=1501
 # @@protoc_insertion_point(module_scope)

@@ -37,14 +37,16 @@ class EnrollReply(_message.Message):
     def __init__(self, credentials: _Optional[_Union[Credentials, _Mapping]] = ..., job_name: _Optional[str] = ..., package_sha256: _Optional[str] = ..., package_size: _Optional[int] = ..., heartbeat_interval_s: _Optional[int] = ...) -> None: ...
 
 class FetchRequest(_message.Message):
-    __slots__ = ("credentials", "task_id", "offset")
+    __slots__ = ("credentials", "task_id", "offset", "without_base_weights")
     CREDENTIALS_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
+    WITHOUT_BASE_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     credentials: Credentials
     task_id: str
     offset: int
-    def __init__(self, credentials: _Optional[_Union[Credentials, _Mapping]] = ..., task_id: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
+    without_base_weights: bool
+    def __init__(self, credentials: _Optional[_Union[Credentials, _Mapping]] = ..., task_id: _Optional[str] = ..., offset: _Optional[int] = ..., without_base_weights: _Optional[bool] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("data", "offset", "total_size", "sha256")

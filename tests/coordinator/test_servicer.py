@@ -84,7 +84,7 @@ def _serving(channel: grpc.Channel) -> bool:
 
 
 def test_enrolment_and_package_download_in_chunks(service: Service) -> None:
-    stub, _, channel, _ = service
+    stub, _, channel, servicer = service
     assert _code(lambda: stub.Enroll(pb.EnrollRequest(token="wrong"), timeout=5)) == grpc.StatusCode.PERMISSION_DENIED
     assert _code(lambda: stub.Enroll(pb.EnrollRequest(token=""), timeout=5)) == grpc.StatusCode.INVALID_ARGUMENT
     creds = _enrol(stub, "good-a")
@@ -93,6 +93,12 @@ def test_enrolment_and_package_download_in_chunks(service: Service) -> None:
     assert assemble(((c.offset, c.data) for c in chunks), len(PACKAGE), chunks[0].sha256, max_bytes=1 << 30) == PACKAGE
     resumed = list(stub.FetchPackage(pb.FetchRequest(credentials=creds, offset=len(PACKAGE) - 10), timeout=30))
     assert b"".join(c.data for c in resumed) == PACKAGE[-10:]
+    # the package without base weights: refused where the job has none (offsite), streamed where it has
+    slim_request = pb.FetchRequest(credentials=creds, without_base_weights=True)
+    assert _code(lambda: list(stub.FetchPackage(slim_request, timeout=5))) == grpc.StatusCode.FAILED_PRECONDITION
+    slim = PACKAGE[:5000]
+    servicer.set_package(PackageBlob(PACKAGE, sha256_hex(PACKAGE)), slim=PackageBlob(slim, sha256_hex(slim)))
+    assert b"".join(c.data for c in stub.FetchPackage(slim_request, timeout=30)) == slim
     past_end = pb.FetchRequest(credentials=creds, offset=len(PACKAGE) + 1)
     assert _code(lambda: list(stub.FetchPackage(past_end, timeout=5))) == grpc.StatusCode.INVALID_ARGUMENT
     forged = pb.Credentials(client_id=creds.client_id, session_key="0" * 64)

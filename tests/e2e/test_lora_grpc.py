@@ -77,9 +77,13 @@ def test_three_clients_three_rounds_improve_and_export(tmp_path: Path) -> None:
     shards = disjoint_shards(tmp_path, clients=3, per_client=500)
     out = tmp_path / "run"
     coordinator, address = start_coordinator(job, out)
-    clients = [start_client(address, shards[i], TOKENS[i], tmp_path / f"client{i}") for i in range(3)]
+    # client 2 has its own copy of the base model: it downloads the package without the weights
+    clients = [start_client(address, shards[i], TOKENS[i], tmp_path / f"client{i}",
+                            *(("--base-model", "minilm") if i == 2 else ())) for i in range(3)]
     codes = wait_all([coordinator, *clients], timeout_s=900)
-    assert codes == [0, 0, 0, 0], tail(tmp_path / "run.coordinator.log") + tail(tmp_path / "client0.log")
+    assert codes == [0, 0, 0, 0], tail(tmp_path / "run.coordinator.log") + tail(tmp_path / "client2.log")
+    assert "base model from minilm matches the job's fingerprint" in (tmp_path / "client2.log").read_text()
+    assert (out / "package-slim.tar").stat().st_size < 0.05 * (out / "package.tar").stat().st_size
 
     records = _metrics(out)
     assert [r["round"] for r in records] == [0, 1, 2, 3]
