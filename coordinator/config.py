@@ -161,6 +161,11 @@ class OffsiteSection:
         "the emulator, so the emulator matches around the untuned adapter's outputs (0 = off)", default=0.0)
     adapter_lora: bool = _help("train LoRA on the adapter blocks ([lora] r, alpha, dropout, target_modules, freeze_a)"
                                 " instead of the blocks themselves", default=False)
+    refine_steps: int = _help(
+        "plug-in refinement before export: the full model's adapter blocks and head learn the tuned emulator's "
+        "predictions on distill_data (KL, no labels, no client data); 0 = export the plain plug-in", default=0)
+    refine_lr: float = _help("refinement learning rate (AdamW, linear decay)", default=1e-4)
+    refine_temperature: float = _help("softmax temperature of the refinement's KL", default=2.0)
 
     def validate(self) -> None:
         if self.adapter_layers < 0:
@@ -173,6 +178,12 @@ class OffsiteSection:
         _positive("offsite.distill_batch_size", self.distill_batch_size)
         if not 0.0 <= self.distill_input_noise <= 10.0:
             raise ConfigError(f"offsite.distill_input_noise must be in [0, 10], got {self.distill_input_noise}")
+        if self.refine_steps < 0:
+            raise ConfigError("offsite.refine_steps must be >= 0")
+        if self.refine_steps and not self.distill_data:
+            raise ConfigError("offsite.refine_steps > 0 needs offsite.distill_data (the public text it runs on)")
+        _positive("offsite.refine_lr", self.refine_lr)
+        _positive("offsite.refine_temperature", self.refine_temperature)
 
 
 @dataclass

@@ -8,6 +8,8 @@ export. The full model's middle blocks never leave this object.
 
 from __future__ import annotations
 
+import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -17,12 +19,17 @@ from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from coordinator.config import JobConfig
+from emulator.distill import read_text_corpus
 from emulator.lora import MergeError, load_trainable_state, trainable_state
 from emulator.models import load_model, resolve_model_path
 from emulator.offsite import EmulatorError, EmulatorLayout, plug_in
 from emulator.offsite_package import adapter_state_for_plug_in
 from emulator.package import load_trainable_model
+from emulator.refine import RefineConfig, refine_plug_in
 from emulator.tasks import EncodedExamples, evaluate
+
+log = logging.getLogger("fedsite.offsite")
+REFINEMENT_FILE = "refinement.json"
 
 
 class OffsiteGlobalModel:
@@ -40,6 +47,11 @@ class OffsiteGlobalModel:
         self.validation = validation
         self.tokenizer = tokenizer
         self.eval_batch_size = eval_batch_size
+        offsite = config.offsite
+        self.refine = RefineConfig(steps=offsite.refine_steps, lr=offsite.refine_lr,
+                                   temperature=offsite.refine_temperature, max_length=config.model.max_length,
+                                   seed=config.job.seed)
+        self.public_text = config.resolve(offsite.distill_data) if offsite.distill_data else None
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return {name: t.clone() for name, t in self.state.items()}
@@ -66,11 +78,35 @@ class OffsiteGlobalModel:
             return {}
         return evaluate(self.plugged, self.validation, batch_size=self.eval_batch_size)
 
+    def refined(self) -> tuple[PreTrainedModel, dict[str, Any]]:
+        """The plug-in refined on the public text against the tuned emulator (``[offsite] refine_steps``)."""
+        assert self.public_text is not None  # the config requires distill_data with refine_steps
+        teacher = self.trainable
+        load_trainable_state(teacher, self.state)  # the emulator with the final adapter: what clients tuned
+        texts = read_text_corpus(self.public_text)
+        log.info("refining the plug-in: %d steps on %d public texts", self.refine.steps, len(texts))
+        model, kl = refine_plug_in(self.plugged, teacher, self.layout, self.tokenizer, texts, self.refine)
+        summary: dict[str, Any] = {"steps": self.refine.steps, "lr": self.refine.lr,
+                                   "temperature": self.refine.temperature, "kl_first": kl[0],
+                                   "kl_last": sum(kl[-10:]) / len(kl[-10:])}
+        if self.validation is not None:
+            summary["validation_plug_in"] = self.evaluate()
+            summary["validation_refined"] = evaluate(model, self.validation, batch_size=self.eval_batch_size)
+            log.info("plug-in refinement: validation %s -> %s", summary["validation_plug_in"],
+                     summary["validation_refined"])
+        return model, summary
+
     def export(self, folder: Path) -> None:
-        """final/: the full model with the tuned adapter plugged in; plain transformers loads it."""
+        """final/: the full model with the tuned adapter plugged in (refined, if the job asks);
+        plain transformers loads it."""
         tmp = folder.with_name(folder.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
-        self.plugged.save_pretrained(str(tmp), safe_serialization=True)
+        model = self.plugged
+        if self.refine.steps > 0:
+            model, summary = self.refined()
+            tmp.mkdir(parents=True)
+            (tmp / REFINEMENT_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        model.save_pretrained(str(tmp), safe_serialization=True)
         self.tokenizer.save_pretrained(str(tmp))
         shutil.rmtree(folder, ignore_errors=True)
         tmp.rename(folder)

@@ -52,6 +52,7 @@ from emulator.offsite import (
     load_layout_checked,
     save_emulator,
 )
+from emulator.refine import RefineConfig
 
 TASKS = ("auto", "classification", "causal-lm")
 
@@ -203,6 +204,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         head = spec_for(full).classifier_head
         getattr(emulator, head).load_state_dict(getattr(full, head).state_dict())
     layout = load_layout_checked(emu_path, emulator)
+    if args.refine_steps and not args.public_text:
+        raise CliError("--refine-steps needs --public-text (unlabelled text the owner may use)")
     rows = args.rows or [r for r in ALL_ROWS if not (causal and r == "linear_probe")]
     table = evaluate_offsite(
         full, emulator, layout, tok, train_data, eval_data, train_cfg, causal_lm=causal,
@@ -211,6 +214,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         full_ft_config=TrainConfig(**{**vars(train_cfg), "lr": args.ft_lr or args.lr}),
         lora_config=TrainConfig(**{**vars(train_cfg), "lr": args.lora_lr or args.lr}),
         adapter_lora_r=args.adapter_lora_r,
+        refine=RefineConfig(steps=args.refine_steps, lr=args.refine_lr, max_length=args.max_length, seed=args.seed),
+        public_texts=read_text_corpus(args.public_text) if args.refine_steps else (),
     )
     print(table.to_markdown())
     if args.json:
@@ -268,6 +273,11 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--ft-lr", type=float, default=None)
     e.add_argument("--lora-lr", type=float, default=1e-3)
     e.add_argument("--adapter-lora-r", type=int, default=0)
+    e.add_argument("--refine-steps", type=int, default=0,
+                   help="also score the plug-in refined against the tuned emulator on --public-text "
+                        "(row plug_in_refined; the coordinator's [offsite] refine_steps)")
+    e.add_argument("--refine-lr", type=float, default=1e-4)
+    e.add_argument("--public-text", default=None, help="unlabelled text for --refine-steps (JSONL 'text' or lines)")
     e.add_argument("--max-length", type=int, default=128)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--threads", type=int, default=None, help="torch CPU threads")

@@ -34,7 +34,6 @@ import json
 import logging
 import math
 import os
-import random
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -48,7 +47,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from emulator.architectures import transformer_blocks
-from emulator.evaluation import Encoded, _open_text, collate, encode, pad_id_of
+from emulator.evaluation import Encoded, _open_text, collate, encode, pad_id_of, shuffled_batches
 from emulator.offsite import EmulatorError, EmulatorLayout
 from emulator.progress import StepProgress
 
@@ -338,15 +337,6 @@ def _load_checkpoint(directory: Path, params: dict[str, nn.Parameter],
 # The run
 
 
-def _batches(n: int, batch_size: int, seed: int) -> Iterator[list[int]]:
-    rng = random.Random(seed)
-    while True:
-        order = list(range(n))
-        rng.shuffle(order)
-        for start in range(0, max(1, n - batch_size + 1), batch_size):
-            yield order[start : start + batch_size]
-
-
 def middle_parameters(emulator: PreTrainedModel, layout: EmulatorLayout) -> dict[str, nn.Parameter]:
     """The kept middle blocks' parameters, by state-dict name (what distillation trains)."""
     blocks = transformer_blocks(emulator)
@@ -404,7 +394,7 @@ def distill(
 
     full.eval()
     emulator.eval()  # no dropout: the student matches a deterministic function
-    order = _batches(len(data), config.batch_size, config.seed)
+    order = shuffled_batches(len(data), config.batch_size, config.seed)
     for _ in range(start):
         next(order)
     bar = StepProgress("distilling the emulator", config.steps, initial=start, enabled=progress,

@@ -157,13 +157,15 @@ class TrainConfig:
     max_grad_norm: float = 1.0
 
 
-def _batches(n: int, batch_size: int, steps: int, seed: int) -> Iterator[list[int]]:
+def shuffled_batches(n: int, batch_size: int, seed: int, steps: int | None = None) -> Iterator[list[int]]:
+    """Index batches over ``n`` examples, epoch after reshuffled epoch (a short last batch is dropped),
+    for ``steps`` batches or forever; the order depends only on ``seed``, so a resumed run can skip ahead."""
     rng = random.Random(seed)
     done = 0
     while True:
         order = list(range(n))
         rng.shuffle(order)
-        for start in range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size):
+        for start in range(0, max(1, n - batch_size + 1), batch_size):
             if done == steps:
                 return
             yield order[start : start + batch_size]
@@ -202,7 +204,7 @@ def train(
     model.train()
     losses: list[float] = []
     bar = StepProgress(desc, steps, enabled=progress, log=log)
-    for index in _batches(len(data), config.batch_size, steps, config.seed):
+    for index in shuffled_batches(len(data), config.batch_size, config.seed, steps):
         batch = collate(data, index, pad_id)
         if causal_lm:
             labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
@@ -415,11 +417,15 @@ def evaluate_offsite(
     adapter_lora_r: int = 0,
     adapter_lora_targets: str | None = None,
     progress: bool = True,
+    refine: Any = None,
+    public_texts: Sequence[str] = (),
 ) -> EvaluationTable:
     """Train each requested row on ``train_data`` and score it on ``eval_data``.
 
     ``full`` and ``emulator`` must share the same (fresh) task head for
-    classification, so every row starts from the same point.
+    classification, so every row starts from the same point. With ``refine``
+    (an :class:`emulator.refine.RefineConfig`) and ``public_texts``, the plug-in
+    is also refined against the tuned emulator and scored as ``plug_in_refined``.
     """
     pad_id = pad_id_of(tokenizer)
 
@@ -442,8 +448,15 @@ def evaluate_offsite(
                                         causal_lm=causal_lm, lora_r=adapter_lora_r,
                                         lora_targets=adapter_lora_targets, **kw)
             out[row] = score(tuned)
+            plugged = plug_in(full, state, layout)
             if "plug_in" in rows:
-                out["plug_in"] = score(plug_in(full, state, layout))
+                out["plug_in"] = score(plugged)
+            if refine is not None and refine.steps > 0:
+                from emulator.refine import refine_plug_in  # refine builds on this module
+
+                refined, _ = refine_plug_in(plugged, tuned, layout, tokenizer, public_texts, refine,
+                                            progress=progress)
+                out["plug_in_refined"] = score(refined)
         elif row == "plug_in":
             continue  # computed with emulator_alone
         elif row == "full_lora":
@@ -461,7 +474,7 @@ def evaluate_offsite(
             raise ValueError(f"unknown row {row!r}; choose from {[*ALL_ROWS, 'adapter_on_full']}")
         seconds[row] = time.perf_counter() - start
     exp = exposure(full, emulator)
-    ordered = {name: out[name] for name in [*rows, "plug_in"] if name in out}
+    ordered = {name: out[name] for name in dict.fromkeys([*rows, "plug_in", "plug_in_refined"]) if name in out}
     return EvaluationTable(
         task="causal-lm" if causal_lm else "classification",
         metric="perplexity" if causal_lm else "accuracy",

@@ -35,13 +35,16 @@ from transformers.utils import logging as hf_logging
 from emulator.distill import DistillConfig, distill, hidden_distance
 from emulator.evaluation import (
     TrainConfig,
+    accuracy,
     encode,
     evaluate_offsite,
     pad_id_of,
     read_labelled,
     subsample,
+    tune_adapter,
 )
-from emulator.offsite import build_emulator, save_emulator
+from emulator.offsite import build_emulator, plug_in, save_emulator
+from emulator.refine import RefineConfig, refine_plug_in
 
 HERE = Path(__file__).resolve().parent
 DATA = Path(os.environ.get("FEDSITE_DATA", "/work/shared/data"))
@@ -71,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--distill-lr", type=float, default=1e-4)
     ap.add_argument("--distill-batch", type=int, default=32)
     ap.add_argument("--distill-objective", default="middle")
+    ap.add_argument("--refine-steps", type=int, nargs="*", default=[],
+                    help="plug-in refinement runs (each from the same plug-in): KL to the tuned emulator's "
+                         "predictions on the public text, adapter blocks + head of the full model trained")
+    ap.add_argument("--refine-lr", type=float, default=1e-4)
+    ap.add_argument("--refine-temperature", type=float, default=2.0)
     ap.add_argument("--distill-input-noise", type=float, default=0.0,
                     help="relative std of the noise on the middle's input during distillation")
     ap.add_argument("--emulator-cache", default=None,
@@ -138,6 +146,31 @@ def main(argv: list[str] | None = None) -> int:
     def cfg(lr: float, head_lr: float | None = None) -> TrainConfig:
         return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=lr,
                            head_lr=head_lr or args.head_lr, seed=args.seed)
+
+    if args.refine_steps:
+        t0 = time.perf_counter()
+        pad = pad_id_of(tok)
+        tuned, state = tune_adapter(emulator, layout, train_data, cfg(args.adapter_lr), pad_id=pad, causal_lm=False,
+                                    lora_r=args.adapter_lora_r, lora_targets=args.adapter_lora_targets,
+                                    progress=False)
+        plugged = plug_in(full, state, layout)
+        scores = {"emulator_alone": accuracy(tuned, val_data, pad_id=pad),
+                  "plug_in": accuracy(plugged, val_data, pad_id=pad)}
+        public = [texts[i] for i in public_idx]
+        for steps in args.refine_steps:
+            refined, kl = refine_plug_in(plugged, tuned, layout, tok, public,
+                                         RefineConfig(steps=steps, lr=args.refine_lr, seed=args.seed,
+                                                      temperature=args.refine_temperature,
+                                                      max_length=args.max_length), progress=False)
+            scores[f"plug_in_refined_{steps}"] = accuracy(refined, val_data, pad_id=pad)
+            extra[f"refine_kl_first_last_{steps}"] = [kl[0], sum(kl[-20:]) / len(kl[-20:])]
+            print(json.dumps({"refine_steps": steps, "accuracy": scores[f"plug_in_refined_{steps}"]}), flush=True)
+        record = {"tag": args.tag, "args": vars(args), "rows": scores, "total_seconds": time.perf_counter() - t0,
+                  **extra}
+        with open(args.out, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+        print(json.dumps({"tag": args.tag, "rows": scores}), flush=True)
+        args.rows = [r for r in args.rows if r not in ("emulator_alone", "plug_in")]
 
     # one record per trained model, appended as soon as it is scored (CPU is scarce:
     # a killed run keeps what it finished); plug_in rides with emulator_alone

@@ -95,11 +95,13 @@ def test_evaluate_causal_lm_perplexity(tmp_path: Path) -> None:
     assert main(["build", "--model", str(model), "--output-dir", str(emu)]) == 0
     data = tmp_path / "lm.txt"
     data.write_text("\n".join(word_texts(40, seed=7)) + "\n")
+    public = tmp_path / "public.txt"
+    public.write_text("\n".join(word_texts(40, seed=8)) + "\n")
     out_json = tmp_path / "t.json"
     assert main(["evaluate", "--model", str(model), "--emulator", str(emu), "--data", str(data),
-                 "--rows", "emulator_alone", "plug_in", "--batch-size", "8",
-                 "--json", str(out_json)]) == 0
+                 "--rows", "emulator_alone", "plug_in", "--batch-size", "8", "--refine-steps", "3",
+                 "--public-text", str(public), "--json", str(out_json)]) == 0
     table = json.loads(out_json.read_text())
     assert table["metric"] == "perplexity"
-    assert set(table["rows"]) == {"emulator_alone", "plug_in"}
+    assert list(table["rows"]) == ["emulator_alone", "plug_in", "plug_in_refined"]
     assert all(1.0 < v < 10 * 128 for v in table["rows"].values())

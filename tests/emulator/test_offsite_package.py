@@ -164,3 +164,50 @@ def test_a_job_with_distillation_ships_a_changed_middle_and_keeps_its_checkpoint
     (meta,) = (tmp_path / "out").rglob("distill_state.json")
     saved = json.loads(meta.read_text())["config"]
     assert saved["input_noise"] == 0.5 and saved["max_length"] == 24 and saved["batch_size"] == 8
+
+
+def test_export_refines_the_plug_in_on_public_text_and_leaves_the_clients_adapter_alone(
+        tiny_bert_dir: Path, tmp_path: Path) -> None:
+    """``refine_steps`` > 0: final/ is the plug-in refined against the tuned emulator (only adapter blocks
+    and head differ from the plain plug-in), refinement.json records it, and what clients train is unchanged."""
+    from transformers import AutoModelForSequenceClassification
+
+    from client.runtime import ClientRuntime
+    from coordinator.offsite_model import REFINEMENT_FILE, OffsiteGlobalModel
+    from emulator.tasks import evaluate
+
+    rows = read_examples(VALIDATION, need_label=True)[:300]
+    write_jsonl(tmp_path / "val.jsonl", rows[:60])
+    (tmp_path / "public.txt").write_text("\n".join(r.text for r in rows[160:]) + "\n")
+    config = parse_job({
+        "job": {"name": "off-refine", "mode": "offsite", "rounds": 1, "clients_per_round": 1, "min_clients": 1},
+        "model": {"path": str(tiny_bert_dir), "max_length": 24},
+        "data": {"validation": str(tmp_path / "val.jsonl")},
+        "train": {"local_steps": 5, "batch_size": 8, "lr": 1e-2},
+        "offsite": {"adapter_layers": 1, "keep": 1, "distill_data": "public.txt", "refine_steps": 20,
+                    "refine_lr": 1e-3},
+    }, tmp_path)
+    job = prepare_job(config, tmp_path / "out")
+    model = job.model
+    assert isinstance(model, OffsiteGlobalModel)
+    message = job.engine.train_message(1, 1)
+    reply = ClientRuntime.from_package(job.package.folder, rows[60:160], state_dir=None).handle(
+        decode_message(encode_message(message)))
+    model.set_trainable_state({n: message.tensors[n] + reply.tensors[n] for n in message.tensors})
+    before = model.trainable_state()
+    plain = {n: t.clone() for n, t in model.plugged.state_dict().items()}
+
+    model.export(tmp_path / "final")
+    summary = json.loads((tmp_path / "final" / REFINEMENT_FILE).read_text())
+    # (that refinement lowers a real mismatch is tests/emulator/test_refine.py's; a random tiny BERT has none)
+    assert summary["steps"] == 20 and summary["kl_first"] >= 0 and summary["kl_last"] >= 0
+    assert summary["validation_plug_in"] == model.evaluate()
+    final = AutoModelForSequenceClassification.from_pretrained(tmp_path / "final").eval()
+    assert job.model.validation is not None
+    assert evaluate(final, job.model.validation)["val_accuracy"] == pytest.approx(
+        summary["validation_refined"]["val_accuracy"], abs=1e-9)
+    layout = EmulatorLayout.load(job.package.folder / "model")
+    adapter_blocks = tuple(f"bert.encoder.layer.{i}." for i in layout.adapter_full_indices)
+    changed = {n for n, t in final.state_dict().items() if not torch.equal(t, plain[n])}
+    assert changed and all(n.startswith(adapter_blocks) or n.startswith("classifier.") for n in changed)
+    assert all(torch.equal(model.trainable_state()[n], before[n]) for n in before)
