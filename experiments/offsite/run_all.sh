@@ -73,6 +73,27 @@ $R --tag emu-1+1-keep3-distill600-noise1.0-lr5e-4-head5e-3 --adapter-layers 1 --
 $R --tag emu-1+1-keep2-distill600-segments-lr5e-4-head5e-3 --adapter-layers 1 --keep 2 --distill-steps 600 \
    --distill-objective segments --emulator-cache "$CACHE/1+1-keep2-d600-segments" --adapter-lr 5e-4 \
    --head-lr 5e-3 --rows emulator_alone plug_in
+# a third seed for the best recipe
+$R --seed 2 --tag emu-1+1-keep3-distill600-lr5e-4-head5e-3-seed2 --adapter-layers 1 --keep 3 --distill-steps 600 \
+   --emulator-cache "$CACHE/1+1-keep3-d600" --adapter-lr 5e-4 --head-lr 5e-3 --rows emulator_alone plug_in
+# input noise on the 2+2 layout
+$R --tag emu-2+2-keep1-distill600-noise1.0-lr2e-4-head5e-3 --adapter-layers 2 --keep 1 --distill-steps 600 \
+   --distill-input-noise 1.0 --emulator-cache "$CACHE/2+2-keep1-d600-noise1.0" --adapter-lr 2e-4 --head-lr 5e-3 \
+   --rows emulator_alone plug_in
+# strong compression (1 of 4 kept), long distillation with noise: does a weaker emulator leave room for plug-in?
+$R --tag emu-1+1-keep1-distill1500-dlr3e-4-noise1.0-lr5e-4-head5e-3 --adapter-layers 1 --keep 1 \
+   --distill-steps 1500 --distill-lr 3e-4 --distill-input-noise 1.0 \
+   --emulator-cache "$CACHE/1+1-keep1-d1500-lr3e-4-noise1.0" --adapter-lr 5e-4 --head-lr 5e-3 --rows emulator_alone plug_in
+# plug-in refinement on the public text (the tuned emulator as teacher), from one tuned adapter each
+$R --tag refine-1+1-keep2-distill600-lr5e-4-head5e-3 --adapter-layers 1 --keep 2 --distill-steps 600 \
+   --emulator-cache "$CACHE/1+1-keep2-d600" --adapter-lr 5e-4 --head-lr 5e-3 --refine-steps 150 400
+$R --tag refine-1+1-keep3-distill600-lr5e-4-head5e-3 --adapter-layers 1 --keep 3 --distill-steps 600 \
+   --emulator-cache "$CACHE/1+1-keep3-d600" --adapter-lr 5e-4 --head-lr 5e-3 --refine-steps 150 400
+$R --seed 1 --tag refine-1+1-keep3-distill600-lr5e-4-head5e-3-seed1 --adapter-layers 1 --keep 3 --distill-steps 600 \
+   --emulator-cache "$CACHE/1+1-keep3-d600" --adapter-lr 5e-4 --head-lr 5e-3 --refine-steps 150 400
+$R --tag refine-1+1-keep1-distill1500-dlr3e-4-noise1.0-lr5e-4-head5e-3 --adapter-layers 1 --keep 1 \
+   --distill-steps 1500 --distill-lr 3e-4 --distill-input-noise 1.0 \
+   --emulator-cache "$CACHE/1+1-keep1-d1500-lr3e-4-noise1.0" --adapter-lr 5e-4 --head-lr 5e-3 --refine-steps 150
 # layer sharing instead of layer drop (CRaSh), before training: hidden distance only
 $PY experiments/offsite/sharing_distance.py
 
