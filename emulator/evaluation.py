@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -49,6 +49,9 @@ from emulator.offsite import (
     plug_in,
 )
 from emulator.progress import StepProgress
+
+if TYPE_CHECKING:
+    from emulator.refine import RefineConfig  # refine builds on this module
 
 log = logging.getLogger("fedsite.evaluate")
 
@@ -417,7 +420,7 @@ def evaluate_offsite(
     adapter_lora_r: int = 0,
     adapter_lora_targets: str | None = None,
     progress: bool = True,
-    refine: Any = None,
+    refine: RefineConfig | None = None,
     public_texts: Sequence[str] = (),
 ) -> EvaluationTable:
     """Train each requested row on ``train_data`` and score it on ``eval_data``.
@@ -448,10 +451,11 @@ def evaluate_offsite(
                                         causal_lm=causal_lm, lora_r=adapter_lora_r,
                                         lora_targets=adapter_lora_targets, **kw)
             out[row] = score(tuned)
-            plugged = plug_in(full, state, layout)
-            if "plug_in" in rows:
+            wants_refined = refine is not None and refine.steps > 0
+            plugged = plug_in(full, state, layout) if "plug_in" in rows or wants_refined else None
+            if "plug_in" in rows and plugged is not None:
                 out["plug_in"] = score(plugged)
-            if refine is not None and refine.steps > 0:
+            if wants_refined and refine is not None and plugged is not None:
                 from emulator.refine import refine_plug_in  # refine builds on this module
 
                 refined, _ = refine_plug_in(plugged, tuned, layout, tokenizer, public_texts, refine,
