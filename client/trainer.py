@@ -6,29 +6,48 @@ client index), so a simulated and a real run of the same job see the same
 batches. When sample-level DP is on, the DataLoader and optimizer are handed
 to Opacus (Poisson sampling) and the steps are recorded in the client's
 privacy ledger.
+
+A step is one *logical* batch (``batch_size`` examples, the batch the
+optimizer and, under DP, the noise see), computed in *physical* chunks of at
+most ``physical_batch_size`` rows so that memory stays bounded whatever the
+logical batch. Under DP the chunks go through Opacus' skip-step protocol (the
+one its ``BatchMemoryManager`` uses): every chunk's per-sample gradients are
+clipped and summed, and the noise is added once per logical batch, so the
+update does not depend on the chunking. The rows of a logical batch are
+sorted by length before they are cut into chunks: each chunk is padded only
+to its own longest row, which saves a third of the compute on short texts.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from opacus.optimizers import DPOptimizer
 from torch.utils.data import DataLoader, RandomSampler
 
+from emulator.architectures import UnsupportedArchitectureError, spec_for_config
 from emulator.tasks import EncodedExamples
 
 
 @dataclass(frozen=True)
 class TrainSettings:
     local_steps: int
-    batch_size: int
+    batch_size: int  # logical batch: examples per optimizer step (the expected size under Poisson sampling)
     lr: float
     weight_decay: float = 0.0
     seed: int = 0
     head_lr: float = 0.0  # > 0: a separate learning rate for the (freshly initialised) task head
+    physical_batch_size: int = 0  # rows computed at once; 0 = the whole logical batch, however large
+
+    @property
+    def chunk(self) -> int:
+        return self.physical_batch_size if self.physical_batch_size > 0 else sys.maxsize
 
 
 @dataclass
@@ -52,8 +71,6 @@ def data_generator(seed: int, round_id: int, data_seed: int) -> torch.Generator:
 
 def is_head_parameter(model: torch.nn.Module, name: str) -> bool:
     """Parameters of the task head (classifier/score, also inside peft's modules_to_save)."""
-    from emulator.architectures import UnsupportedArchitectureError, spec_for_config
-
     config = getattr(model, "config", None)
     try:
         head = spec_for_config(config).classifier_head if config is not None else None
@@ -71,9 +88,24 @@ def param_groups(model: torch.nn.Module, settings: TrainSettings) -> list[dict]:
     return [g for g in ({"params": body, "lr": settings.lr}, {"params": head, "lr": settings.head_lr}) if g["params"]]
 
 
-def _forever(loader: DataLoader) -> Iterator[dict[str, torch.Tensor]]:
+def chunks_by_length(indices: Sequence[int], lengths: Sequence[int], size: int) -> list[list[int]]:
+    """``indices`` sorted by row length (stable) and cut into chunks of at most ``size``.
+
+    An empty batch gives one empty chunk: under DP it is still a (noise-only) step.
+    """
+    ordered = sorted(indices, key=lambda i: lengths[i])
+    if not ordered:
+        return [[]]
+    return [ordered[start:start + size] for start in range(0, len(ordered), size)]
+
+
+def _logical_batches(loader: DataLoader) -> Iterator[list[int]]:
+    """Index lists of the loader's batch sampler (plain random batches or Opacus' Poisson batches), forever."""
+    sampler = loader.batch_sampler
+    assert sampler is not None
     while True:
-        yield from loader
+        for batch in sampler:
+            yield [int(i) for i in batch]
 
 
 def train_steps(
@@ -94,23 +126,37 @@ def train_steps(
     model.train()  # before privatize: Opacus checks the mode and skips eval-mode forwards
     if privatize is not None:
         model, optimizer, loader = privatize(model, optimizer, loader)
+    lengths = [len(ids) for ids in data.input_ids]
+    private = isinstance(optimizer, DPOptimizer)
     total_loss, counted, seen = 0.0, 0, 0
-    batches = _forever(loader)
+    batches = _logical_batches(loader)
     for _ in range(settings.local_steps):
-        batch = next(batches)
+        logical = next(batches)
         optimizer.zero_grad(set_to_none=True)
-        n = int(batch["input_ids"].shape[0])
-        if n == 0:  # Poisson sampling can draw an empty batch: it still counts as a step
-            optimizer.step()
-            continue
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        value = loss.item()
-        if math.isfinite(value):
-            total_loss += value * n
-            counted += n
-        seen += n
+        parts = chunks_by_length(logical, lengths, settings.chunk)
+        for number, part in enumerate(parts):
+            last = number == len(parts) - 1
+            batch = loader.collate_fn([data[i] for i in part])
+            out: Any = model(**batch)
+            loss = out.loss
+            if private:
+                # Opacus scales each chunk's per-sample gradients itself (loss_reduction="mean");
+                # every chunk but the last only clips and accumulates, the last adds the noise and steps
+                loss.backward()
+                optimizer.signal_skip_step(do_skip=not last)  # type: ignore[attr-defined]
+                optimizer.step()
+                if not last:
+                    optimizer.zero_grad(set_to_none=True)  # drops grad_sample, keeps the clipped sum
+            else:
+                # gradient accumulation: each chunk's mean loss weighted by its share of the logical batch
+                (loss * (len(part) / max(len(logical), 1))).backward()
+                if last:
+                    optimizer.step()
+            value = loss.item()
+            if part and math.isfinite(value):
+                total_loss += value * len(part)
+                counted += len(part)
+            seen += len(part)
     model.eval()
     return TrainResult(loss=total_loss / max(counted, 1), steps=settings.local_steps,
                        seconds=time.monotonic() - start, examples_seen=seen)
