@@ -84,7 +84,7 @@ def restore_base_weights(folder: Path, own_model: str | Path) -> None:
     except (OSError, ValueError) as exc:
         raise PackageError(f"the slim package is incomplete: {exc}") from exc
     source = resolve_model_path(own_model)
-    model = load_model(source, spec.task, spec.labels, seed=spec.seed)
+    model = load_model(source, spec.task, spec.labels, seed=spec.seed, pooling=spec.pooling)
     state = model.state_dict()
     with torch.no_grad():
         for name, tensor in new.items():

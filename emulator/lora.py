@@ -20,6 +20,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel
 
 from emulator.architectures import spec_for
+from emulator.pooling import trainable_block_indices
 
 
 class MergeError(ValueError):
@@ -38,11 +39,14 @@ class LoraSettings:
 def lora_config_for(model: PreTrainedModel, settings: LoraSettings, *, task: str) -> LoraConfig:
     spec = spec_for(model)
     targets = list(settings.target_modules or spec.lora_targets)
+    blocks = trainable_block_indices(model.config)  # never the frozen mean-pooling block
     return LoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
         target_modules=targets,
+        layers_to_transform=blocks,
+        layers_pattern=spec.blocks_path.split(".")[-1] if blocks is not None else None,
         modules_to_save=[spec.classifier_head] if task == "classification" else None,
         fan_in_fan_out=spec.family == "gpt2",  # GPT-2 keeps its projections as Conv1D
         bias="none",

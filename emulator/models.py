@@ -22,6 +22,7 @@ from transformers import (
 )
 
 from emulator.architectures import spec_for_config
+from emulator.pooling import POOLINGS, PoolingError, add_mean_pooling_block
 
 EMBEDDED_DEFAULT = "minilm"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -68,9 +69,10 @@ def load_model(
     *,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    pooling: str = "cls",
 ) -> PreTrainedModel:
     """The model with the task's head; a new classification head is seeded so every party agrees."""
-    return load_model_and_new_tensors(folder, task, labels, seed=seed, dtype=dtype)[0]
+    return load_model_and_new_tensors(folder, task, labels, seed=seed, dtype=dtype, pooling=pooling)[0]
 
 
 def load_model_and_new_tensors(
@@ -80,9 +82,14 @@ def load_model_and_new_tensors(
     *,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    pooling: str = "cls",
 ) -> tuple[PreTrainedModel, list[str]]:
     """:func:`load_model`, and the names of the tensors the folder did not hold (a new task head),
-    which the job itself initialised (tensors tied to loaded ones, like a tied LM head, excluded)."""
+    which the job itself initialised (tensors tied to loaded ones, like a tied LM head, excluded).
+
+    ``pooling="mean"`` appends the frozen mean-pooling block (:mod:`emulator.pooling`); its tensors are
+    a fixed construction, the same for every party, so they are not counted as initialised by the job.
+    """
     try:
         config = AutoConfig.from_pretrained(str(folder))
     except (OSError, ValueError) as exc:
@@ -107,6 +114,13 @@ def load_model_and_new_tensors(
         raise ModelLoadError(f"unknown task {task!r}")
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
+    if pooling == "mean":
+        try:
+            add_mean_pooling_block(model)
+        except PoolingError as exc:
+            raise ModelLoadError(str(exc)) from exc
+    elif pooling != "cls":
+        raise ModelLoadError(f"unknown pooling {pooling!r}; allowed: {', '.join(POOLINGS)}")
     model.eval()
     state = model.state_dict()
     missing = set(info.get("missing_keys") or ()) & set(state)

@@ -42,6 +42,7 @@ class JobSpec:
     labels: list[str]
     seed: int
     lora: dict[str, Any] = field(default_factory=dict)
+    pooling: str = "cls"  # "mean": the model carries the frozen mean-pooling block (emulator/pooling.py)
     offsite: dict[str, Any] = field(default_factory=dict)
     trainable: dict[str, list[int]] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
