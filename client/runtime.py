@@ -28,7 +28,13 @@ from coordinator.engine import DECLINED, ERROR, SECAGG, TRAIN
 from emulator.lora import load_trainable_state, trainable_state
 from emulator.package import JobSpec, load_trainable_model
 from emulator.tasks import EncodedExamples, encode
-from privacy.accounting import PrivacyBudgetExhausted, PrivacyLedger, check_budget
+from privacy.accounting import (
+    PrivacyBudgetExhausted,
+    PrivacyLedger,
+    PrivacyPlanError,
+    check_budget,
+    plan_noise_multiplier,
+)
 from privacy.client_dp import ClientDPError, clip_update, distributed_noise_share
 from privacy.local_dp import make_private, unwrap
 from privacy.secagg import SecAggError, SecAggPlusClient, Stage
@@ -92,7 +98,7 @@ class ClientRuntime:
         settings = TrainSettings(
             local_steps=int(cfg["local_steps"]), batch_size=int(cfg["batch_size"]), lr=float(cfg["lr"]),
             weight_decay=float(cfg.get("weight_decay", 0.0)), seed=int(cfg.get("seed", 0)),
-            head_lr=float(cfg.get("head_lr", 0.0)),
+            head_lr=float(cfg.get("head_lr", 0.0)), physical_batch_size=int(cfg.get("physical_batch_size", 0)),
         )
         global_state = {k: v for k, v in message.tensors.items() if not k.startswith(SECAGG_PREFIX)}
         load_trainable_state(self.model, global_state)
@@ -101,23 +107,33 @@ class ClientRuntime:
         report: dict[str, Any] = {}
         if local_dp:
             ledger = self.ledger(str(local_dp.get("accountant", "rdp")))
-            sample_rate = min(1.0, settings.batch_size / len(self.data))
+            delta_dp = float(local_dp["delta"])
+            target = local_dp.get("target_epsilon")
+            rounds_left = max(1, int(local_dp.get("rounds", message.round)) - message.round + 1)
             try:
+                sigma, sample_rate = plan_noise_multiplier(
+                    examples=len(self.data), batch_size=settings.batch_size,
+                    steps=rounds_left * settings.local_steps, delta=delta_dp, ledger=ledger,
+                    target_epsilon=float(target) if target is not None else None,
+                    noise_multiplier=float(local_dp["noise_multiplier"]) if target is None else None)
                 epsilon_after = check_budget(
-                    ledger, noise_multiplier=float(local_dp["noise_multiplier"]), sample_rate=sample_rate,
-                    steps=settings.local_steps, delta=float(local_dp["delta"]),
-                    max_epsilon=float(local_dp["max_epsilon"]))
+                    ledger, noise_multiplier=sigma, sample_rate=sample_rate, steps=settings.local_steps,
+                    delta=delta_dp, max_epsilon=float(local_dp["max_epsilon"]))
             except PrivacyBudgetExhausted as exc:
                 log.warning("round %d: declining to train: privacy budget exhausted (%s)", message.round, exc)
                 return Message(round=message.round, stage=DECLINED,
-                               config={"reason": str(exc),
-                                       "epsilon": ledger.epsilon(float(local_dp["delta"]))})
+                               config={"reason": str(exc), "epsilon": ledger.epsilon(delta_dp)})
+            except PrivacyPlanError as exc:
+                log.error("round %d: declining to train: %s", message.round, exc)
+                return Message(round=message.round, stage=DECLINED,
+                               config={"reason": f"DP plan: {exc}", "epsilon": ledger.epsilon(delta_dp)})
 
             def privatize(model, optimizer, loader):
-                return make_private(model, optimizer, loader, noise_multiplier=float(local_dp["noise_multiplier"]),
+                return make_private(model, optimizer, loader, noise_multiplier=sigma,
                                     max_grad_norm=float(local_dp["max_grad_norm"]), ledger=ledger)
 
             report["epsilon_expected"] = epsilon_after
+            report["noise_multiplier"] = sigma
         generator = data_generator(settings.seed, message.round, self.data_seed)
         try:
             # dropout draws from torch's global RNG: seed it per (job, round, client data) so a round
@@ -129,8 +145,7 @@ class ClientRuntime:
             if local_dp:
                 unwrap(self.model)
         if local_dp:
-            ledger.record(noise_multiplier=float(local_dp["noise_multiplier"]), sample_rate=sample_rate,
-                          steps=settings.local_steps)
+            ledger.record(noise_multiplier=sigma, sample_rate=sample_rate, steps=settings.local_steps)
             report["epsilon"] = ledger.epsilon(float(local_dp["delta"]))
             report["delta"] = float(local_dp["delta"])
         new_state = trainable_state(self.model)

@@ -23,6 +23,7 @@ OPTIMIZERS = ("fedavg", "fedadam")
 ACCOUNTANTS = ("rdp", "prv", "gdp")
 PARTITIONS = ("iid", "dirichlet", "shards")
 AGGREGATORS = ("mean", "median", "trimmed_mean")
+POOLINGS = ("cls", "mean")
 MIN_HEARTBEAT_TIMEOUT_S = 3.0
 
 
@@ -77,10 +78,16 @@ class ModelSection:
     task: str = _help("classification | causal-lm", default="classification")
     max_length: int = _help("tokens per example", default=64)
     labels: list[str] = _help("class names; empty = sorted labels of the validation file", default_factory=list)
+    pooling: str = _help(
+        "classification with a BERT-family model: cls (the stock [CLS] pooler) | mean (a frozen block that mean-pools "
+        "the tokens, for sentence-embedding models such as the embedded MiniLM; lora mode)", default="cls")
 
     def validate(self) -> None:
         _choice("model.task", self.task, TASKS)
         _positive("model.max_length", self.max_length)
+        _choice("model.pooling", self.pooling, POOLINGS)
+        if self.pooling != "cls" and self.task != "classification":
+            raise ConfigError(f"model.pooling = {self.pooling!r} is for task = \"classification\"")
 
 
 @dataclass
@@ -97,7 +104,11 @@ class DataSection:
 @dataclass
 class TrainSection:
     local_steps: int = _help("optimizer steps per client per round", default=30)
-    batch_size: int = _help("examples per step", default=16)
+    batch_size: int = _help("examples per optimizer step (the logical batch; under DP, the expected Poisson batch)",
+                            default=16)
+    physical_batch_size: int = _help(
+        "rows computed at once: a larger logical batch runs in chunks of this many (memory), same result",
+        default=64)
     lr: float = _help("client learning rate (AdamW)", default=5e-4)
     weight_decay: float = _help("client AdamW weight decay", default=0.0)
     head_lr: float = _help("learning rate of the task head; 0 = same as lr", default=0.0)
@@ -105,6 +116,7 @@ class TrainSection:
     def validate(self) -> None:
         _positive("train.local_steps", self.local_steps)
         _positive("train.batch_size", self.batch_size)
+        _positive("train.physical_batch_size", self.physical_batch_size)
         _positive("train.lr", self.lr)
         if self.head_lr < 0:
             raise ConfigError(f"train.head_lr must be >= 0, got {self.head_lr}")
@@ -189,18 +201,46 @@ class OffsiteSection:
 @dataclass
 class LocalDPSection:
     enabled: bool = _help("sample-level DP-SGD on each client (Opacus)", default=False)
-    noise_multiplier: float = _help("Gaussian noise / max_grad_norm", default=1.0)
+    noise_multiplier: float | None = _help(
+        "Gaussian noise / max_grad_norm, fixed for the job (give this or target_epsilon)", default=None)
+    target_epsilon: float | None = _help(
+        "ε each client reaches after all the job's rounds: every client calibrates its noise multiplier to its own "
+        "sampling rate and the planned rounds x local_steps (give this or noise_multiplier)", default=None)
     max_grad_norm: float = _help("per-sample gradient clipping bound", default=1.0)
     delta: float = _help("target delta", default=1e-5)
-    max_epsilon: float = _help("per-client budget across all rounds", default=8.0)
+    max_epsilon: float | None = _help(
+        "per-client budget across all rounds and restarts; a round past it is declined (default: target_epsilon, "
+        "or 8 with a fixed noise_multiplier)", default=None)
     accountant: str = _help("rdp | prv | gdp", default="rdp")
 
     def validate(self) -> None:
         _choice("privacy.local_dp.accountant", self.accountant, ACCOUNTANTS)
-        _positive("privacy.local_dp.noise_multiplier", self.noise_multiplier)
+        if self.noise_multiplier is not None:
+            _positive("privacy.local_dp.noise_multiplier", self.noise_multiplier)
+        if self.target_epsilon is not None:
+            _positive("privacy.local_dp.target_epsilon", self.target_epsilon)
+        if self.enabled and (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ConfigError(
+                "privacy.local_dp: give noise_multiplier or target_epsilon, not both"
+                if self.noise_multiplier is not None else
+                "privacy.local_dp: give noise_multiplier (fixed noise) or target_epsilon (noise calibrated per client)")
+        if self.target_epsilon is not None and self.accountant == "gdp":
+            raise ConfigError("privacy.local_dp.target_epsilon needs accountant = \"rdp\" or \"prv\" (the calibrated "
+                              "noise changes between rounds, which 'gdp' cannot compose)")
         _positive("privacy.local_dp.max_grad_norm", self.max_grad_norm)
         _probability("privacy.local_dp.delta", self.delta)
-        _positive("privacy.local_dp.max_epsilon", self.max_epsilon)
+        if self.max_epsilon is not None:
+            _positive("privacy.local_dp.max_epsilon", self.max_epsilon)
+            if self.target_epsilon is not None and self.target_epsilon > self.max_epsilon:
+                raise ConfigError(f"privacy.local_dp.target_epsilon ({self.target_epsilon}) must be <= max_epsilon "
+                                  f"({self.max_epsilon})")
+
+    @property
+    def budget(self) -> float:
+        """The ε no client may pass (max_epsilon, or the target, or 8)."""
+        if self.max_epsilon is not None:
+            return self.max_epsilon
+        return self.target_epsilon if self.target_epsilon is not None else 8.0
 
 
 @dataclass
@@ -304,6 +344,9 @@ class JobConfig:
             raise ConfigError(
                 f"server.aggregator = {self.server.aggregator!r} needs each client's update, which secure "
                 "aggregation hides; use aggregator = \"mean\" or turn privacy.secure_aggregation off")
+        if self.model.pooling == "mean" and self.job.mode != "lora":
+            raise ConfigError("model.pooling = \"mean\" is for mode = \"lora\" (offsite mode trains the top blocks, "
+                              "which would include the pooling block)")
         if self.server.aggregator != "mean" and self.privacy.client_dp.enabled:
             raise ConfigError("server.aggregator must be \"mean\" with privacy.client_dp (its noise is calibrated "
                               "to the mean)")

@@ -176,6 +176,7 @@ class RoundEngine:
         config: dict[str, Any] = {
             "local_steps": train.local_steps,
             "batch_size": train.batch_size,
+            "physical_batch_size": train.physical_batch_size,
             "lr": train.lr,
             "weight_decay": train.weight_decay,
             "head_lr": train.head_lr,
@@ -183,9 +184,14 @@ class RoundEngine:
         }
         local_dp = self.config.privacy.local_dp
         if local_dp.enabled:
-            config["local_dp"] = {"noise_multiplier": local_dp.noise_multiplier, "delta": local_dp.delta,
-                                  "max_grad_norm": local_dp.max_grad_norm, "max_epsilon": local_dp.max_epsilon,
-                                  "accountant": local_dp.accountant}
+            config["local_dp"] = {"delta": local_dp.delta, "max_grad_norm": local_dp.max_grad_norm,
+                                  "max_epsilon": local_dp.budget, "accountant": local_dp.accountant,
+                                  # a calibrating client plans for taking part in every round left
+                                  "rounds": self.config.job.rounds}
+            if local_dp.target_epsilon is not None:
+                config["local_dp"]["target_epsilon"] = local_dp.target_epsilon
+            else:
+                config["local_dp"]["noise_multiplier"] = local_dp.noise_multiplier
         client_dp = self.config.privacy.client_dp
         if client_dp.enabled:
             config["client_dp"] = {"clip_norm": client_dp.clip_norm, "noise_multiplier": client_dp.noise_multiplier,
@@ -329,6 +335,9 @@ def client_privacy_metrics(engine: RoundEngine, reports: dict[str, dict[str, Any
     spent = {cid: float(r["epsilon"]) for cid, r in reports.items() if "epsilon" in r}
     engine.client_epsilon.update(spent)
     out: dict[str, Any] = {"epsilon_local": dict(sorted(spent.items())), "delta_local": config.privacy.local_dp.delta}
+    sigmas = {cid: float(r["noise_multiplier"]) for cid, r in reports.items() if "noise_multiplier" in r}
+    if sigmas:
+        out["noise_multiplier_local"] = dict(sorted(sigmas.items()))
     if engine.client_epsilon:
         out["epsilon_local_max"] = max(engine.client_epsilon.values())
     declined = sorted(cid for cid, r in reports.items() if "privacy budget" in str(r.get("reason", "")))

@@ -76,10 +76,11 @@ def build_package(config: JobConfig, output_dir: Path, *, report: Report | None 
     labels = job_labels(config)
     model_dir = resolve_model_path(config.model.path, config.base_dir)
     tokenizer = load_tokenizer(model_dir)
-    base, job_initialized = load_model_and_new_tensors(model_dir, config.model.task, labels, seed=config.job.seed)
+    base, job_initialized = load_model_and_new_tensors(model_dir, config.model.task, labels, seed=config.job.seed,
+                                                       pooling=config.model.pooling)
     spec = JobSpec(
         job_name=config.job.name, mode=config.job.mode, task=config.model.task,
-        max_length=config.model.max_length, labels=labels, seed=config.job.seed,
+        max_length=config.model.max_length, labels=labels, seed=config.job.seed, pooling=config.model.pooling,
         lora=asdict(config.lora), offsite=asdict(config.offsite),
     )
     (folder / "model").mkdir(parents=True)

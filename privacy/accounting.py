@@ -225,3 +225,94 @@ def job_epsilon(
     """
     entry = _check_entry(noise_multiplier, sample_rate, rounds)
     return epsilon_for_history([entry], delta=delta, accountant=accountant)
+
+
+def noise_multiplier_for(
+    target_epsilon: float,
+    *,
+    sample_rate: float,
+    steps: int,
+    delta: float,
+    ledger: PrivacyLedger,
+    tolerance: float | None = None,
+) -> float:
+    """Smallest noise multiplier such that ``steps`` more steps at ``sample_rate`` bring the ledger's
+    total ε to ``target_epsilon``, from below, to within ``tolerance`` (default 0.1 % of the target).
+
+    What Opacus' ``make_private_with_epsilon`` does for one training run, on top of a history (earlier
+    rounds, other restarts). Raises PrivacyBudgetExhausted when the ledger has already spent the target
+    or even σ = 1000 would overshoot it.
+    """
+    def eps(sigma: float) -> float:
+        return ledger.epsilon_after(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps, delta=delta)
+
+    if steps == 0:
+        return 0.0
+    tolerance = 1e-3 * target_epsilon if tolerance is None else tolerance
+    spent = ledger.epsilon(delta)
+    if not math.isfinite(target_epsilon) or target_epsilon <= spent:
+        raise PrivacyBudgetExhausted(spent, target_epsilon, spent)
+    low, high = 0.0, 1.0
+    while eps(high) > target_epsilon:
+        low, high = high, high * 2
+        if high > 1000:
+            raise PrivacyBudgetExhausted(eps(1000.0), target_epsilon, spent)
+    while high - low > 1e-6:
+        mid = (low + high) / 2
+        e_mid = eps(mid)
+        if e_mid > target_epsilon:
+            low = mid
+        else:
+            high = mid
+            if target_epsilon - e_mid < tolerance:
+                break
+    return high
+
+
+class PrivacyPlanError(ValueError):
+    """A DP-SGD plan that a client's data cannot carry (the message says what to change)."""
+
+
+# Past this, each step's noise on the averaged gradient has a standard deviation of at least a quarter of
+# the clipping bound per coordinate: the update is noise.
+MAX_NOISE_PER_EXAMPLE = 0.25
+
+
+def plan_noise_multiplier(
+    *,
+    examples: int,
+    batch_size: int,
+    steps: int,
+    delta: float,
+    ledger: PrivacyLedger,
+    target_epsilon: float | None = None,
+    noise_multiplier: float | None = None,
+) -> tuple[float, float]:
+    """(noise multiplier, sample rate) for ``steps`` more DP-SGD steps of a client holding ``examples``.
+
+    With ``target_epsilon`` the noise is calibrated so that the planned steps land the ledger on the
+    target; otherwise ``noise_multiplier`` is used as given. Raises PrivacyPlanError (one line saying
+    what to change) when the client holds fewer examples than one logical batch or the calibrated noise
+    would drown the update, and PrivacyBudgetExhausted when the ledger has spent the target already.
+    """
+    if examples <= 0:
+        raise PrivacyPlanError("this client holds no examples")
+    if target_epsilon is None:
+        if noise_multiplier is None:
+            raise PrivacyPlanError("a DP-SGD plan needs noise_multiplier or target_epsilon")
+        return noise_multiplier, min(1.0, batch_size / examples)  # every step sees all data past one batch
+    if examples < batch_size:
+        raise PrivacyPlanError(
+            f"this client holds {examples} examples, fewer than one logical batch ([train] batch_size = "
+            f"{batch_size}), so the noise cannot be calibrated to batches of that size; lower batch_size to at "
+            f"most {examples} or give the client more data")
+    sample_rate = batch_size / examples
+    sigma = noise_multiplier_for(target_epsilon, sample_rate=sample_rate, steps=steps, delta=delta, ledger=ledger)
+    if sigma / batch_size > MAX_NOISE_PER_EXAMPLE:
+        spent = ledger.epsilon(delta)
+        already = f" from the {spent:.3g} already spent" if spent > 0 else ""
+        raise PrivacyPlanError(
+            f"reaching ε = {target_epsilon:g}{already} in {steps} steps at batch {batch_size} of {examples} "
+            f"examples needs noise multiplier {sigma:.3g}: its noise would drown every update; plan fewer steps "
+            "(job rounds x local_steps), a larger batch_size or target_epsilon, or give clients more data")
+    return sigma, sample_rate

@@ -55,6 +55,7 @@ from privacy.accounting import (
     PrivacyBudgetExhausted,
     PrivacyLedger,
     check_budget,
+    noise_multiplier_for,
 )
 
 __all__ = [
@@ -522,50 +523,3 @@ def make_private(
         pin_memory=data_loader.pin_memory,
     )
     return model, dp_optimizer, loader
-
-
-def noise_multiplier_for(
-    target_epsilon: float,
-    *,
-    sample_rate: float,
-    steps: int,
-    delta: float,
-    ledger: PrivacyLedger,
-    tolerance: float = 0.01,
-) -> float:
-    """Smallest noise multiplier (to within ``tolerance`` in ε) such that running ``steps``
-    more steps at ``sample_rate`` keeps the ledger's total ε at or below ``target_epsilon``.
-
-    Raises PrivacyBudgetExhausted when even σ = 1000 would overshoot (the ledger has
-    already spent the target).
-    """
-    def eps(sigma: float) -> float:
-        return ledger.epsilon_after(
-            noise_multiplier=sigma, sample_rate=sample_rate, steps=steps, delta=delta
-        )
-
-    if steps == 0:
-        return 0.0
-    spent = ledger.epsilon(delta)
-    if not math.isfinite(target_epsilon) or target_epsilon <= spent:
-        raise PrivacyBudgetExhausted(spent, target_epsilon, spent)
-    low, high = 0.0, 1.0
-    while eps(high) > target_epsilon:
-        low, high = high, high * 2
-        if high > 1000:
-            raise PrivacyBudgetExhausted(eps(1000.0), target_epsilon, spent)
-    while True:
-        mid = (low + high) / 2
-        if mid <= 0:
-            break
-        e_mid = eps(mid)
-        if e_mid > target_epsilon:
-            low = mid
-        else:
-            high = mid
-            if target_epsilon - e_mid < tolerance:
-                break
-        if high - low < 1e-6:
-            break
-    return high
-

@@ -111,6 +111,30 @@ def partition_table(config: JobConfig) -> list[list[int]]:
     return [[chosen[j] for j in part] for part in parts]
 
 
+def check_dp_plan(config: JobConfig, sizes: list[int], output_dir: Path) -> None:
+    """Refuse, before any training, a DP-SGD plan that some virtual client's data cannot carry.
+
+    The simulator knows every client's data up front, so the check each client makes when its first
+    round arrives (client/runtime.py) runs here for all of them, with their ledgers when resuming.
+    """
+    from privacy.accounting import PrivacyBudgetExhausted, PrivacyLedger, PrivacyPlanError, plan_noise_multiplier
+
+    local_dp = config.privacy.local_dp
+    if not local_dp.enabled or local_dp.target_epsilon is None:
+        return
+    steps = config.job.rounds * config.train.local_steps
+    for index, size in enumerate(sizes):
+        ledger_path = output_dir / "clients" / str(index) / "privacy-ledger.json"
+        ledger = PrivacyLedger(ledger_path if ledger_path.exists() else None, accountant=local_dp.accountant)
+        try:
+            plan_noise_multiplier(examples=size, batch_size=config.train.batch_size, steps=steps,
+                                  delta=local_dp.delta, ledger=ledger, target_epsilon=local_dp.target_epsilon)
+        except PrivacyBudgetExhausted:
+            continue  # a resumed client that spent its budget declines its rounds; the others go on
+        except PrivacyPlanError as exc:
+            raise ConfigError(f"privacy.local_dp.target_epsilon: virtual client {index}: {exc}") from exc
+
+
 def _check_train_labels(config: JobConfig, labels: list[str]) -> None:
     if config.model.task != "classification":
         return
@@ -144,9 +168,10 @@ def run_job(config: JobConfig, output_dir: Path, options: SimulationOptions | No
     start = time.monotonic()
     log.info("preparing job %r (%s mode, %d virtual clients) in %s", config.job.name, config.job.mode,
              sim.clients, output_dir)
+    table = partition_table(config)
+    check_dp_plan(config, [len(part) for part in table], output_dir)  # before the package is built
     prepared = prepare_job(config, output_dir, resume=options.resume)
     _check_train_labels(config, prepared.package.spec.labels)
-    table = partition_table(config)
     partitions_file = output_dir / "partitions.json"
     atomic_write_text(partitions_file, json.dumps(table))
     threads = options.threads_per_client or max(1, int(options.cpus_per_client))
@@ -289,4 +314,4 @@ def _tick(bar: Any, record: dict[str, Any]) -> None:
 
 
 __all__ = ["DataError", "SimulationError", "SimulationOptions", "SimulationResult", "apply_overrides",
-           "backend_config", "partition_table", "run_job"]
+           "backend_config", "check_dp_plan", "partition_table", "run_job"]

@@ -124,3 +124,69 @@ def test_epsilon_local_max_never_decreases(tiny_bert_dir: Path, tmp_path: Path) 
     _, _, records = _run(table, tmp_path)
     maxima = [r["epsilon_local_max"] for r in records[1:]]
     assert maxima == sorted(maxima) and maxima[-1] >= max(records[-1]["epsilon_local"].values())
+
+
+def _dp_accounting_epsilon(history: list[list[float]], delta: float) -> float:
+    """ε of a ledger's history by Google's dp_accounting (RDP), independent of Opacus' accountant."""
+    import dp_accounting
+    from dp_accounting.rdp import RdpAccountant
+
+    accountant = RdpAccountant()
+    for sigma, q, steps in history:
+        accountant.compose(dp_accounting.SelfComposedDpEvent(
+            dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), int(steps)))
+    return float(accountant.get_epsilon(delta))
+
+
+def test_target_epsilon_is_reached_across_rounds_and_a_restart(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    """Each client calibrates σ to its own sampling rate so that the planned rounds x local steps land on
+    the target; a restart (new processes reading the ledgers) keeps the plan; dp_accounting agrees."""
+    import json
+
+    table = _job(tiny_bert_dir, tmp_path, local_dp={"enabled": True, "target_epsilon": 3.0})
+    table["job"].update({"rounds": 3, "min_clients": 5})
+    table["train"].update({"local_steps": 2, "batch_size": 12, "physical_batch_size": 5})
+    first = prepare_job(parse_job(table, tmp_path), tmp_path / "out")
+
+    class Crash(Exception):
+        pass
+
+    def crash_in_round_3(client_id: str, message: Message) -> bool:
+        if message.round == 3:
+            raise Crash
+        return False
+
+    with pytest.raises(Crash):  # the coordinator dies as round 3 starts; every process starts again
+        first.engine.run(InProcessDriver(_clients(first.package.folder, tmp_path), drop=crash_in_round_3))
+    resumed = prepare_job(parse_job(table, tmp_path), tmp_path / "out", resume=True)
+    assert resumed.engine.completed_rounds == 2
+    records = resumed.engine.run(InProcessDriver(_clients(resumed.package.folder, tmp_path)))
+    assert records[-1]["status"] == "ok" and records[-1]["completed_clients"] == 5
+    sigmas = records[-1]["noise_multiplier_local"]
+    assert len(set(sigmas.values())) > 1  # clients of different sizes calibrate differently
+    for cid in sigmas:
+        history = json.loads((tmp_path / cid / "privacy-ledger.json").read_text())["history"]
+        assert sum(steps for _, _, steps in history) == 6
+        reference = _dp_accounting_epsilon(history, 1e-5)
+        assert 3.0 * 0.99 <= reference <= 3.0 * 1.01, (cid, reference, history)
+        assert records[-1]["epsilon_local"][cid] == pytest.approx(reference, rel=1e-2)
+
+
+def test_target_epsilon_clients_sampled_in_fewer_rounds_stay_under_it(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    table = _job(tiny_bert_dir, tmp_path, local_dp={"enabled": True, "target_epsilon": 3.0})
+    table["job"].update({"rounds": 4, "clients_per_round": 2, "min_clients": 1})
+    table["train"].update({"local_steps": 2, "batch_size": 12})
+    _, _, records = _run(table, tmp_path)
+    assert all(r["status"] == "ok" for r in records[1:])
+    assert 0 < records[-1]["epsilon_local_max"] <= 3.0
+
+
+def test_a_client_too_small_for_the_target_plan_declines_with_what_to_change(tiny_bert_dir: Path,
+                                                                             tmp_path: Path) -> None:
+    table = _job(tiny_bert_dir, tmp_path, local_dp={"enabled": True, "target_epsilon": 3.0})
+    table["job"].update({"rounds": 1, "min_clients": 1})
+    table["train"]["batch_size"] = 44  # c0 holds 40 examples, fewer than one logical batch
+    _, _, records = _run(table, tmp_path)
+    reason = records[1]["drop_reasons"]["c0"]
+    assert "fewer than one logical batch" in reason and "lower batch_size" in reason
+    assert records[1]["epsilon_local"]["c0"] == 0.0 and records[1]["completed_clients"] == 4  # it spent nothing

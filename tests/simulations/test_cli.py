@@ -70,3 +70,34 @@ def test_user_errors_end_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixtu
     bad = tmp_path / "bad.toml"
     bad.write_text('[simulation]\npartition = "zipf"\n')
     assert "simulation.partition = 'zipf' is not one of" in _one_line_error(capsys, ["compare", str(bad)])
+
+
+def test_a_dp_plan_some_client_cannot_carry_fails_before_training(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """Too few examples per client for the target: one line naming the client and what to change, and no
+    package built (the check runs before anything slow)."""
+    job = tmp_path / "tiny.toml"
+    data = default_config_path().parent.parent.parent / "coordinator" / "examples" / "data"
+    job.write_text(f"""
+[job]
+name = "plan"
+rounds = 10
+[model]
+max_length = 32
+[data]
+validation = "{data / 'wordnet_supersense.validation.jsonl.gz'}"
+[train]
+local_steps = 50
+batch_size = 64
+[privacy.local_dp]
+enabled = true
+target_epsilon = 1.0
+[simulation]
+clients = 10
+partition = "iid"
+train_data = "{data / 'wordnet_supersense.train.jsonl.gz'}"
+max_train_examples = 2000
+""")
+    line = _one_line_error(capsys, [str(job), "--output-dir", str(tmp_path / "out")])
+    assert "virtual client 0" in line and "needs noise multiplier" in line and "plan fewer steps" in line
+    assert not (tmp_path / "out" / "package.tar").exists()
