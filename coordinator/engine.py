@@ -126,6 +126,10 @@ class RoundEngine:
         self.completed_rounds = 0
         self.round_stats: dict[str, Any] = {}
         self.client_epsilon: dict[str, float] = {}  # latest ε each client reported (sample-level DP)
+        # what the engine is doing now, for watchers that must not block it (the dashboard reads these two
+        # plain attributes from another thread; only the engine writes them)
+        self.current_round = 0
+        self.stage = "starting"
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -150,10 +154,12 @@ class RoundEngine:
             records.append(self._record_round_zero())
         for round_id in range(self.completed_rounds + 1, self.config.job.rounds + 1):
             records.append(self.run_round(round_id, driver))
+        self.stage = "done"
         return records
 
     def _record_round_zero(self) -> dict[str, Any]:
         start = time.monotonic()
+        self.current_round, self.stage = 0, "evaluating"
         record: dict[str, Any] = {"round": 0, "sampled_clients": 0, "completed_clients": 0,
                                   "dropped_clients": 0, "bytes_down": 0, "bytes_up": 0}
         record.update(self.model.evaluate())
@@ -201,22 +207,26 @@ class RoundEngine:
     def run_round(self, round_id: int, driver: Driver) -> dict[str, Any]:
         job = self.config.job
         start = time.monotonic()
+        self.current_round, self.stage = round_id, "waiting for clients"
         available = driver.wait_for_clients(job.min_clients, job.wait_for_clients_s)
         if len(available) < job.clients_per_round:  # a quorum is here; give the rest a moment
             available = driver.wait_for_clients(job.clients_per_round, job.sample_grace_s)
         sampled = self.sample(round_id, available)
         self.round_stats = {"bytes_down": 0, "bytes_up": 0, "failures": {}}
-        record: dict[str, Any] = {"round": round_id, "sampled_clients": len(sampled)}
+        record: dict[str, Any] = {"round": round_id, "sampled_clients": len(sampled),
+                                  "sampled_client_ids": sampled, "completed_client_ids": []}
         try:
             if len(sampled) < job.min_clients:
                 raise RoundFailed(f"only {len(sampled)} clients available, min_clients is {job.min_clients}")
             outcome = self.client_phase(self, round_id, sampled, driver)
             agg_start = time.monotonic()
+            self.stage = "aggregating"
             outcome.delta = self.privacy.finish_aggregate(outcome, len(sampled), len(available), record)
             new_state = self.optimizer.step(self.model.trainable_state(), outcome.delta)
             self.model.set_trainable_state(new_state)
             record["seconds_aggregate"] = time.monotonic() - agg_start
             record["completed_clients"] = len(outcome.completed)
+            record["completed_client_ids"] = sorted(outcome.completed)
             record["train_loss"] = outcome.train_loss
             record.update(outcome.extra)
             record["status"] = "ok"
@@ -233,10 +243,12 @@ class RoundEngine:
             if key in self.round_stats:
                 record[key] = self.round_stats[key]
         eval_start = time.monotonic()
+        self.stage = "evaluating"
         record.update(self.model.evaluate())
         record["seconds_eval"] = time.monotonic() - eval_start
         for hook in self.round_hooks:
             hook(round_id, record)
+        self.stage = "checkpointing"
         self.checkpointer.save(
             Checkpoint(round=round_id, global_state=self.model.trainable_state(),
                        optimizer_state=self.optimizer.state_dict(), info={"status": record["status"]})
@@ -262,6 +274,9 @@ class RoundEngine:
     def exchange(self, driver: Driver, round_id: int, messages: dict[str, Message]) -> Exchange:
         """driver.exchange plus the round's byte, time and failure bookkeeping."""
         start = time.monotonic()
+        first = next(iter(messages.values()), None)
+        if first is not None:  # "train", or the SecAgg+ stage ("masked_input" is where clients train)
+            self.stage = str(first.config.get("secagg_stage", first.stage))
         result = driver.exchange(round_id, messages, self.config.job.round_timeout_s)
         self.round_stats["seconds_exchange"] = self.round_stats.get("seconds_exchange", 0.0) + time.monotonic() - start
         train_times = [float(r.config.get("seconds_train", 0.0)) for r in result.replies.values()]
