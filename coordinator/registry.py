@@ -52,6 +52,16 @@ class ClientRecord:
     revoked: bool = False
 
 
+@dataclass(frozen=True)
+class ClientSeen:
+    """What may be shown about an enrolled client: no token or session hashes."""
+
+    client_id: str
+    name: str
+    enrolled_at: float  # time.time()
+    seconds_since_seen: float | None  # None: not heard from since this coordinator started
+
+
 class ClientRegistry:
     def __init__(self, token_hashes: list[str], path: Path | None = None) -> None:
         self._token_hashes = set(token_hashes)
@@ -109,6 +119,16 @@ class ClientRegistry:
         now = time.monotonic()
         return sorted(cid for cid, record in self._clients.items()
                       if not record.revoked and now - self.last_seen.get(cid, -1e18) <= within_s)
+
+    def clients_seen(self) -> list[ClientSeen]:
+        """Every live enrolment, for display; a copy taken under the lock, so any thread may call it."""
+        now = time.monotonic()
+        with self._lock:
+            records = [r for r in self._clients.values() if not r.revoked]
+            seen = dict(self.last_seen)
+        return [ClientSeen(r.client_id, r.name, r.enrolled_at,
+                           now - seen[r.client_id] if r.client_id in seen else None)
+                for r in sorted(records, key=lambda r: r.client_id)]
 
     def _save(self) -> None:
         """Persist a snapshot; enrolments do not queue behind the fsync, only writers do."""
