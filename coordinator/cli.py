@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--metrics-port", type=int, default=None,
                        help="serve Prometheus metrics on this port (off by default)")
     serve.add_argument("--metrics-host", default="127.0.0.1", help="address for --metrics-port (default 127.0.0.1)")
+    from coordinator.dashboard.options import add_arguments as add_dashboard_arguments
+
+    add_dashboard_arguments(serve)
     from coordinator import certs
 
     certs.build_parser(sub.add_parser("certs", help="write a development CA and TLS certificates"))
@@ -58,6 +61,9 @@ def setup_logging(output_dir: Path | None) -> None:
 
 def serve(args: argparse.Namespace) -> int:
     from coordinator.config import load_job
+    from coordinator.dashboard import JobInfo, JobView
+    from coordinator.dashboard.options import start_dashboard
+    from coordinator.dashboard.server import DashboardTLS
     from coordinator.errors import UserError
     from coordinator.job import check_output_dir, prepare_job
     from coordinator.mailbox import Mailbox
@@ -95,7 +101,17 @@ def serve(args: argparse.Namespace) -> int:
     log.info("listening on %s:%d; preparing job %r (%s mode) in %s", host, server.port, config.job.name,
              config.job.mode, output_dir)
     metrics = None
+    # the dashboard reads what the job keeps (metrics.jsonl, the registry, the engine's stage); never blocks it
+    view = JobView(JobInfo.from_config(config), output_dir / "metrics.jsonl", registry=registry)
+    dashboard = None
+
+    def report(text: str) -> None:
+        servicer.set_preparing(text)
+        view.set_preparing(text)
+
     try:
+        dashboard = start_dashboard(args, view, tls=DashboardTLS(tls.cert, tls.key) if tls else None,
+                                    output_dir=output_dir)
         if args.metrics_port is not None:
             from coordinator.prometheus import CoordinatorMetrics
 
@@ -103,7 +119,8 @@ def serve(args: argparse.Namespace) -> int:
                                          heartbeat_timeout_s=config.job.heartbeat_timeout_s, mode=config.job.mode)
             port = metrics.serve(args.metrics_port, args.metrics_host)
             log.info("Prometheus metrics on http://%s:%d/metrics", args.metrics_host, port)
-        job = prepare_job(config, output_dir, resume=args.resume, report=servicer.set_preparing)
+        job = prepare_job(config, output_dir, resume=args.resume, report=report)
+        view.attach(job.engine)
         servicer.set_package(PackageBlob(job.package.blob, job.package.sha256),
                              slim=PackageBlob(job.package.slim, job.package.slim_sha256) if job.package.slim else None)
         if metrics is not None:
@@ -113,14 +130,20 @@ def serve(args: argparse.Namespace) -> int:
         server.set_serving(True)
         job.engine.run(mailbox)
         job.model.export(output_dir / "final")
+        view.finish()
         log.info("job complete: final model in %s", output_dir / "final")
         mailbox.close("job complete")
         time.sleep(args.linger_s)
+    except BaseException as exc:
+        view.fail(str(exc) or type(exc).__name__)
+        raise
     finally:
         mailbox.close("coordinator stopped")
         server.stop()
         if metrics is not None:
             metrics.close()
+        if dashboard is not None:
+            dashboard.close()
     return 0
 
 
