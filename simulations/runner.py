@@ -103,8 +103,10 @@ def partition_table(config: JobConfig) -> list[list[int]]:
     chosen = list(range(len(rows)))
     if 0 < sim.max_train_examples < len(rows):  # the same seeded draw as client.data.sample
         chosen = sorted(random.Random(config.job.seed).sample(chosen, sim.max_train_examples))
-    if sim.partition != "iid" and not classification:
-        raise ConfigError(f"simulation.partition = {sim.partition!r} needs labels; use 'iid' for causal-lm")
+    if sim.partition != "iid" and any(rows[i].label is None for i in chosen):
+        # causal-lm rows may still carry a label (the WordNet glosses' supersense): it shapes a non-IID split
+        raise ConfigError(f"simulation.partition = {sim.partition!r} needs a 'label' in every row of "
+                          f"{path.name}; use 'iid' for unlabelled text")
     labels = [rows[i].label for i in chosen]
     parts = partition_indices(labels, sim.clients, partition=sim.partition, alpha=sim.alpha,
                               seed=config.job.seed, shards_per_client=sim.shards_per_client)
