@@ -12,13 +12,17 @@ Pure bookkeeping: no torch, no model. The same ledger serves client-level DP for
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from opacus.accountants import IAccountant, create_accountant
+import numpy as np
+from opacus.accountants import IAccountant, RDPAccountant, create_accountant
+from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+from scipy.optimize import brentq
 
 from privacy.atomic import atomic_write_json
 
@@ -82,6 +86,23 @@ def _merged(history: Sequence[Entry]) -> list[Entry]:
     return merged
 
 
+@functools.lru_cache(maxsize=4096)
+def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> tuple[float, ...]:
+    """RDP of one subsampled Gaussian step at Opacus' default orders (cached: a ledger's history and a
+    calibration's candidates repeat the same (σ, q) many times, and one evaluation costs ~0.1 s)."""
+    rdp = compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS)
+    return tuple(float(x) for x in rdp)
+
+
+def _rdp_epsilon(history: Sequence[Entry], delta: float) -> float:
+    """What Opacus' RDPAccountant.get_epsilon returns for ``history``, from the cached per-step RDP."""
+    total = np.zeros(len(RDPAccountant.DEFAULT_ALPHAS))
+    for sigma, q, steps in history:
+        total += steps * np.asarray(_rdp_per_step(sigma, q))
+    eps, _ = get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=total, delta=delta)
+    return float(eps)
+
+
 def _new_accountant(accountant: str) -> IAccountant:
     with warnings.catch_warnings():  # the GDP accountant warns on every construction
         warnings.simplefilter("ignore")
@@ -104,6 +125,8 @@ def epsilon_for_history(history: Sequence[Entry], *, delta: float, accountant: s
             "accountant 'gdp' needs one noise multiplier and sample rate for the whole "
             "history; use 'rdp' or 'prv' when they change between rounds"
         )
+    if accountant == "rdp":
+        return _rdp_epsilon(merged, delta)
     acct = _new_accountant(accountant)
     acct.history = [(s, q, n) for s, q, n in merged]
     return float(acct.get_epsilon(delta=delta))
@@ -252,19 +275,36 @@ def noise_multiplier_for(
     spent = ledger.epsilon(delta)
     if not math.isfinite(target_epsilon) or target_epsilon <= spent:
         raise PrivacyBudgetExhausted(spent, target_epsilon, spent)
-    low, high = 0.0, 1.0
+    hint = ledger.history[-1][0] if ledger.history else None
+    if hint is not None and 0 <= target_epsilon - eps(hint) <= tolerance:
+        return hint  # the last round's σ still lands on the target (the client took part in every round)
+    low, high = 0.25, 1.0  # ε(σ) falls as σ grows: bracket the target, then Brent's method in log σ
     while eps(high) > target_epsilon:
         low, high = high, high * 2
         if high > 1000:
             raise PrivacyBudgetExhausted(eps(1000.0), target_epsilon, spent)
-    while high - low > 1e-6:
+    while low > 1e-3 and eps(low) <= target_epsilon:
+        low, high = low / 2, low
+    root = math.exp(brentq(lambda log_sigma: eps(math.exp(log_sigma)) - target_epsilon, math.log(low),
+                           math.log(high), xtol=1e-7, rtol=1e-7))
+    sigma = min(max(root, low), high)
+    while eps(sigma) > target_epsilon:  # land on the safe side of the target
+        sigma *= 1 + 1e-6
+    if target_epsilon - eps(sigma) > tolerance:  # Brent stopped short of the tolerance: walk up the bracket
+        sigma = _bisect_down(eps, target_epsilon, low, sigma, tolerance)
+    return sigma
+
+
+def _bisect_down(eps: Callable[[float], float], target: float, low: float, high: float, tolerance: float) -> float:
+    """The smallest σ in (low, high] with target - tolerance <= ε(σ) <= target (ε(high) <= target)."""
+    while high - low > 1e-9:
         mid = (low + high) / 2
-        e_mid = eps(mid)
-        if e_mid > target_epsilon:
+        value = eps(mid)
+        if value > target:
             low = mid
         else:
             high = mid
-            if target_epsilon - e_mid < tolerance:
+            if target - value <= tolerance:
                 break
     return high
 
