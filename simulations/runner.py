@@ -55,6 +55,7 @@ class SimulationOptions:
     cache_clients: int = 8  # encoded client datasets kept per actor
     progress: bool = True  # tqdm bar over rounds
     resume: bool = False  # continue the run in output_dir from its last checkpoint
+    dashboard: Any = None  # a coordinator.dashboard.JobView to keep informed (fedsite-simulate --dashboard-port)
     extra_init_args: dict[str, Any] = field(default_factory=dict)
 
 
@@ -172,7 +173,12 @@ def run_job(config: JobConfig, output_dir: Path, options: SimulationOptions | No
              sim.clients, output_dir)
     table = partition_table(config)
     check_dp_plan(config, [len(part) for part in table], output_dir)  # before the package is built
-    prepared = prepare_job(config, output_dir, resume=options.resume)
+    view = options.dashboard
+    prepared = prepare_job(config, output_dir, resume=options.resume, report=view.set_preparing if view else None)
+    if view is not None:
+        from coordinator.dashboard import JobInfo
+
+        view.attach(prepared.engine, JobInfo.from_config(config))  # the settings after --clients/--rounds
     _check_train_labels(config, prepared.package.spec.labels)
     partitions_file = output_dir / "partitions.json"
     atomic_write_text(partitions_file, json.dumps(table))
