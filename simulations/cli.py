@@ -20,6 +20,11 @@ import time
 import warnings
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from coordinator.config import JobConfig
+    from simulations.runner import SimulationResult
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -56,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog="\n".join(__doc__.splitlines()[2:6]))
     parser.add_argument("config", nargs="?", type=Path, help="job file (TOML); default: the embedded default job")
     _add_run_options(parser)
+    from coordinator.dashboard.options import add_arguments as add_dashboard_arguments
+
+    add_dashboard_arguments(parser)
     return parser
 
 
@@ -66,7 +74,7 @@ def build_compare_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _options(args: argparse.Namespace) -> object:
+def _options(args: argparse.Namespace, dashboard: object = None) -> object:
     from simulations.runner import SimulationOptions
 
     if args.clients is not None and args.clients < 1:
@@ -79,7 +87,7 @@ def _options(args: argparse.Namespace) -> object:
         raise ConfigError(f"--rounds must be >= 1, got {args.rounds}")
     return SimulationOptions(clients=args.clients, rounds=args.rounds, cpus_per_client=args.cpus_per_client,
                              threads_per_client=args.threads, ray_address=args.ray_address,
-                             progress=not args.no_progress, resume=args.resume)
+                             progress=not args.no_progress, resume=args.resume, dashboard=dashboard)
 
 
 def _stamp() -> str:
@@ -97,9 +105,33 @@ def run_one(args: argparse.Namespace) -> int:
     path = args.config or default_config_path()
     config = load_job(path)
     output_dir = args.output_dir or Path("runs") / f"sim-{config.job.name}-{_stamp()}"
-    result = run_job(config, output_dir, _options(args))  # type: ignore[arg-type]
+    if args.dashboard_port is None:
+        result = run_job(config, output_dir, _options(args))  # type: ignore[arg-type]
+    else:
+        result = _run_with_dashboard(args, config, output_dir)
     print(f"report: {result.output_dir / 'report.md'}  final model: {result.output_dir / 'final'}")
     return 0
+
+
+def _run_with_dashboard(args: argparse.Namespace, config: JobConfig, output_dir: Path) -> SimulationResult:
+    """run_job with the live dashboard serving from before the package is built to the end of the run."""
+    from coordinator.dashboard import JobInfo, JobView
+    from coordinator.dashboard.options import start_dashboard
+    from simulations.runner import run_job
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    view = JobView(JobInfo.from_config(config), output_dir / "metrics.jsonl", source="simulation")
+    dashboard = start_dashboard(args, view, output_dir=output_dir)
+    try:
+        result = run_job(config, output_dir, _options(args, dashboard=view))  # type: ignore[arg-type]
+        view.finish()
+        return result
+    except BaseException as exc:
+        view.fail(str(exc) or type(exc).__name__)
+        raise
+    finally:
+        if dashboard is not None:
+            dashboard.close()
 
 
 def run_compare(args: argparse.Namespace) -> int:
