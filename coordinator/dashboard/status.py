@@ -154,8 +154,10 @@ def metric_key(records: Iterable[dict[str, Any]]) -> str | None:
     return next((k for k in METRIC_KEYS if any(_number(r.get(k)) is not None for r in records)), None)
 
 
-def client_table(info: JobInfo, records: list[dict[str, Any]], live: list[ClientSeen] | None) -> list[dict[str, Any]]:
-    """One row per client: enrolment and liveness (registry), and its history across rounds (records)."""
+def client_table(info: JobInfo, records: list[dict[str, Any]], live: list[ClientSeen] | None, *,
+                 liveness: bool = True) -> list[dict[str, Any]]:
+    """One row per client: enrolment and liveness (registry), and its history across rounds (records).
+    ``liveness`` False: the registry was read from disk after the job, so nobody is online or offline."""
     rows: dict[str, dict[str, Any]] = {}
 
     def row(cid: str) -> dict[str, Any]:
@@ -171,8 +173,10 @@ def client_table(info: JobInfo, records: list[dict[str, Any]], live: list[Client
             row(cid)["enrolled"] = True
     for seen in live or []:
         r = row(seen.client_id)
-        r.update(name=seen.name, enrolled=True, enrolled_at=seen.enrolled_at, last_seen_s=seen.seconds_since_seen,
-                 online=seen.seconds_since_seen is not None and seen.seconds_since_seen <= info.heartbeat_timeout_s)
+        r.update(name=seen.name, enrolled=True, enrolled_at=seen.enrolled_at)
+        if liveness:
+            since = seen.seconds_since_seen
+            r.update(last_seen_s=since, online=since is not None and since <= info.heartbeat_timeout_s)
     for record in records:
         round_id = _int(record.get("round"))
         if round_id < 1:
@@ -220,13 +224,15 @@ def last_failure(records: list[dict[str, Any]]) -> dict[str, Any] | None:
 def build_status(info: JobInfo, phase: Phase, records: list[dict[str, Any]], *,
                  live_clients: list[ClientSeen] | None = None, source: str = "coordinator",
                  now: float | None = None) -> dict[str, Any]:
-    """The whole document; ``records`` are the rows of metrics.jsonl in order."""
-    clients = client_table(info, records, live_clients)
+    """The whole document; ``records`` are the rows of metrics.jsonl in order. A ``report`` (a finished
+    run read from disk) may pass the registry's clients, but says nothing about who is online."""
+    liveness = source != "report"
+    clients = client_table(info, records, live_clients, liveness=liveness)
     finished = [r for r in records if _int(r.get("round")) > 0]
     completed_rounds = _int(finished[-1].get("round")) if finished else 0
     round_now = phase.round if phase.round is not None else completed_rounds
     metric = metric_key(records)
-    online = [c for c in clients if c["online"]] if live_clients is not None else None
+    online = [c for c in clients if c["online"]] if live_clients is not None and liveness else None
     settings = {k: v for k, v in asdict(info).items() if k not in ("name", "mode")}
     return {
         "schema": SCHEMA,
