@@ -1,10 +1,13 @@
-"""The deployment: docker-compose.yml validated by docker-compose itself, and the containers' commands
-(docker/entrypoint.sh certs | coordinator | client, docker/healthcheck.py) run as plain processes.
+"""The deployment: docker-compose.yml validated by docker-compose itself, the containers' commands
+(docker/entrypoint.sh certs | coordinator | client, docker/healthcheck.py) run as plain processes, and,
+where a Docker engine answers, the real thing.
 
-No Docker engine runs here, so the end-to-end test runs the very script the
-image's ENTRYPOINT runs, with the container paths pointed at temporary
-folders: certificates, a coordinator serving over mutual TLS, three clients
-with --ca-cert/--cert/--key, one round on the tiny model.
+Without an engine the end-to-end test runs the very script the image's ENTRYPOINT runs, with the
+container paths pointed at temporary folders: certificates, a coordinator serving over mutual TLS, three
+clients with --ca-cert/--cert/--key, one round on the tiny model. With an engine (``bash docker/engine.sh``):
+docker/build.sh refuses bad build arguments in one line; the long tests (FEDSITE_LONG_TESTS=1) build the
+image air-gapped and run docker/smoke.sh (the compose stack end to end) and docker/faults.sh (the
+coordinator and a client container killed mid-job and brought back).
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ def test_compose_file_is_valid_and_wires_tls_volumes_ports_and_tokens(tmp_path: 
     assert any(p.endswith("6000:6000") for p in ports) and any(p.endswith("9100:9100") for p in ports)
     assert all(p.startswith("127.0.0.1:") for p in ports if isinstance(p, str) and p.count(":") == 2)
     assert coordinator["healthcheck"]["test"][-1] == "/usr/local/bin/fedsite-healthcheck"
+    assert coordinator["build"]["args"] == {"BASE_IMAGE": "python:3.11-slim", "OFFLINE": "0", "TORCH_VARIANT": "cpu"}
     volumes_of = {name: {v.split(":")[0]: v.split(":")[1] for v in s["volumes"]} for name, s in services.items()}
     assert volumes_of["coordinator"] == {"certs": "/certs", "coordinator-data": "/data"}
     state_and_data = [tuple(sorted(set(volumes_of[f"client-{i}"]) - {"certs"})) for i in (1, 2, 3)]
@@ -79,16 +83,46 @@ def test_compose_file_is_valid_and_wires_tls_volumes_ports_and_tokens(tmp_path: 
     assert missing.returncode != 0 and "set FEDSITE_TOKEN_3 in .env" in missing.stderr
 
 
-def test_dockerfile_installs_cpu_torch_first_unless_gpu() -> None:
+def test_dockerfile_builds_from_any_base_offline_with_cpu_torch_first_as_non_root() -> None:
     text = (REPO / "Dockerfile").read_text()
-    assert next(line for line in text.splitlines() if line.startswith("FROM")) == "FROM python:3.11-slim"
-    torch_at, project_at = text.index('"torch==${TORCH_VERSION}"'), text.index("pip install .")
-    assert torch_at < project_at and "ARG TORCH_VERSION=2.13.0" in text and "ARG TORCH_VARIANT=cpu" in text
-    assert "download.pytorch.org/whl/cpu" in text and 'ENTRYPOINT ["fedsite-entrypoint"]' in text
-    copied = {line.split()[1] for line in text.splitlines() if line.startswith("COPY ")}
-    assert {"docker/entrypoint.sh", "docker/healthcheck.py"} <= copied
-    for source in copied - {"pyproject.toml"}:
+    lines = text.splitlines()
+    # the default base stays the official Python image; the air-gapped site passes its own
+    assert "ARG BASE_IMAGE=python:3.11-slim" in lines and "FROM ${BASE_IMAGE} AS base" in lines
+    for arg in ("WHEELHOUSE=docker/wheelhouse", "OFFLINE=0", "TORCH_VARIANT=cpu", "TORCH_VERSION=2.13.0",
+                "CA_CERTIFICATES=docker/ca-certificates", "PIP_INDEX_URL="):
+        assert f"ARG {arg}" in lines, arg
+    # torch on its own layer before the requirements, and both before fedsite's code is copied
+    torch_at, deps_at = text.index("pip-install.sh torch"), text.index("pip-install.sh requirements")
+    code_at = text.index("COPY coordinator ./coordinator")
+    assert torch_at < deps_at < code_at
+    # the wheelhouse is seen only by the deps stage: the final image copies the venv, never the wheels
+    final = text[text.index("\nFROM base\n"):]
+    assert "wheelhouse" not in final and "COPY --from=deps /opt/venv /opt/venv" in final
+    assert "--no-index" in final  # fedsite itself is installed without reaching an index
+    assert "USER fedsite" in final and 'ENTRYPOINT ["fedsite-entrypoint"]' in final
+    copied = {line.split()[1] for line in lines
+              if line.startswith("COPY ") and "${" not in line and "--from" not in line}
+    assert {"docker/entrypoint.sh", "docker/healthcheck.py", "docker/base-setup.sh", "docker/pip-install.sh"} <= copied
+    for source in copied:
         assert (REPO / source).exists(), source
+    # the build context leaves out local environments and runs, but not the wheelhouse or CA folders
+    ignored = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")]
+    assert {".git", ".venv", "runs"} <= set(ignored) and not any(i.startswith("docker") for i in ignored)
+    assert (REPO / "docker" / "wheelhouse" / ".gitignore").read_text().count("*.whl") == 1
+
+
+def test_build_scripts_and_entrypoint_are_strict_shell() -> None:
+    for script in ("build.sh", "smoke.sh", "faults.sh", "engine.sh", "wheelhouse.sh"):
+        text = (REPO / "docker" / script).read_text()
+        assert text.startswith("#!/usr/bin/env bash") and "set -euo pipefail" in text, script
+        checked = subprocess.run(["bash", "-n", str(REPO / "docker" / script)], capture_output=True, text=True,
+                                 check=False)
+        assert checked.returncode == 0, (script, checked.stderr)
+    for script in ("base-setup.sh", "pip-install.sh", "entrypoint.sh"):  # run by /bin/sh inside the image
+        checked = subprocess.run(["sh", "-n", str(REPO / "docker" / script)], capture_output=True, text=True,
+                                 check=False)
+        assert checked.returncode == 0, (script, checked.stderr)
 
 
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -161,3 +195,90 @@ def test_the_container_commands_run_a_mutual_tls_round(tiny_bert_dir: Path, tmp_
     assert (run_dir / "final" / "config.json").exists()
     for name, text in logs.items():
         assert "Traceback" not in text and "WITHOUT TLS" not in text, (name, text)
+
+
+# -- with a Docker engine ----------------------------------------------------------------------------
+
+
+def _engine_answers() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    try:
+        return subprocess.run(["docker", "info"], capture_output=True, timeout=20, check=False).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
+
+
+needs_engine = pytest.mark.skipif(not _engine_answers(),
+                                  reason="no Docker engine reachable (start one: bash docker/engine.sh)")
+
+
+def _build(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", str(REPO / "docker" / "build.sh"), *args], capture_output=True, text=True,
+                          timeout=timeout_s, check=False, cwd=str(REPO))
+
+
+@needs_engine
+@pytest.mark.parametrize(("args", "names"), [
+    (["--base", "fedsite-test/no-such-image:0"], "base image 'fedsite-test/no-such-image:0' is not here"),
+    (["--offline", "--wheelhouse", "docker/ca-certificates"], "'docker/ca-certificates' has no wheels"),
+    (["--wheelhouse", "/tmp"], "must be inside this checkout"),
+    (["--wheelhouse", "docker/no-such-folder"], "no wheelhouse folder 'docker/no-such-folder'"),
+    (["--ca-certs", "docker/wheelhouse"], "holds no *.crt files"),
+    (["--colour", "blue"], "unknown option '--colour'"),
+])
+def test_bad_build_arguments_fail_in_one_line_naming_what_is_missing(args: list[str], names: str) -> None:
+    if "--base" not in args:  # get past the base-image check with any image this engine has
+        images = subprocess.run(["docker", "images", "--format", "{{.Repository}}:{{.Tag}}"], capture_output=True,
+                                text=True, check=True).stdout.split()
+        images = [image for image in images if "<none>" not in image]
+        if not images:
+            pytest.skip("no local image to stand in as the base")
+        args = ["--base", images[0], *args]
+    done = _build(*args)
+    assert done.returncode == 2 and done.stdout == "", (done.stdout, done.stderr)
+    one_line = done.stderr.count("\n") == 1 and done.stderr.startswith("build: error: ")
+    assert one_line and names in done.stderr, done.stderr
+
+
+@needs_engine
+@pytest.mark.long
+def test_the_image_refuses_an_empty_wheelhouse_in_one_line() -> None:
+    """The same check inside the Dockerfile, for a plain `docker build` that skips docker/build.sh."""
+    base = "local/debian:bookworm"
+    if subprocess.run(["docker", "image", "inspect", base], capture_output=True, check=False).returncode != 0:
+        pytest.skip(f"no {base} (bash docker/engine.sh builds it)")
+    done = subprocess.run(["docker", "build", "--build-arg", f"BASE_IMAGE={base}", "--build-arg", "OFFLINE=1",
+                           "--build-arg", "WHEELHOUSE=docker/ca-certificates", "--target", "deps", "-q", "."],
+                          capture_output=True, text=True, timeout=1200, check=False, cwd=str(REPO))
+    assert done.returncode != 0
+    assert ("fedsite image: error: OFFLINE=1 but the wheelhouse docker/ca-certificates has no wheels: "
+            "run bash docker/wheelhouse.sh first") in done.stderr + done.stdout, done.stderr[-2000:]
+
+
+def _script(name: str, timeout_s: float) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FEDSITE_", "PYTHON", "VIRTUAL_ENV", "RAY_"))}
+    return subprocess.run(["bash", str(REPO / "docker" / name)], capture_output=True, text=True, env=env,
+                          timeout=timeout_s, check=False, cwd=str(REPO))
+
+
+@needs_engine
+@pytest.mark.long
+def test_smoke_script_builds_and_runs_the_compose_stack_end_to_end() -> None:
+    done = _script("smoke.sh", timeout_s=3600)
+    assert done.returncode == 0, done.stderr[-6000:]
+    summary = done.stdout.strip().splitlines()
+    assert len(summary) == 1 and summary[0].startswith("smoke: OK: "), done.stdout
+    assert "3 rounds x 3 clients over mutual TLS" in summary[0] and "final/ loads" in summary[0]
+    print("\n" + summary[0])
+
+
+@needs_engine
+@pytest.mark.long
+def test_killed_coordinator_resumes_and_killed_client_rejoins_in_compose() -> None:
+    done = _script("faults.sh", timeout_s=3600)
+    assert done.returncode == 0, done.stderr[-6000:]
+    summary = done.stdout.strip().splitlines()
+    assert len(summary) == 1 and summary[0].startswith("faults: OK: "), done.stdout
+    assert "rounds 0..6 each exactly once, all ok" in summary[0]
+    print("\n" + summary[0])
