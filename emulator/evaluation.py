@@ -373,6 +373,31 @@ def partial_ft(
 
 
 ALL_ROWS = ("linear_probe", "emulator_alone", "plug_in", "full_lora", "full_ft")
+# the causal-LM table also scores the models before any tuning: the full model (zero-shot) and the emulator
+CAUSAL_ROWS = ("zero_shot", "emulator_untuned", "emulator_alone", "plug_in", "full_lora", "full_ft")
+EXTRA_ROWS = ("zero_shot", "emulator_untuned", "adapter_on_full", "untuned_full")
+SAMPLE_TOKENS = 24
+
+
+def prompt_of(text: str) -> str:
+    """The part of an evaluation text a sample starts from: up to ``": "`` (a WordNet gloss's lemma), else
+    its first four words."""
+    head, sep, _ = text.partition(": ")
+    return head + sep.rstrip() if sep else " ".join(text.split()[:4])
+
+
+@torch.no_grad()
+def generate_samples(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
+                     max_new_tokens: int = SAMPLE_TOKENS) -> list[str]:
+    """Greedy continuations (no repeated trigram), with the KV cache on: what a reader of RESULTS.md sees."""
+    model.eval()
+    out: list[str] = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt")
+        gen = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, no_repeat_ngram_size=3,
+                             pad_token_id=pad_id_of(tokenizer), use_cache=True)  # type: ignore[operator]
+        out.append(prompt + str(tokenizer.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)))
+    return out
 
 
 @dataclass
@@ -393,6 +418,8 @@ class EvaluationTable:
     def to_markdown(self) -> str:
         lines = [f"| method | {self.metric} |", "|---|---|"]
         lines += [f"| {name} | {value:.4f} |" for name, value in self.rows.items()]
+        for row, texts in self.notes.get("samples", {}).items():
+            lines += ["", f"samples, {row}:", *[f"  - {text!r}" for text in texts]]
         lines += [
             "",
             f"- train examples: {self.train_examples}; evaluation examples: {self.eval_examples}",
@@ -422,6 +449,7 @@ def evaluate_offsite(
     progress: bool = True,
     refine: RefineConfig | None = None,
     public_texts: Sequence[str] = (),
+    sample_prompts: Sequence[str] = (),
 ) -> EvaluationTable:
     """Train each requested row on ``train_data`` and score it on ``eval_data``.
 
@@ -429,11 +457,16 @@ def evaluate_offsite(
     classification, so every row starts from the same point. With ``refine``
     (an :class:`emulator.refine.RefineConfig`) and ``public_texts``, the plug-in
     is also refined against the tuned emulator and scored as ``plug_in_refined``.
+    With ``sample_prompts`` (causal LMs) every scored model also continues each
+    prompt greedily; the texts land in ``notes["samples"]`` by row.
     """
     pad_id = pad_id_of(tokenizer)
+    samples: dict[str, list[str]] = {}
 
-    def score(model: nn.Module) -> float:
+    def score(model: nn.Module, row: str) -> float:
         if causal_lm:
+            if sample_prompts:
+                samples[row] = generate_samples(model, tokenizer, sample_prompts)
             return perplexity(model, eval_data, pad_id=pad_id)
         return accuracy(model, eval_data, pad_id=pad_id)
 
@@ -445,37 +478,39 @@ def evaluate_offsite(
         if row == "linear_probe":
             if causal_lm:
                 continue
-            out[row] = score(linear_probe(full, train_data, config, **kw))
+            out[row] = score(linear_probe(full, train_data, config, **kw), row)
         elif row == "emulator_alone":
             tuned, state = tune_adapter(emulator, layout, train_data, adapter_config or config,
                                         causal_lm=causal_lm, lora_r=adapter_lora_r,
                                         lora_targets=adapter_lora_targets, **kw)
-            out[row] = score(tuned)
+            out[row] = score(tuned, row)
             wants_refined = refine is not None and refine.steps > 0
             plugged = plug_in(full, state, layout) if "plug_in" in rows or wants_refined else None
             if "plug_in" in rows and plugged is not None:
-                out["plug_in"] = score(plugged)
+                out["plug_in"] = score(plugged, "plug_in")
             if wants_refined and refine is not None and plugged is not None:
                 from emulator.refine import refine_plug_in  # refine builds on this module
 
                 refined, _ = refine_plug_in(plugged, tuned, layout, tokenizer, public_texts, refine,
                                             progress=progress)
-                out["plug_in_refined"] = score(refined)
+                out["plug_in_refined"] = score(refined, "plug_in_refined")
         elif row == "plug_in":
             continue  # computed with emulator_alone
         elif row == "full_lora":
             out[row] = score(full_lora(full, train_data, lora_config or config,
-                                       causal_lm=causal_lm, **kw))
+                                       causal_lm=causal_lm, **kw), row)
         elif row == "full_ft":
             out[row] = score(full_ft(full, train_data, full_ft_config or config,
-                                     causal_lm=causal_lm, **kw))
+                                     causal_lm=causal_lm, **kw), row)
         elif row == "adapter_on_full":
             out[row] = score(partial_ft(full, layout, train_data, adapter_config or config,
-                                        causal_lm=causal_lm, **kw))
-        elif row == "untuned_full":
-            out[row] = score(full)
+                                        causal_lm=causal_lm, **kw), row)
+        elif row in ("untuned_full", "zero_shot"):
+            out[row] = score(full, row)
+        elif row == "emulator_untuned":
+            out[row] = score(emulator, row)
         else:
-            raise ValueError(f"unknown row {row!r}; choose from {[*ALL_ROWS, 'adapter_on_full']}")
+            raise ValueError(f"unknown row {row!r}; choose from {[*ALL_ROWS, *EXTRA_ROWS]}")
         seconds[row] = time.perf_counter() - start
     exp = exposure(full, emulator)
     ordered = {name: out[name] for name in dict.fromkeys([*rows, "plug_in", "plug_in_refined"]) if name in out}
@@ -488,4 +523,5 @@ def evaluate_offsite(
         emulator_size_fraction=exp.size_fraction,
         verbatim_fraction=exp.verbatim_fraction,
         seconds=seconds,
+        notes={"samples": samples} if samples else {},
     )

@@ -23,7 +23,7 @@ import torch
 from peft import PeftModel, get_peft_model
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from emulator.distill import DistillConfig, distill, read_text_corpus
+from emulator.distill import DistillConfig, distill
 from emulator.lora import freeze_lora_a, load_lora, merged_copy, trainable_state
 from emulator.offsite import (
     EmulatorLayout,
@@ -34,6 +34,7 @@ from emulator.offsite import (
     save_emulator,
 )
 from emulator.package import JobSpec, PackageError
+from emulator.public_text import read_public_text
 
 ADAPTER_DIR = "adapter"  # the peft adapter (adapter_lora only), as in lora mode's package
 
@@ -63,8 +64,7 @@ def build_offsite_emulator(full: PreTrainedModel, tokenizer: PreTrainedTokenizer
         source = offsite.get("distill_data") or ""
         if not source:
             raise PackageError("offsite.distill_steps > 0 needs offsite.distill_data (a public text file)")
-        path = Path(source) if Path(source).is_absolute() else base_dir / source
-        texts = read_text_corpus(path)
+        texts = read_public_text(source, base_dir)  # a file, or "bbcnews" (emulator/public_text.py)
         config = DistillConfig(steps=steps, seed=seed, lr=float(offsite.get("distill_lr") or 1e-4),
                                batch_size=int(offsite.get("distill_batch_size") or 32), max_length=max_length,
                                input_noise=float(offsite.get("distill_input_noise") or 0.0))

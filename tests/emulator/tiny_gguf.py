@@ -1,6 +1,6 @@
 """Writing tiny GGUF files the way llama.cpp's converter does, for tests that cannot wait for SmolLM2.
 
-A random 2-block Llama (hidden 32) with a byte-level BPE tokenizer of 259 tokens (the 256 bytes, two
+A random Llama (2 blocks unless asked) (hidden 32) with a byte-level BPE tokenizer of 259 tokens (the 256 bytes, two
 merges, an end-of-text token), written with the
 ``gguf`` package's own writer under llama.cpp's tensor names, Q and K permuted as llama.cpp stores
 them (transformers permutes them back on load). F32 tensors by default; ``quantize=True`` stores the
@@ -20,9 +20,9 @@ HIDDEN, HEADS, KV_HEADS, FFN, LAYERS = 32, 4, 2, 64, 2
 VOCAB, EOS = 259, 258
 
 
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+def tiny_llama(seed: int = 0, layers: int = LAYERS) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=layers,
                          num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=128,
                          rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=EOS, eos_token_id=EOS,
                          pad_token_id=EOS)
@@ -45,10 +45,11 @@ def gguf_tensors(model: LlamaForCausalLM) -> dict[str, np.ndarray]:
     out = {"token_embd.weight": state["model.embed_tokens.weight"],
            "output_norm.weight": state["model.norm.weight"],
            "output.weight": state["lm_head.weight"]}
+    layers = model.config.num_hidden_layers
     names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
              "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
-    for i in range(LAYERS):
+    for i in range(layers):
         for hf, gg in names.items():
             weight = state[f"model.layers.{i}.{hf}.weight"]
             if gg == "attn_q":
@@ -67,7 +68,7 @@ def write_tiny_gguf(path: Path, model: LlamaForCausalLM, *, architecture: str = 
     writer.add_name("fedsite tiny llama")
     writer.add_context_length(128)
     writer.add_embedding_length(HIDDEN)
-    writer.add_block_count(LAYERS)
+    writer.add_block_count(model.config.num_hidden_layers)
     writer.add_feed_forward_length(FFN)
     writer.add_head_count(HEADS)
     writer.add_head_count_kv(KV_HEADS)
