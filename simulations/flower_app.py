@@ -36,7 +36,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from protos.codec import Message
-from simulations.flower_driver import HELLO, PARTITION, RECORD, FlowerDriver, pack, unpack
+from simulations.flower_driver import HELLO, PARTITION, RECORD, FlowerDriver, install_dispatch, pack, unpack
 
 log = logging.getLogger("fedsite.simulation")
 
@@ -256,10 +256,13 @@ def make_server_app(run_engine: Callable[[FlowerDriver], None], *, hello_timeout
     ``runtime_stopped`` (set by the caller once ``run_simulation`` returns) makes the driver give up
     instead of waiting out its deadlines.
     """
+    # Flower's engine otherwise polls every enrolled node ten times a second (see flower_driver's docstring)
+    dispatch = install_dispatch()
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_engine(FlowerDriver(grid, hello_timeout_s=hello_timeout_s, runtime_stopped=runtime_stopped))
+        run_engine(FlowerDriver(grid, hello_timeout_s=hello_timeout_s, runtime_stopped=runtime_stopped,
+                                dispatch=dispatch))
 
     return app

@@ -8,14 +8,30 @@ drivers carry byte-identical payloads and count ``bytes_down``/``bytes_up``
 the same way. Client ids are ``client-<partition>``: the driver learns each
 node's partition once, with a small ``query`` message, so sampling (seeded by
 client id) is the same in every run of a job whatever node ids Flower draws.
+
+Scale. Flower's simulation engine hands messages to its ClientApp workers
+from a thread that, ten times a second, asks the link state for a message for
+*every* node (``vce_api.add_messages_to_queue``); each ask scans every stored
+message. With 10,000 enrolled clients and 100 in flight that thread alone is
+10^6 checks per sweep, holding the GIL against the round, and the driver's
+first-round discovery adds a hello message per enrolled node. Both grow with
+the clients enrolled, not with those sampled. :class:`NodeDispatch` replaces
+them for our own runs: the driver tells it which nodes it just sent to, it
+asks the link state for those nodes only (the same public ``get_message_ins``
+call, so TTLs and delivery marks behave as before), and it hands the driver
+the engine's node-to-partition table, so no hello is needed. A simulation
+whose ServerApp is not ours never registers and keeps Flower's own loop.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from queue import Queue
+from typing import Any
 
 from flwr.app import ConfigRecord, RecordDict
 from flwr.app import Message as FlowerMessage
@@ -57,12 +73,133 @@ def unpack(content: RecordDict) -> tuple[Message, int]:
     return decode_message(blob), len(blob)
 
 
+# -- dispatch: the engine's message loop, for the nodes that have messages only ----------------------
+
+
+class NodeDispatch:
+    """Feeds the simulation engine's workers the messages of the nodes the driver sent to.
+
+    One per simulation run, shared by the :class:`FlowerDriver` (ServerApp thread: :meth:`expect` after
+    each push) and the engine's message-extractor thread (:meth:`run`, in place of Flower's poll of
+    every node). A node stays on the list until a sweep that began after its last :meth:`expect` finds
+    nothing more for it, so a push racing with a sweep is never lost.
+    """
+
+    def __init__(self, sweep_interval_s: float = 0.1) -> None:
+        self.sweep_interval_s = sweep_interval_s  # Flower's own loop sweeps every 0.1 s
+        self._lock = threading.Lock()
+        self._wanted: dict[int, int] = {}  # node id -> sequence number of its latest expect()
+        self._sequence = 0
+        self._wake = threading.Event()
+        self.ready = threading.Event()  # set once the engine has handed over its node table
+        self.partition_of: dict[int, int] = {}  # Flower node id -> partition id (the engine's own table)
+        self.sweeps = 0
+        self.asks = 0  # get_message_ins calls made (for tests: grows with messages, not with nodes)
+
+    def expect(self, node_ids: Iterable[int]) -> None:
+        """The driver has just stored messages for these nodes."""
+        with self._lock:
+            self._sequence += 1
+            for node in node_ids:
+                self._wanted[node] = self._sequence
+        self._wake.set()
+
+    def run(self, state: Any, queue: Queue[Any], nodes_mapping: dict[int, int], f_stop: threading.Event) -> None:
+        """The engine's extractor loop: move each expected node's next message into the workers' queue."""
+        self.partition_of = dict(nodes_mapping)
+        self.ready.set()
+        while not f_stop.is_set():
+            self._wake.clear()
+            with self._lock:
+                snapshot = list(self._wanted.items())
+            self.sweeps += 1
+            for node, sequence in snapshot:
+                self.asks += 1
+                messages = state.get_message_ins(node_id=node, limit=1)
+                for message in messages:
+                    queue.put(message)
+                if not messages:
+                    with self._lock:
+                        if self._wanted.get(node) == sequence:  # no expect() since the snapshot
+                            del self._wanted[node]
+            self._wake.wait(self.sweep_interval_s)
+
+
+_DISPATCHES: dict[int, tuple[Any, NodeDispatch]] = {}  # id(link state) -> (that state, its dispatch)
+_DISPATCH_LOCK = threading.Lock()
+_FLOWER_EXTRACTOR: Callable[..., None] | None = None  # vce_api.add_messages_to_queue before install
+
+
+def register_dispatch(state: Any) -> NodeDispatch:
+    """A dispatch for the simulation whose link state is ``state`` (the Grid's and the engine's)."""
+    dispatch = NodeDispatch()
+    with _DISPATCH_LOCK:
+        _DISPATCHES[id(state)] = (state, dispatch)
+    return dispatch
+
+
+def _dispatch_for(state: Any) -> NodeDispatch | None:
+    with _DISPATCH_LOCK:
+        entry = _DISPATCHES.get(id(state))
+    return entry[1] if entry is not None and entry[0] is state else None
+
+
+def _extract_messages(state: Any, queue: Queue[Any], nodes_mapping: dict[int, int], f_stop: threading.Event) -> None:
+    """Stands in for ``vce_api.add_messages_to_queue``: a run with a registered dispatch is served by it;
+    any other keeps Flower's poll of every node, sweep by sweep, until (if ever) its driver registers."""
+    assert _FLOWER_EXTRACTOR is not None
+    try:
+        while not f_stop.is_set():
+            dispatch = _dispatch_for(state)
+            if dispatch is not None:
+                dispatch.run(state, queue, nodes_mapping, f_stop)
+                return
+            # one sweep of Flower's own loop (it returns once f_stop is set, so stop it after one sweep)
+            for node_id in nodes_mapping:
+                for message in state.get_message_ins(node_id=node_id, limit=1):
+                    queue.put(message)
+            f_stop.wait(0.1)
+    finally:
+        with _DISPATCH_LOCK:
+            entry = _DISPATCHES.get(id(state))
+            if entry is not None and entry[0] is state:
+                del _DISPATCHES[id(state)]
+
+
+def install_dispatch() -> bool:
+    """Put :func:`_extract_messages` in place of Flower's extractor loop (once per process).
+
+    False, with Flower's loop left alone, if this Flower's simulation engine does not have the loop
+    this replaces (its name and parameters are checked); drivers then discover nodes with hellos.
+    """
+    global _FLOWER_EXTRACTOR
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    current = getattr(vce_api, "add_messages_to_queue", None)
+    if current is _extract_messages:
+        return True
+    if current is None or list(inspect.signature(current).parameters) != ["state", "queue", "nodes_mapping",
+                                                                           "f_stop"]:
+        log.warning("this Flower's simulation engine has no add_messages_to_queue(state, queue, nodes_mapping, "
+                    "f_stop); keeping its own message loop, which polls every node")
+        return False
+    _FLOWER_EXTRACTOR = current
+    vce_api.add_messages_to_queue = _extract_messages
+    return True
+
+
 class FlowerDriver:
     """:class:`coordinator.engine.Driver` over a Flower ``Grid`` (simulation or deployment)."""
 
     def __init__(self, grid: Grid, *, hello_timeout_s: float = 600.0, ttl_margin_s: float = 60.0,
-                 runtime_stopped: threading.Event | None = None, pull_interval_s: float = 0.1) -> None:
+                 runtime_stopped: threading.Event | None = None, pull_interval_s: float = 0.1,
+                 dispatch: bool = False) -> None:
         self.grid = grid
+        # with ``dispatch`` (and install_dispatch() done) on a simulation Grid, which exposes its link
+        # state: messages reach the workers through a NodeDispatch, and node partitions come from the
+        # engine's table instead of hellos
+        state = getattr(grid, "state", None)
+        self.dispatch = register_dispatch(state) if dispatch and state is not None else None
         self.hello_timeout_s = hello_timeout_s
         self.ttl_margin_s = ttl_margin_s
         # Set by whoever runs Flower once its runtime has returned (normally or not). Flower runs the
@@ -70,6 +207,7 @@ class FlowerDriver:
         # of a dead runtime keeps the process alive (and its log busy) until every deadline has passed.
         self.runtime_stopped = runtime_stopped or threading.Event()
         self.pull_interval_s = pull_interval_s
+        self.hellos_sent = 0  # discovery messages (none when the dispatch supplies the partitions)
         self.node_of: dict[str, int] = {}  # client id -> Flower node id
         self.client_of: dict[int, str] = {}  # Flower node id -> client id
 
@@ -86,6 +224,7 @@ class FlowerDriver:
                           ttl=ttl, group_id="hello")
             for node in unknown
         ]
+        self.hellos_sent += len(hellos)
         replies = self._send_and_receive(hellos, self.hello_timeout_s)
         for reply in replies:
             node = reply.metadata.src_node_id
@@ -101,11 +240,37 @@ class FlowerDriver:
             self.node_of[cid] = node
             self.client_of[node] = cid
 
+    def _learn_partitions(self, node_ids: Iterable[int]) -> None:
+        """The partitions of nodes not yet known, from the engine's own table (no message sent)."""
+        assert self.dispatch is not None
+        for node in set(node_ids) - set(self.client_of):
+            partition = self.dispatch.partition_of.get(node)
+            if partition is not None:
+                cid = client_id_for(partition)
+                self.node_of[cid] = node
+                self.client_of[node] = cid
+
+    def _dispatch_ready(self) -> bool:
+        """Wait (bounded) for the engine to hand its node table to the dispatch; False = use hellos."""
+        if self.dispatch is None:
+            return False
+        deadline = time.monotonic() + self.hello_timeout_s
+        while not self.dispatch.ready.wait(0.2):
+            self._check_runtime()
+            if time.monotonic() >= deadline:
+                log.warning("the simulation engine did not start the fedsite dispatch; discovering nodes by hello")
+                self.dispatch = None
+                return False
+        return True
+
     def wait_for_clients(self, count: int, timeout_s: float) -> list[str]:
         deadline = time.monotonic() + timeout_s
         while True:
             self._check_runtime()
-            self._discover(self.grid.get_node_ids())
+            if self._dispatch_ready():
+                self._learn_partitions(self.grid.get_node_ids())
+            else:
+                self._discover(self.grid.get_node_ids())
             if len(self.node_of) >= count or time.monotonic() >= deadline:
                 return sorted(self.node_of)
             self.runtime_stopped.wait(0.5)
@@ -120,6 +285,8 @@ class FlowerDriver:
         """``Grid.send_and_receive``, but it gives up as soon as Flower's runtime stops."""
         self._check_runtime()
         pending = set(self.grid.push_messages(messages))  # a refused message (the grid logs why) gets no id
+        if self.dispatch is not None:
+            self.dispatch.expect(message.metadata.dst_node_id for message in messages)
         replies: list[FlowerMessage] = []
         deadline = time.monotonic() + timeout_s
         while pending and time.monotonic() < deadline:  # as Grid.send_and_receive: no pull past the deadline

@@ -1,0 +1,118 @@
+"""The simulation's message dispatch at a scale where Flower's own loop shows: 300 enrolled virtual clients.
+
+Flower's engine asks its link state for a message for every node ten times a second, and the driver's
+discovery used to send a hello to every node; both grow with the clients enrolled. With the fedsite
+dispatch (simulations.flower_driver.NodeDispatch) the partitions come from the engine's own node table
+and the link state is asked only about nodes that were sent something. A simulation whose driver does
+not register (any other ServerApp) must still get its messages through Flower's loop.
+
+Real Ray actors, the real Grid and link state, the tiny BERT; nothing is stubbed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from coordinator.checkpoint import Checkpointer
+from coordinator.config import load_job
+from coordinator.engine import TRAIN
+from protos.codec import Message
+from simulations.bench_scale import make_tiny_bert, tiny_job
+from simulations.flower_app import ClientSettings, make_client_app
+from simulations.flower_driver import FlowerDriver, client_id_for, install_dispatch
+from simulations.runner import SimulationOptions, _run_flower, backend_config, run_job, start_ray
+
+ENROLLED, PER_ROUND = 300, 3
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One whole simulated job with 300 enrolled clients (its package and partitions serve the tests)."""
+    work = tmp_path_factory.mktemp("dispatch")
+    model = make_tiny_bert(work / "tiny-bert")
+    job = tiny_job(work, model, clients=ENROLLED, per_round=PER_ROUND, rounds=2, max_train_examples=20 * ENROLLED)
+    out = work / "run"
+    run_job(load_job(job), out, SimulationOptions(progress=False, object_store_mb=100))
+    return out
+
+
+def _settings(run: Path) -> ClientSettings:
+    config = json.loads((run / "job.toml.json").read_text())
+    return ClientSettings(package_dir=str(run / "package"), train_data=config["simulation"]["train_data"],
+                          partitions_file=str(run / "partitions.json"), output_dir=str(run), threads=1)
+
+
+def _train_message(run: Path) -> Message:
+    state = Checkpointer(run / "checkpoints").latest().global_state  # type: ignore[union-attr]
+    return Message(round=1, stage=TRAIN, tensors=state,
+                   config={"local_steps": 1, "batch_size": 4, "lr": 1e-3, "weight_decay": 0.0, "seed": 0})
+
+
+def test_a_job_with_300_enrolled_clients_runs_every_round(run_dir: Path) -> None:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [0, 1, 2]
+    assert all(r["status"] == "ok" and r["completed_clients"] == PER_ROUND for r in records[1:]), records
+
+
+def test_dispatch_asks_only_about_nodes_it_sent_to_and_sends_no_hello(run_dir: Path) -> None:
+    message = _train_message(run_dir)
+    seen: dict[str, Any] = {}
+
+    def scenario(driver: FlowerDriver) -> None:
+        try:
+            seen["clients"] = driver.wait_for_clients(ENROLLED, 300)
+            assert driver.dispatch is not None
+            sweeps_before, asks_before = driver.dispatch.sweeps, driver.dispatch.asks
+            chosen = [client_id_for(p) for p in (0, 150, 299)]
+            seen["exchange"] = driver.exchange(1, dict.fromkeys(chosen, message), 300)
+            seen["sweeps"] = driver.dispatch.sweeps - sweeps_before
+            seen["asks"] = driver.dispatch.asks - asks_before
+            seen["hellos"] = driver.hellos_sent
+            seen["table"] = len(driver.dispatch.partition_of)
+        except BaseException as exc:
+            seen["error"] = exc
+
+    _run_flower(scenario, make_client_app(_settings(run_dir)), ENROLLED,
+                backend_config(SimulationOptions(object_store_mb=100)))
+    assert "error" not in seen, seen.get("error")
+    assert seen["clients"] == sorted(client_id_for(p) for p in range(ENROLLED))
+    assert seen["hellos"] == 0 and seen["table"] == ENROLLED
+    exchange = seen["exchange"]
+    assert sorted(exchange.replies) == [client_id_for(0), client_id_for(150), client_id_for(299)], exchange.failures
+    # each sweep asks about the three nodes still owed a message, at most: never about all 300
+    assert seen["sweeps"] >= 1 and seen["asks"] <= 3 * seen["sweeps"], seen
+    assert seen["asks"] < ENROLLED, seen
+
+
+def test_a_driver_without_the_dispatch_still_gets_its_messages_through_flowers_loop(run_dir: Path) -> None:
+    """The patched engine keeps Flower's poll of every node for a run whose driver did not register."""
+    assert install_dispatch()
+    message = _train_message(run_dir)
+    seen: dict[str, Any] = {}
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        try:
+            driver = FlowerDriver(grid, hello_timeout_s=300)  # no dispatch: hellos, Flower's loop
+            seen["clients"] = driver.wait_for_clients(ENROLLED, 300)
+            seen["hellos"] = driver.hellos_sent
+            seen["exchange"] = driver.exchange(1, {client_id_for(7): message}, 300)
+        except BaseException as exc:
+            seen["error"] = exc
+
+    from flwr.simulation import run_simulation
+
+    backend = backend_config(SimulationOptions(object_store_mb=100))
+    start_ray(backend["init_args"])
+    run_simulation(server_app=app, client_app=make_client_app(_settings(run_dir)), num_supernodes=ENROLLED,
+                   backend_name="ray", backend_config=backend)
+    assert "error" not in seen, seen.get("error")
+    assert seen["clients"] == sorted(client_id_for(p) for p in range(ENROLLED)) and seen["hellos"] == ENROLLED
+    assert list(seen["exchange"].replies) == [client_id_for(7)], seen["exchange"].failures
