@@ -65,6 +65,8 @@ class JobSection:
                 f"({self.clients_per_round})"
             )
         _positive("job.round_timeout_s", self.round_timeout_s)
+        _non_negative("job.wait_for_clients_s", self.wait_for_clients_s)
+        _non_negative("job.sample_grace_s", self.sample_grace_s)
         if self.heartbeat_timeout_s < MIN_HEARTBEAT_TIMEOUT_S:
             raise ConfigError(
                 f"job.heartbeat_timeout_s must be >= {MIN_HEARTBEAT_TIMEOUT_S} (clients beat at most once a second "
@@ -118,8 +120,8 @@ class TrainSection:
         _positive("train.batch_size", self.batch_size)
         _positive("train.physical_batch_size", self.physical_batch_size)
         _positive("train.lr", self.lr)
-        if self.head_lr < 0:
-            raise ConfigError(f"train.head_lr must be >= 0, got {self.head_lr}")
+        _non_negative("train.head_lr", self.head_lr)
+        _non_negative("train.weight_decay", self.weight_decay)
 
 
 @dataclass
@@ -132,6 +134,13 @@ class ServerSection:
     aggregator: str = _help("mean | median | trimmed_mean (robust ones need secure aggregation off)",
                             default="mean")
     trim_fraction: float = _help("fraction cut at each end by trimmed_mean", default=0.1)
+    max_update_norm: float = _help(
+        "L2 bound on each client's update without secure aggregation; a longer one is refused. 0 = automatic: the "
+        "largest update an honest client's AdamW can make with [train] (or client_dp's clip_norm plus its noise "
+        "share)", default=0.0)
+    examples_cap: int = _help(
+        "a client's weight in the plain average is min(num_examples, examples_cap): set it near the largest party's "
+        "size; a client claiming more counts as this many", default=100_000)
 
     def validate(self) -> None:
         _choice("server.optimizer", self.optimizer, OPTIMIZERS)
@@ -139,6 +148,9 @@ class ServerSection:
         if not 0.0 <= self.trim_fraction < 0.5:
             raise ConfigError(f"server.trim_fraction must be in [0, 0.5), got {self.trim_fraction}")
         _positive("server.lr", self.lr)
+        _positive("server.eps", self.eps)
+        _non_negative("server.max_update_norm", self.max_update_norm)
+        _positive("server.examples_cap", self.examples_cap)
         for key, value in (("server.beta1", self.beta1), ("server.beta2", self.beta2)):
             if not 0.0 <= value < 1.0:
                 raise ConfigError(f"{key} must be in [0, 1), got {value}")
@@ -262,7 +274,10 @@ class ClientDPSection:
 class SecureAggregationSection:
     enabled: bool = _help("SecAgg+: the coordinator learns only the sum", default=False)
     threshold: float = _help("fraction of each neighbourhood needed to unmask", default=0.66)
-    clipping_range: float = _help("per-coordinate bound of the quantizer", default=8.0)
+    clipping_range: float = _help(
+        "per-coordinate bound of the quantizer (what an honest client's update may hold in one coordinate); 0 = "
+        "automatic: 1.25 x the largest step an honest client's AdamW can make on one coordinate in a round "
+        "(client_dp: clip_norm plus its noise share)", default=0.0)
     weight_cap: float = _help(
         "examples at which a client's weight in the secure sum saturates (weights must be bounded)",
         default=10000.0)
@@ -270,7 +285,7 @@ class SecureAggregationSection:
     def validate(self) -> None:
         if not 0.5 < self.threshold <= 1.0:
             raise ConfigError(f"privacy.secure_aggregation.threshold must be in (0.5, 1], got {self.threshold}")
-        _positive("privacy.secure_aggregation.clipping_range", self.clipping_range)
+        _non_negative("privacy.secure_aggregation.clipping_range", self.clipping_range)
         _positive("privacy.secure_aggregation.weight_cap", self.weight_cap)
 
 
@@ -374,6 +389,11 @@ def _positive(key: str, value: float) -> None:
         raise ConfigError(f"{key} must be a positive number, got {value}")
 
 
+def _non_negative(key: str, value: float) -> None:
+    if not (value >= 0 and math.isfinite(value)):
+        raise ConfigError(f"{key} must be a number >= 0, got {value}")
+
+
 def _probability(key: str, value: float) -> None:
     if not 0.0 < value < 1.0:
         raise ConfigError(f"{key} must be in (0, 1), got {value}")
@@ -401,6 +421,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key} must be a number, got {value!r}")
+        if not math.isfinite(value):  # TOML spells them nan and inf; no key means either
+            raise ConfigError(f"{key} must be a finite number, got {value!r}")
         return float(value)
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, int):

@@ -126,3 +126,52 @@ def test_unreadable_and_invalid_toml_are_config_errors(tmp_path: Path) -> None:
     bad.write_text("[job\nname=")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_job(bad)
+
+
+def _float_keys() -> list[str]:
+    """Every float key of the job file, found from the dataclasses (so a new key is covered the day it lands)."""
+    import dataclasses
+    import typing
+
+    from coordinator.config import JobConfig, SimulationSection
+
+    keys: list[str] = []
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            hint = hints[f.name]
+            inner = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+            if dataclasses.is_dataclass(inner[0]):
+                walk(inner[0], f"{prefix}{f.name}.")  # type: ignore[arg-type]
+            elif inner[0] is float:
+                keys.append(prefix + f.name)
+
+    walk(JobConfig, "")
+    walk(SimulationSection, "simulation.")
+    return keys
+
+
+def test_every_float_key_refuses_nan_and_infinity_in_one_line(tmp_path: Path) -> None:
+    keys = _float_keys()
+    assert {"job.heartbeat_timeout_s", "job.wait_for_clients_s", "job.sample_grace_s", "train.weight_decay",
+            "train.head_lr", "server.eps", "privacy.client_dp.noise_multiplier"} <= set(keys)
+    for key in keys:
+        table, name = key.rsplit(".", 1)
+        for value in ("nan", "inf", "-inf"):
+            path = tmp_path / "job.toml"
+            path.write_text(f"[{table}]\n{name} = {value}\n")
+            with pytest.raises(ConfigError) as info:
+                load_job(path)
+            message = str(info.value)
+            assert key in message and "\n" not in message, (key, value, message)
+
+
+@pytest.mark.parametrize("table", [
+    {"job": {"wait_for_clients_s": -1}}, {"job": {"sample_grace_s": -0.5}}, {"train": {"weight_decay": -1e-3}},
+    {"server": {"eps": 0}}, {"server": {"max_update_norm": -1}}, {"server": {"examples_cap": 0}},
+    {"privacy": {"secure_aggregation": {"clipping_range": -1}}},
+])
+def test_negative_times_and_bounds_are_refused(table: dict) -> None:
+    with pytest.raises(ConfigError):
+        parse_job(table, Path("."))
