@@ -163,9 +163,14 @@ class LoraSection:
     dropout: float = _help("LoRA dropout", default=0.0)
     freeze_a: bool = _help("FFA-LoRA: A frozen at its shared initialisation", default=False)
     target_modules: list[str] = _help("modules to wrap; empty = the architecture's default", default_factory=list)
+    top_blocks: int = _help(
+        "wrap only the top N transformer blocks (0 = all): the backward pass stops below them and, under DP, "
+        "fewer parameters share the noise", default=0)
 
     def validate(self) -> None:
         _positive("lora.r", self.r)
+        if self.top_blocks < 0:
+            raise ConfigError(f"lora.top_blocks must be >= 0, got {self.top_blocks}")
         _positive("lora.alpha", self.alpha)
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")

@@ -56,7 +56,8 @@ def job_labels(config: JobConfig) -> list[str]:
 
 def lora_settings(config: JobConfig) -> LoraSettings:
     return LoraSettings(r=config.lora.r, alpha=config.lora.alpha, dropout=config.lora.dropout,
-                        freeze_a=config.lora.freeze_a, target_modules=tuple(config.lora.target_modules))
+                        freeze_a=config.lora.freeze_a, target_modules=tuple(config.lora.target_modules),
+                        top_blocks=config.lora.top_blocks)
 
 
 Report = Callable[[str], None]

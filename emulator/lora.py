@@ -19,7 +19,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel
 
-from emulator.architectures import spec_for
+from emulator.architectures import num_blocks, spec_for
 from emulator.pooling import trainable_block_indices
 
 
@@ -34,12 +34,18 @@ class LoraSettings:
     dropout: float = 0.0
     freeze_a: bool = False
     target_modules: tuple[str, ...] = ()
+    top_blocks: int = 0  # wrap only the top N blocks (0 = all)
 
 
 def lora_config_for(model: PreTrainedModel, settings: LoraSettings, *, task: str) -> LoraConfig:
     spec = spec_for(model)
     targets = list(settings.target_modules or spec.lora_targets)
     blocks = trainable_block_indices(model.config)  # never the frozen mean-pooling block
+    if settings.top_blocks > 0:
+        every = blocks if blocks is not None else list(range(num_blocks(model.config)))
+        if settings.top_blocks > len(every):
+            raise ValueError(f"lora.top_blocks = {settings.top_blocks} but the model has {len(every)} blocks")
+        blocks = every[-settings.top_blocks:]
     return LoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha,

@@ -81,3 +81,14 @@ def test_mean_pooling_is_refused_for_decoder_models(tmp_path: Path) -> None:
     folder = tmp_path / "llama"
     with pytest.raises(ModelLoadError, match="BERT-family"):
         load_model(folder, "classification", ["a", "b", "c"], pooling="mean")
+
+
+def test_top_blocks_wraps_only_the_top_trained_blocks(tiny_bert_dir: Path) -> None:
+    """[lora] top_blocks counts the model's own blocks, below the pooling block."""
+    model = add_lora(load_model(tiny_bert_dir, "classification", ["a", "b"], pooling="mean"),
+                     LoraSettings(r=2, top_blocks=2), task="classification")
+    wrapped = {int(n.split("layer.")[1].split(".")[0]) for n in trainable_shapes(model) if "layer." in n}
+    assert wrapped == {2, 3}  # of blocks 0-3, with the pooling block at 4
+    with pytest.raises(ValueError, match="top_blocks = 9"):
+        add_lora(load_model(tiny_bert_dir, "classification", ["a", "b"]), LoraSettings(top_blocks=9),
+                 task="classification")
