@@ -66,7 +66,7 @@ table { border-collapse: collapse; width: 100%; font-size: 13px; }
 th, td { text-align: left; padding: 6px 10px; border-bottom: 1px solid var(--line); white-space: nowrap; }
 td:last-child { white-space: normal; min-width: 220px; }
 th { color: var(--muted); font-weight: 600; font-size: 12px; }
-th.num, td:nth-child(n+6):not(:last-child) { text-align: right; font-variant-numeric: tabular-nums; }
+th.num, td.num { text-align: right; font-variant-numeric: tabular-nums; }
 tbody tr:hover { background: #f9fafb; }
 code { font: 12px ui-monospace, SFMono-Regular, Menlo, monospace; }
 .pill { font-size: 12px; padding: 1px 8px; border-radius: 999px; }

@@ -123,8 +123,9 @@ def _kpis(status: dict[str, Any], records: list[dict[str, Any]]) -> str:
     summary = status.get("clients_summary") or {}
     online, enrolled = summary.get("online"), summary.get("enrolled", 0)
     value = f"{online} <small>/ {enrolled}</small>" if online is not None else f"{enrolled}"
-    detail = ("online / enrolled" if online is not None else "virtual clients") + \
-        f" · {summary.get('per_round', 0)} per round, min {summary.get('min', 0)}"
+    kind = "online / enrolled" if online is not None else \
+        ("virtual clients" if status.get("source") == "simulation" else "enrolled")
+    detail = f"{kind} · {summary.get('per_round', 0)} per round, min {summary.get('min', 0)}"
     if rounds:
         r = rounds[-1]
         detail += (f"<br>round {_round(r)}: {r.get('completed_clients', 0)} of {r.get('sampled_clients', 0)} "
@@ -282,32 +283,33 @@ def _clients(status: dict[str, Any]) -> str:
     clients: list[dict[str, Any]] = status.get("clients") or []
     live = (status.get("clients_summary") or {}).get("online") is not None
     local_dp = bool(((status.get("epsilon") or {}).get("local") or {}).get("enabled"))
-    head = ["client", "name", "enrolled", "online", "last seen", "sampled", "completed", "dropped",
-            "declined (budget)", *(["ε"] if local_dp else []), "last drop"]
+    head = ["client", "name", "enrolled", *(["online", "last seen"] if live else []), "sampled", "completed",
+            "dropped", "declined (budget)", *(["ε"] if local_dp else []), "last drop"]
     rows = []
     for c in clients[:MAX_CLIENT_ROWS]:
-        if c.get("online") is None:
-            online = '<span class="muted">–</span>'
-        else:
-            online = '<span class="pill on">online</span>' if c["online"] else '<span class="pill off">offline</span>'
+        online = '<span class="pill on">online</span>' if c.get("online") else '<span class="pill off">offline</span>'
         enrolled = _clock(c["enrolled_at"]) if c.get("enrolled_at") else ("yes" if c.get("enrolled") else "no")
-        seen = _ago(c.get("last_seen_s")) if live else "–"
+        seen = _ago(c.get("last_seen_s"))
         drop = c.get("last_drop")
         drop_text = (f'<span class="muted">round {drop["round"]}:</span> {escape(drop["reason"])}' if drop else "")
-        cells = [f'<code>{escape(c["id"])}</code>', escape(c.get("name") or ""), escape(enrolled), online,
-                 escape(seen), str(c.get("sampled", 0)), str(c.get("completed", 0)),
+        cells = [f'<code>{escape(c["id"])}</code>', escape(c.get("name") or ""), escape(enrolled),
+                 *([online, escape(seen)] if live else []), str(c.get("sampled", 0)), str(c.get("completed", 0)),
                  _count(c.get("dropped", 0), "warn"), _count(c.get("declined_budget", 0), "bad")]
         if local_dp:
             cells.append(f"{c['epsilon']:.2f}" if c.get("epsilon") is not None else "–")
         cells.append(drop_text)
-        rows.append("<tr>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>")
+        rows.append("<tr>" + "".join(f'<td{_num_class(h)}>{cell}</td>' for h, cell in zip(head, cells, strict=True))
+                    + "</tr>")
     more = (f'<p class="note">{len(clients) - MAX_CLIENT_ROWS} more clients in /api/status</p>'
             if len(clients) > MAX_CLIENT_ROWS else "")
     empty = "" if rows else f'<tr><td colspan="{len(head)}" class="muted">no client has enrolled yet</td></tr>'
-    numeric = {"sampled", "completed", "dropped", "declined (budget)", "ε"}
-    th = "".join(f'<th{" class=num" if h in numeric else ""}>{escape(h)}</th>' for h in head)
+    th = "".join(f"<th{_num_class(h)}>{escape(h)}</th>" for h in head)
     return (f'<section class="clients" id="clients"><h2>Clients</h2><div class="table"><table><thead><tr>{th}'
             f'</tr></thead><tbody>{"".join(rows)}{empty}</tbody></table></div>{more}</section>')
+
+
+def _num_class(column: str) -> str:
+    return ' class="num"' if column in ("sampled", "completed", "dropped", "declined (budget)", "ε") else ""
 
 
 def _count(value: int, tone: str) -> str:
@@ -316,9 +318,10 @@ def _count(value: int, tone: str) -> str:
 
 def _footer(status: dict[str, Any]) -> str:
     updated = _clock(float(status.get("updated_at") or time.time()), seconds=True)
-    what = {"report": "written when the run ended", "coordinator": "live", "simulation": "live"}.get(
-        str(status.get("source")), "")
-    return (f'<footer>updated <span id="updated">{escape(updated)}</span> · {escape(what)} · the same data as JSON: '
+    if status.get("source") == "report":
+        return (f'<footer>as the run ended, {escape(updated)}, from its metrics.jsonl · the live dashboard: '
+                "<code>--dashboard-port</code> · fedsite</footer>")
+    return (f'<footer>updated <span id="updated">{escape(updated)}</span> · live · the same data as JSON: '
             "<code>/api/status</code> (see docs/dashboard.md) · fedsite</footer>")
 
 

@@ -52,15 +52,15 @@ def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
     """Round tick values covering [low, high] (1, 2, 2.5 or 5 times a power of ten apart)."""
     if not (math.isfinite(low) and math.isfinite(high)):
         return [0.0, 1.0]
-    if high <= low:
-        high = low + (abs(low) or 1.0)
+    scale = max(abs(low), abs(high))
+    if high - low <= scale * 1e-9:  # flat (or below float resolution): show a band around the value
+        low, high = low - (scale * 0.1 or 1.0), high + (scale * 0.1 or 1.0)
     raw = (high - low) / max(count - 1, 1)
     power = 10 ** math.floor(math.log10(raw))
     step = next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw)
-    ticks = [round(math.floor(low / step) * step, 12)]
-    while ticks[-1] < high - step * 1e-9:
-        ticks.append(round(ticks[-1] + step, 12))
-    return ticks
+    start = math.floor(low / step) * step
+    steps = math.ceil((high - start) / step - 1e-9)
+    return [round(start + i * step, 12) for i in range(max(steps, 1) + 1)]
 
 
 def _frame(width: int, height: int, label: str, body: list[str]) -> str:
