@@ -1,9 +1,11 @@
-"""Reports of simulation runs: report.md, PNG plots and the table printed at the end of a run.
+"""Reports of simulation runs: report.md, PNG plots, report.html and the table printed at the end of a run.
 
 Reads only what every fedsite run writes (``metrics.jsonl``, ``job.toml.json``),
 so it reports gRPC coordinator runs as well as simulations, one run or several
 compared. Each plot is also described in ``plots.json`` (title, axis labels,
 series and their points), which is what tests and other tools read back.
+``report.html`` is the live dashboard's page as the run ended
+(:mod:`coordinator.dashboard.static`): self-contained, it opens from disk.
 
     python -m simulations.report RUN_DIR [RUN_DIR ...] --output-dir DIR
 """
@@ -206,7 +208,8 @@ many actors as the cluster fits and streams the sampled clients through them.
 
 def write_report(folders: list[Path], output_dir: Path, *, names: list[str] | None = None,
                  title: str = "fedsite simulation report") -> Path:
-    """report.md, one PNG per plot and plots.json in ``output_dir``; returns the report's path."""
+    """report.md, one PNG per plot, plots.json and the dashboard page (report.html) in ``output_dir``;
+    returns the report's path."""
     runs = [load_run(folder, names[i] if names else None) for i, folder in enumerate(folders)]
     output_dir.mkdir(parents=True, exist_ok=True)
     specs = plot_specs(runs)
@@ -219,7 +222,10 @@ def write_report(folders: list[Path], output_dir: Path, *, names: list[str] | No
     atomic_write_text(output_dir / "plots.json", json.dumps(
         [{"file": s.file, "title": s.title, "xlabel": s.xlabel, "ylabel": s.ylabel,
           "series": {k: [list(p) for p in v] for k, v in s.series.items()}} for s in specs], indent=1) + "\n")
+    pages = _write_pages(runs, output_dir, named=names is not None)
     parts = [f"# {title}", ""]
+    parts += ["The dashboard of " + ", ".join(f"[{run.name}]({page.name})" for run, page in pages)
+              + " (open in a browser; it works offline).", ""]
     parts.append(_markdown_table(
         ["run", "mode", "clients / split", "rounds ok", "validation (round 0 → last)", "ε spent",
          "MB moved", "seconds"],
@@ -233,6 +239,22 @@ def write_report(folders: list[Path], output_dir: Path, *, names: list[str] | No
     path = output_dir / "report.md"
     atomic_write_text(path, "\n".join(parts))
     return path
+
+
+def _write_pages(runs: list[Run], output_dir: Path, *, named: bool) -> list[tuple[Run, Path]]:
+    """The live dashboard's page as each run ended: report.html for one run, report-<name>.html for several.
+    Titled with the job's name unless the caller named the runs."""
+    from coordinator.dashboard.static import write_static_page
+
+    pages = []
+    for run in runs:
+        page = output_dir / ("report.html" if len(runs) == 1 else f"report-{_file_name(run.name)}.html")
+        pages.append((run, write_static_page(run.folder, page, name=run.name if named else None)))
+    return pages
+
+
+def _file_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "run"
 
 
 def main(argv: list[str] | None = None) -> int:
