@@ -84,9 +84,24 @@ def unpack(blob: bytes, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     try:
         with tarfile.open(fileobj=io.BytesIO(blob), mode="r:") as tar:
-            tar.extractall(folder, filter="data")
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(folder, filter="data")
+            else:  # Python < 3.11.4 (Debian 12 ships 3.11.2) has no filters: the same refusals, by hand
+                tar.extractall(folder, members=_plain_members(tar, folder))
     except (tarfile.TarError, OSError) as exc:
         raise PackageError(f"cannot unpack the job package: {exc}") from exc
+
+
+def _plain_members(tar: tarfile.TarFile, folder: Path) -> list[tarfile.TarInfo]:
+    """Regular files and folders that stay inside ``folder``; anything else is refused (as the data filter)."""
+    root = folder.resolve()
+    members = tar.getmembers()
+    for member in members:
+        target = (root / member.name).resolve()
+        if not (member.isfile() or member.isdir()) or member.name.startswith("/") or not target.is_relative_to(root):
+            raise tarfile.TarError(f"refusing package member {member.name!r} (not a plain file inside the package)")
+        member.mode &= 0o755  # no set-id bits, as the data filter
+    return members
 
 
 def load_base(folder: Path, spec: JobSpec) -> PreTrainedModel:
