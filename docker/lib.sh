@@ -96,6 +96,17 @@ metrics() {
 
 last_round() { metrics | python3 -c 'import json, sys; print(max([json.loads(l)["round"] for l in sys.stdin if l.strip()] or [-1]))'; }
 
+# a client container that the restart policy keeps restarting will not get better by waiting
+check_clients_not_looping() {
+  local service restarts
+  for service in client-1 client-2 client-3; do
+    restarts=$(state_of "$service" | cut -d' ' -f3)
+    if [ "${restarts:-0}" -gt 3 ] 2>/dev/null; then
+      fail "$service keeps restarting ($restarts times): $(docker logs --tail 1 "$(container_of "$service")" 2>&1)"
+    fi
+  done
+}
+
 # wait until the coordinator's container has exited (0 = the job finished); fail on a crash loop or the deadline
 wait_for_coordinator_exit() {  # $1 = deadline in seconds from now
   local deadline=$(( $(date +%s) + $1 )) state
@@ -106,6 +117,7 @@ wait_for_coordinator_exit() {  # $1 = deadline in seconds from now
       exited*|dead*) fail "the coordinator stopped: $state (status, exit code, restarts)" ;;
     esac
     [ "$(echo "$state" | cut -d' ' -f3)" -le 3 ] 2>/dev/null || fail "the coordinator keeps restarting: $state"
+    check_clients_not_looping
     [ "$(date +%s)" -lt "$deadline" ] || fail "the job did not finish within $1 s (last round $(last_round))"
     sleep 5
   done
@@ -116,6 +128,7 @@ wait_for_round() {  # $1 = round, $2 = deadline in seconds from now
   until [ "$(last_round)" -ge "$1" ]; do
     [ "$(date +%s)" -lt "$deadline" ] || fail "round $1 did not complete within $2 s (last round $(last_round))"
     case "$(state_of coordinator)" in exited*|dead*) fail "the coordinator stopped: $(state_of coordinator)" ;; esac
+    check_clients_not_looping
     sleep 3
   done
 }

@@ -71,6 +71,7 @@ def test_compose_file_is_valid_and_wires_tls_volumes_ports_and_tokens(tmp_path: 
     assert len(set(state_and_data)) == 3 and all(len(v) == 2 for v in state_and_data)  # nothing shared but certs
     for i, token in ((1, "change-me-token-1"), (2, "secret-two"), (3, "change-me-token-3")):
         client = services[f"client-{i}"]
+        assert client["command"] == ["client"]  # the image's default command is the coordinator
         assert client["environment"]["FEDSITE_TOKEN"] == token
         assert client["environment"]["FEDSITE_COORDINATOR"] == "coordinator:6000"
         assert client["environment"]["FEDSITE_MTLS"] == "1"
@@ -282,3 +283,36 @@ def test_killed_coordinator_resumes_and_killed_client_rejoins_in_compose() -> No
     assert len(summary) == 1 and summary[0].startswith("faults: OK: "), done.stdout
     assert "rounds 0..6 each exactly once, all ok" in summary[0]
     print("\n" + summary[0])
+
+
+def test_packages_unpack_safely_on_a_python_without_tar_filters(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Debian 12's Python (3.11.2, also the air-gapped image's) predates tarfile's extraction filters:
+    unpacking must refuse what the data filter refuses (paths out of the folder, links) all the same."""
+    import io
+    import tarfile
+
+    from emulator.package import PackageError, pack, unpack
+
+    monkeypatch.delattr(tarfile, "data_filter")
+    source = tmp_path / "src"
+    (source / "model").mkdir(parents=True)
+    (source / "model" / "weights.bin").write_bytes(b"\0" * 10)
+    (source / "job.json").write_text("{}")
+    unpack(pack(source), tmp_path / "out")
+    assert sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*")) == [
+        "job.json", "model", "model/weights.bin"]
+    for name, kind in (("../escape", tarfile.REGTYPE), ("/abs", tarfile.REGTYPE), ("link", tarfile.SYMTYPE)):
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            if kind == tarfile.SYMTYPE:
+                info.linkname = "/etc/passwd"
+                tar.addfile(info)
+            else:
+                info.size = 1
+                tar.addfile(info, io.BytesIO(b"x"))
+        with pytest.raises(PackageError, match="refusing package member"):
+            unpack(buffer.getvalue(), tmp_path / f"bad-{kind!r}")
+    assert not (tmp_path / "escape").exists()
