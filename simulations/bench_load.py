@@ -270,8 +270,13 @@ class LoadReport:
 
 
 def run_load(clients: int, workdir: Path, *, model: Path | None = None, drop_fraction: float = 0.05,
-             reject_fraction: float = 0.05, heartbeat_timeout_s: float = 4.0, max_workers: int = 64) -> LoadReport:
-    """Stand up the coordinator in-process, run one round with ``clients`` load clients, return the figures."""
+             reject_fraction: float = 0.05, heartbeat_timeout_s: float = 4.0, max_workers: int = 64,
+             on_ready: Callable[[Any, Any], Callable[[], None]] | None = None) -> LoadReport:
+    """Stand up the coordinator in-process, run one round with ``clients`` load clients, return the figures.
+
+    ``on_ready(prepared_job, registry)`` runs once the coordinator serves, before the round; it returns a
+    function called after the round (bench_dashboard starts a dashboard and its viewers this way).
+    """
     from coordinator.config import load_job
     from coordinator.job import prepare_job
     from coordinator.mailbox import Mailbox
@@ -319,6 +324,7 @@ def run_load(clients: int, workdir: Path, *, model: Path | None = None, drop_fra
             mailbox.close("job complete")
 
     results = [ClientResult(name=f"load-{i:04d}", role=role) for i, role in enumerate(roles)]
+    after = on_ready(job, registry) if on_ready is not None else None
     started = time.monotonic()
     engine_thread = threading.Thread(target=engine, name="engine")
     engine_thread.start()
@@ -330,6 +336,8 @@ def run_load(clients: int, workdir: Path, *, model: Path | None = None, drop_fra
         thread.join()
     engine_thread.join()
     wall = time.monotonic() - started
+    if after is not None:
+        after()
     server.stop(0)
     logging.getLogger().removeHandler(watch)
     fedsite_log.removeHandler(log_file)
