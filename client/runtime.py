@@ -175,6 +175,15 @@ class ClientRuntime:
 
     # -- secure aggregation ---------------------------------------------------------------
 
+    def masked_input_vector(self, trained: Message, weight: float, clipping_range: float) -> np.ndarray:
+        """What this client puts into the secure sum: its update times its weight, then weight x c.
+
+        The weight coordinate is scaled by the quantizer's range c so that it stays on the grid whatever c is
+        (the coordinator divides it back out and checks it against the weights clients declare).
+        """
+        weighted = flatten_state(trained.tensors) * np.float32(weight)
+        return np.concatenate([weighted, np.array([weight * clipping_range], np.float32)])
+
     def secure_step(self, message: Message) -> Message:
         """One SecAgg+ stage; at the masked-input stage, train first and mask the update."""
         cfg = message.config
@@ -193,7 +202,7 @@ class ClientRuntime:
                     return trained
                 report = dict(trained.config)
                 weight = 1.0 if cfg.get("client_dp") else min(1.0, len(self.data) / float(cfg["secagg_weight_cap"]))
-                vector = np.concatenate([flatten_state(trained.tensors) * weight, np.array([weight], np.float32)])
+                vector = self.masked_input_vector(trained, weight, self.secagg.state.clipping_range)
                 report["secagg_weight"] = weight
             reply = self.secagg.handle(payload, input_vector=vector)
         except (SecAggError, ClientError, KeyError, ValueError) as exc:

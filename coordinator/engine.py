@@ -10,6 +10,7 @@ goes on with the next round.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -21,9 +22,11 @@ from typing import Any, Protocol
 
 import torch
 
+from coordinator.bounds import plain_update_bound
 from coordinator.checkpoint import Checkpoint, Checkpointer
 from coordinator.config import JobConfig
 from coordinator.metrics import MetricsLog
+from coordinator.replies import ClientReport, ReplyRejected, read_report
 from coordinator.strategy import (
     ServerOptimizer,
     State,
@@ -31,6 +34,7 @@ from coordinator.strategy import (
     check_update,
     make_server_optimizer,
     robust_mean,
+    update_norm,
     weighted_mean,
 )
 from protos.codec import Message
@@ -38,6 +42,7 @@ from protos.codec import Message
 log = logging.getLogger("fedsite.engine")
 
 TRAIN = "train"
+_FROM_DRIVER = "_fedsite_from_driver"  # marks exceptions raised by Driver.exchange (see RoundEngine._client_phase)
 SECAGG = "secagg"
 DECLINED = "declined"
 ERROR = "error"
@@ -51,6 +56,8 @@ class Exchange:
     failures: dict[str, str] = field(default_factory=dict)  # client -> why no reply
     bytes_down: int = 0
     bytes_up: int = 0
+    # client -> its reply's checked report (RoundEngine.exchange fills it; replies that fail the check are removed)
+    reports: dict[str, ClientReport] = field(default_factory=dict)
 
 
 class Driver(Protocol):
@@ -212,13 +219,13 @@ class RoundEngine:
         if len(available) < job.clients_per_round:  # a quorum is here; give the rest a moment
             available = driver.wait_for_clients(job.clients_per_round, job.sample_grace_s)
         sampled = self.sample(round_id, available)
-        self.round_stats = {"bytes_down": 0, "bytes_up": 0, "failures": {}}
+        self.round_stats = {"bytes_down": 0, "bytes_up": 0, "failures": {}, "rejected": {}}
         record: dict[str, Any] = {"round": round_id, "sampled_clients": len(sampled),
                                   "sampled_client_ids": sampled, "completed_client_ids": []}
         try:
             if len(sampled) < job.min_clients:
                 raise RoundFailed(f"only {len(sampled)} clients available, min_clients is {job.min_clients}")
-            outcome = self.client_phase(self, round_id, sampled, driver)
+            outcome = self._client_phase(round_id, sampled, driver)
             agg_start = time.monotonic()
             self.stage = "aggregating"
             outcome.delta = self.privacy.finish_aggregate(outcome, len(sampled), len(available), record)
@@ -239,6 +246,10 @@ class RoundEngine:
         record["dropped_clients"] = len(failures)
         if failures:
             record["drop_reasons"] = dict(sorted(failures.items()))
+        rejected: dict[str, str] = self.round_stats["rejected"]
+        record["rejected_clients"] = len(rejected)
+        if rejected:
+            record["reject_reasons"] = dict(sorted(rejected.items()))
         for key in ("bytes_down", "bytes_up", "seconds_exchange", "seconds_train_max"):
             if key in self.round_stats:
                 record[key] = self.round_stats[key]
@@ -269,7 +280,29 @@ class RoundEngine:
             record.get("seconds", 0.0),
         )
 
+    def _client_phase(self, round_id: int, sampled: list[str], driver: Driver) -> RoundOutcome:
+        """The client phase, with a last line of defence: whatever it raises fails this round, not the job.
+
+        Every reply is checked before use (:mod:`coordinator.replies`); an exception that still escapes is a bug,
+        logged with its traceback, and the job goes on with the global model unchanged.
+        """
+        try:
+            return self.client_phase(self, round_id, sampled, driver)
+        except RoundFailed:
+            raise
+        except Exception as exc:
+            if getattr(exc, _FROM_DRIVER, False):  # the transport itself failed: that ends the job, as before
+                raise
+            log.exception("round %d: internal error in the client phase", round_id)
+            raise RoundFailed(f"internal error: {type(exc).__name__}: {str(exc)[:200]}") from exc
+
     # -- helpers for client phases ---------------------------------------------------------
+
+    def reject(self, client_id: str, reason: str) -> None:
+        """A client's reply refused this round: counted as dropped, and named in ``reject_reasons``."""
+        log.warning("round %d: reply of %s rejected: %s", self.current_round, client_id, reason)
+        self.round_stats["failures"][client_id] = f"rejected: {reason}"
+        self.round_stats["rejected"][client_id] = reason
 
     def exchange(self, driver: Driver, round_id: int, messages: dict[str, Message]) -> Exchange:
         """driver.exchange plus the round's byte, time and failure bookkeeping."""
@@ -277,48 +310,72 @@ class RoundEngine:
         first = next(iter(messages.values()), None)
         if first is not None:  # "train", or the SecAgg+ stage ("masked_input" is where clients train)
             self.stage = str(first.config.get("secagg_stage", first.stage))
-        result = driver.exchange(round_id, messages, self.config.job.round_timeout_s)
+        try:
+            result = driver.exchange(round_id, messages, self.config.job.round_timeout_s)
+        except Exception as exc:
+            with contextlib.suppress(AttributeError):
+                setattr(exc, _FROM_DRIVER, True)
+            raise
         self.round_stats["seconds_exchange"] = self.round_stats.get("seconds_exchange", 0.0) + time.monotonic() - start
-        train_times = [float(r.config.get("seconds_train", 0.0)) for r in result.replies.values()]
-        if train_times:
-            self.round_stats["seconds_train_max"] = max(self.round_stats.get("seconds_train_max", 0.0), *train_times)
         self.round_stats["bytes_down"] += result.bytes_down
         self.round_stats["bytes_up"] += result.bytes_up
         self.round_stats["failures"].update(result.failures)
+        for cid, reply in sorted(result.replies.items()):
+            try:
+                result.reports[cid] = read_report(reply.config)
+            except ReplyRejected as exc:
+                del result.replies[cid]
+                self.reject(cid, str(exc))
+        train_times = [r.seconds_train for r in result.reports.values() if r.seconds_train is not None]
+        if train_times:
+            self.round_stats["seconds_train_max"] = max(self.round_stats.get("seconds_train_max", 0.0), *train_times)
         return result
 
 
 def plain_client_phase(engine: RoundEngine, round_id: int, sampled: list[str], driver: Driver) -> RoundOutcome:
     """Send the global tensors, average the deltas that come back weighted by examples
-    (uniformly under client-level DP, where each client's influence must be bounded)."""
+    (uniformly under client-level DP, where each client's influence must be bounded).
+
+    Each update must pass :func:`check_update` and stay within this round's norm bound
+    (:func:`coordinator.bounds.plain_update_bound`); a client's weight is its example count, capped at
+    ``[server] examples_cap``. Refused replies are named in the round's ``reject_reasons``.
+    """
     message = engine.train_message(round_id, len(sampled))
     messages = {cid: message for cid in sampled}
     expected = message.tensors
+    bound = plain_update_bound(engine.config, expected, len(sampled))
+    cap = engine.config.server.examples_cap
     result = engine.exchange(driver, round_id, messages)
     updates: list[State] = []
     weights: list[float] = []
-    losses: list[float] = []
+    losses: list[float | None] = []
     completed: list[str] = []
-    reports: dict[str, dict[str, Any]] = {}
+    capped: list[str] = []
     for cid, reply in sorted(result.replies.items()):
-        reports[cid] = reply.config
+        report = result.reports[cid]
+        if reply.stage in (DECLINED, ERROR):
+            engine.round_stats["failures"][cid] = f"{reply.stage}: {report.reason or 'no reason given'}"
+            continue
         try:
-            if reply.stage in (DECLINED, ERROR):
-                raise UpdateRejected(f"declined: {reply.config.get('reason', 'no reason given')}")
             if reply.stage != TRAIN or reply.round != round_id:
                 raise UpdateRejected(f"reply for round {reply.round} stage {reply.stage!r}")
             check_update(reply.tensors, expected)
-            weight = float(reply.config.get("num_examples", 0))
-            if not weight > 0:
-                raise UpdateRejected("num_examples must be positive")
-            if engine.config.privacy.client_dp.enabled:
-                weight = 1.0
+            norm = update_norm(reply.tensors)
+            if norm > bound:
+                raise UpdateRejected(f"update norm {norm:.4g} exceeds this round's bound {bound:.4g}")
+            if report.num_examples is None:
+                raise UpdateRejected("num_examples is missing")
         except UpdateRejected as exc:
-            engine.round_stats["failures"][cid] = str(exc)
+            engine.reject(cid, str(exc))
             continue
+        weight = float(min(report.num_examples, cap))
+        if report.num_examples > cap:
+            capped.append(cid)
+        if engine.config.privacy.client_dp.enabled:
+            weight = 1.0
         updates.append(reply.tensors)
         weights.append(weight)
-        losses.append(float(reply.config.get("train_loss", float("nan"))))
+        losses.append(report.train_loss)
         completed.append(cid)
     if len(updates) < engine.config.job.min_clients:
         raise RoundFailed(
@@ -333,12 +390,16 @@ def plain_client_phase(engine: RoundEngine, round_id: int, sampled: list[str], d
         delta = weighted_mean(updates, weights)
     else:
         delta = robust_mean(updates, aggregator, engine.config.server.trim_fraction)
-    loss = sum(w * x for w, x in zip(weights, losses, strict=True)) / sum(weights)
-    return RoundOutcome(delta=delta, completed=completed, train_loss=loss,
-                        extra=client_privacy_metrics(engine, reports))
+    known = [(w, x) for w, x in zip(weights, losses, strict=True) if x is not None]
+    loss = sum(w * x for w, x in known) / sum(w for w, _ in known) if known else None
+    extra = client_privacy_metrics(engine, {cid: result.reports[cid] for cid in result.replies})
+    extra["update_norm_bound"] = bound
+    if capped:
+        extra["examples_capped"] = sorted(capped)
+    return RoundOutcome(delta=delta, completed=completed, train_loss=loss, extra=extra)
 
 
-def client_privacy_metrics(engine: RoundEngine, reports: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def client_privacy_metrics(engine: RoundEngine, reports: dict[str, ClientReport]) -> dict[str, Any]:
     """ε the clients report after the round (sample-level DP), as the design card names them.
 
     ``epsilon_local`` is what this round's clients have spent so far; ``epsilon_local_max`` is
@@ -347,15 +408,15 @@ def client_privacy_metrics(engine: RoundEngine, reports: dict[str, dict[str, Any
     config = engine.config
     if not config.privacy.local_dp.enabled:
         return {}
-    spent = {cid: float(r["epsilon"]) for cid, r in reports.items() if "epsilon" in r}
+    spent = {cid: r.epsilon for cid, r in reports.items() if r.epsilon is not None}
     engine.client_epsilon.update(spent)
     out: dict[str, Any] = {"epsilon_local": dict(sorted(spent.items())), "delta_local": config.privacy.local_dp.delta}
-    sigmas = {cid: float(r["noise_multiplier"]) for cid, r in reports.items() if "noise_multiplier" in r}
+    sigmas = {cid: r.noise_multiplier for cid, r in reports.items() if r.noise_multiplier is not None}
     if sigmas:
         out["noise_multiplier_local"] = dict(sorted(sigmas.items()))
     if engine.client_epsilon:
         out["epsilon_local_max"] = max(engine.client_epsilon.values())
-    declined = sorted(cid for cid, r in reports.items() if "privacy budget" in str(r.get("reason", "")))
+    declined = sorted(cid for cid, r in reports.items() if "privacy budget" in r.reason)
     if declined:
         out["budget_exhausted_clients"] = declined
     return out

@@ -3,17 +3,21 @@
 The engine drives the transport-free SecAgg+ server through the same Driver
 as a plain round, one exchange per protocol stage. Training rides on the
 masked-input stage: clients train, clip (and noise, under client-level DP)
-their update, scale it by their weight and append the weight, then mask the
-vector. After unmasking, sum / sum-of-weights is the weighted average; no
-individual update is ever held, stored or logged here. Clients that drop at
-any stage are tolerated while every neighbourhood keeps its threshold; below
-it the round fails cleanly and the job goes on.
+their update, scale it by their weight w in [0, 1] and append w x c (c the
+quantizer's range, so the weight stays on the grid), then mask the vector;
+each declares w in the clear. After unmasking, the sum is divided by the
+declared weights, and the round is refused when the securely summed weights
+disagree with them: no client can give itself weight 8, or a negative weight
+that shrinks the divisor. No individual update is ever held, stored or logged
+here. Clients that drop at any stage are tolerated while every neighbourhood
+keeps its threshold; below it the round fails cleanly and the job goes on.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from coordinator.bounds import secure_clipping_range
 from coordinator.engine import (
     DECLINED,
     ERROR,
@@ -24,11 +28,13 @@ from coordinator.engine import (
     RoundOutcome,
     client_privacy_metrics,
 )
+from coordinator.replies import ClientReport
 from privacy.secagg import SecAggAborted, SecAggConfig, SecAggPlusServer
 from privacy.secagg.messages import read_header
 from protos.codec import Message, numpy_to_tensors, unflatten_state
 
 PREFIX = "secagg/"
+MASKED_INPUT = "masked_input"
 
 
 def secure_client_phase(engine: RoundEngine, round_id: int, sampled: list[str], driver: Driver) -> RoundOutcome:
@@ -38,48 +44,63 @@ def secure_client_phase(engine: RoundEngine, round_id: int, sampled: list[str], 
     train = engine.train_message(round_id, len(sampled))
     template = train.tensors
     vector_size = sum(t.numel() for t in template.values()) + 1  # + the weight
+    clipping_range = secure_clipping_range(engine.config, template, len(sampled))
     try:
-        server = SecAggPlusServer(SecAggConfig(clipping_range=settings.clipping_range, threshold=settings.threshold),
+        server = SecAggPlusServer(SecAggConfig(clipping_range=clipping_range, threshold=settings.threshold),
                                   round_id, list(ids.values()), vector_size)
         outgoing = server.start()
     except ValueError as exc:
         raise RoundFailed(f"secure aggregation cannot start: {exc}") from exc
-    reports: dict[str, dict] = {}
+    reports: dict[str, ClientReport] = {}  # every stage's report (the train report comes with the masked input)
+    inputs: dict[str, ClientReport] = {}  # reports that came with a masked input
     while not server.done:
         messages: dict[str, Message] = {}
+        stage = ""
         for i, payload in outgoing.items():
             _, stage, _, _ = read_header(payload, "server message")
             config = {"secagg_id": i, "secagg_stage": stage, "secagg_weight_cap": settings.weight_cap}
             tensors = numpy_to_tensors({PREFIX + k: v for k, v in payload.items()})
-            if stage == "masked_input":
+            if stage == MASKED_INPUT:
                 config.update(train.config)
                 tensors.update(template)
             messages[names[i]] = Message(round_id, SECAGG, config, tensors)
         result = engine.exchange(driver, round_id, messages)
         replies = {}
         for cid, reply in result.replies.items():
+            report = result.reports[cid]
             if reply.stage in (DECLINED, ERROR) or reply.stage != SECAGG:
-                engine.round_stats["failures"][cid] = f"{reply.stage}: {reply.config.get('reason', '')}"
-                reports[cid] = reply.config
+                engine.round_stats["failures"][cid] = f"{reply.stage}: {report.reason}"
+                reports[cid] = report
                 continue
-            if reply.config:
-                reports[cid] = reply.config
+            if stage == MASKED_INPUT:
+                if report.secagg_weight is None:  # its input could not be normalised: leave it out of the sum
+                    engine.reject(cid, "masked input without its declared secagg_weight")
+                    continue
+                inputs[cid] = reports[cid] = report
             replies[ids[cid]] = {k[len(PREFIX):]: v.numpy() for k, v in reply.tensors.items() if k.startswith(PREFIX)}
         try:
             outgoing = server.step(replies)
         except SecAggAborted as exc:
             raise RoundFailed(f"secure aggregation aborted: {exc}") from exc
         for i, reason in server.rejected.items():
-            engine.round_stats["failures"].setdefault(names[i], f"secure aggregation rejected: {reason}")
+            if names[i] not in engine.round_stats["rejected"]:
+                engine.reject(names[i], f"secure aggregation: {reason}")
     total = server.result()
     completed = [names[i] for i in server.included_clients]
-    weight_sum = float(total[-1])
-    if not weight_sum > 0:
+    declared = sum(inputs[c].secagg_weight or 0.0 for c in completed)
+    summed = float(total[-1]) / clipping_range
+    tolerance = server.error_bound / clipping_range + 1e-6 * len(completed)
+    if abs(summed - declared) > tolerance:
+        raise RoundFailed(
+            f"secure aggregation: the weights inside the secure sum ({summed:.6g}) differ from the weights the "
+            f"{len(completed)} clients declared ({declared:.6g}): a client misreported its weight; round refused")
+    if not declared > 0:
         raise RoundFailed("secure aggregation summed to zero weight")
-    delta = unflatten_state((total[:-1] / weight_sum).astype(np.float32), template)
-    losses = [(float(reports[c].get("secagg_weight", 1.0)), float(reports[c].get("train_loss", float("nan"))))
-              for c in completed if c in reports]
-    loss = sum(w * x for w, x in losses) / max(sum(w for w, _ in losses), 1e-12) if losses else None
+    delta = unflatten_state((total[:-1] / declared).astype(np.float32), template)
+    losses = [(inputs[c].secagg_weight or 0.0, inputs[c].train_loss) for c in completed]
+    known = [(w, x) for w, x in losses if x is not None]
+    loss = sum(w * x for w, x in known) / max(sum(w for w, _ in known), 1e-12) if known else None
     extra = client_privacy_metrics(engine, reports)
-    extra["secagg_error_bound"] = server.error_bound / weight_sum
+    extra["secagg_error_bound"] = server.error_bound / declared
+    extra["secagg_clipping_range"] = clipping_range
     return RoundOutcome(delta=delta, completed=completed, train_loss=loss, extra=extra)

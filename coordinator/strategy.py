@@ -36,6 +36,11 @@ def check_update(update: Mapping[str, torch.Tensor], expected: Mapping[str, torc
             raise UpdateRejected(f"{name}: non-finite values")
 
 
+def update_norm(update: Mapping[str, torch.Tensor]) -> float:
+    """L2 norm of a whole update (all tensors as one vector), summed in float64 so it cannot overflow."""
+    return math.sqrt(sum(float(t.detach().to(torch.float64).square().sum()) for t in update.values()))
+
+
 def weighted_mean(updates: Sequence[State], weights: Sequence[float]) -> State:
     if not updates or len(updates) != len(weights):
         raise ValueError("need one weight per update and at least one update")

@@ -335,6 +335,15 @@ class SecAggPlusServer:
                     total -= mask
                 else:
                     total += mask
+        # m honest inputs on the grid [0, L] sum to at most m * L: more means some client sent values off the
+        # grid (wrapping modulo 2^32 to reach further than [-c, c]). It cannot be told which one: refuse the sum.
+        ceiling = len(self._included) * self.levels
+        if int(total.max()) > ceiling:
+            over = int(np.count_nonzero(total > ceiling))
+            raise SecAggAborted(
+                f"round {self.round_id} at unmask: {over} coordinate(s) of the sum lie outside the range "
+                f"{len(self._included)} inputs can reach: a client sent values off the quantization grid"
+            )
         self._result = dequantize_sum(total, len(self._included), self.config.clipping_range, self.levels)
 
     # ------------------------------------------------------------------ helpers
