@@ -197,7 +197,8 @@ class LoadClient:
 
     def _reply(self, task: Message) -> bytes:
         gen = torch.Generator().manual_seed(sum(self.result.name.encode()))
-        delta = {k: 1e-3 * torch.randn(v.shape, generator=gen) for k, v in task.tensors.items()}
+        # within what one honest AdamW step can move (lr 5e-4 per coordinate; coordinator/bounds.py refuses more)
+        delta = {k: 1e-4 * torch.randn(v.shape, generator=gen) for k, v in task.tensors.items()}
         if self.result.role == "reject":  # wrong shapes: the engine's check_update must refuse it
             delta = {k: torch.zeros(v.numel() + 1) for k, v in task.tensors.items()}
         config = {"num_examples": 8, "train_loss": 1.0, "seconds_train": 0.0}
