@@ -105,3 +105,23 @@ def test_evaluate_causal_lm_perplexity(tmp_path: Path) -> None:
     assert table["metric"] == "perplexity"
     assert list(table["rows"]) == ["emulator_alone", "plug_in", "plug_in_refined"]
     assert all(1.0 < v < 10 * 128 for v in table["rows"].values())
+
+
+def test_evaluate_causal_lm_default_rows_and_samples(tmp_path: Path) -> None:
+    """The causal-LM table: the untouched model and emulator beside the tuned rows, and greedy samples
+    (with the KV cache, on the renumbered emulator blocks) from prompts cut at the gloss's colon."""
+    model = _save(tmp_path, "llama", "causal-lm")
+    emu = tmp_path / "emu"
+    assert main(["build", "--model", str(model), "--output-dir", str(emu), "--keep", "1"]) == 0
+    data = tmp_path / "lm.jsonl"
+    data.write_text("".join(json.dumps({"text": f"w{i}: {t}"}) + "\n" for i, t in enumerate(word_texts(48, 3))))
+    out_json = tmp_path / "t.json"
+    assert main(["evaluate", "--model", str(model), "--emulator", str(emu), "--data", str(data),
+                 "--task", "causal-lm", "--batch-size", "8", "--samples", "2", "--json", str(out_json)]) == 0
+    table = json.loads(out_json.read_text())
+    rows = ["zero_shot", "emulator_untuned", "emulator_alone", "plug_in", "full_lora", "full_ft"]
+    assert list(table["rows"]) == rows
+    assert table["rows"]["zero_shot"] != table["rows"]["emulator_untuned"]  # 3 of 6 blocks dropped
+    samples = table["notes"]["samples"]
+    assert list(samples) == rows and all(len(texts) == 2 for texts in samples.values())
+    assert all(text.startswith("w") and ":" in text.split()[0] for texts in samples.values() for text in texts)
