@@ -214,16 +214,21 @@ def _charts(status: dict[str, Any], records: list[dict[str, Any]]) -> str:
 
 
 def _client_layers(rounds: list[dict[str, Any]]) -> list[Layer]:
-    completed, dropped, declined, unused = [], [], [], []
+    """Each sampled client once: completed, dropped (silent, late, errors), rejected (a reply the coordinator
+    refused), declined for its ε budget, or replied in a round that failed anyway."""
+    completed, dropped, rejected, declined, unused = [], [], [], [], []
     for r in rounds:
-        budget = len(r.get("budget_exhausted_clients") or [])
-        done, gone = _num(r.get("completed_clients")), _num(r.get("dropped_clients"))
+        budget = float(len(r.get("budget_exhausted_clients") or []))
+        refused = _num(r.get("rejected_clients"))
+        done, gone = _num(r.get("completed_clients")), _num(r.get("dropped_clients"))  # gone includes both
         completed.append(done)
-        declined.append(float(budget))
-        dropped.append(max(gone - budget, 0.0))
+        declined.append(budget)
+        rejected.append(refused)
+        dropped.append(max(gone - budget - refused, 0.0))
         unused.append(max(_num(r.get("sampled_clients")) - done - gone, 0.0))
     return [Layer("completed", COLORS["up"], completed), Layer("dropped", "#f59e0b", dropped),
-            Layer("declined (ε budget)", "#dc2626", declined), Layer("replied, round failed", "#9ca3af", unused)]
+            Layer("rejected", "#be185d", rejected), Layer("declined (ε budget)", "#dc2626", declined),
+            Layer("replied, round failed", "#9ca3af", unused)]
 
 
 def _time_layers(rounds: list[dict[str, Any]]) -> list[Layer]:

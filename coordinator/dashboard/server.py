@@ -265,8 +265,9 @@ class _Handler(BaseHTTPRequestHandler):
             return
         authorized = self._authorized()
         if not authorized:
-            if path == "/":
-                self._login_page(401, "token not accepted" if authorized is None else "")
+            if path == "/":  # the sign-in form, as a page (a browser logs a 401 document as a console error)
+                wrong = authorized is None
+                self._login_page(401 if wrong else 200, "token not accepted" if wrong else "")
             else:
                 self._send(401, "a dashboard token is required (Authorization: Bearer TOKEN)\n",
                            headers={"WWW-Authenticate": 'Bearer realm="fedsite dashboard"'})
