@@ -26,6 +26,7 @@ import grpc
 
 from client.data import DataError, read_examples
 from client.runtime import ClientRuntime
+from coordinator.admission import session_metadata
 from coordinator.errors import UserError
 from emulator.base_fingerprint import restore_base_weights
 from emulator.models import ModelLoadError
@@ -149,6 +150,11 @@ class Agent:
                 time.sleep(delay)
                 delay = min(delay * 2, 30.0)
 
+    def _session(self) -> tuple[tuple[str, str], ...]:
+        """Call metadata naming our session: the coordinator admits such calls before their first message."""
+        creds = self.credentials
+        return session_metadata(creds.client_id, creds.session_key) if creds is not None else ()
+
     # -- enrolment and package ------------------------------------------------------------
 
     def _credentials_path(self) -> Path:
@@ -179,7 +185,7 @@ class Agent:
         def fetch() -> bytes:
             nonlocal have
             assembler: BlobAssembler | None = None
-            for chunk in rpc(request_for(len(have)), timeout=STREAM_DEADLINE_S):
+            for chunk in rpc(request_for(len(have)), timeout=STREAM_DEADLINE_S, metadata=self._session()):
                 if assembler is None:
                     assembler = BlobAssembler(chunk.total_size, chunk.sha256, max_bytes=max_bytes, prefix=have)
                 assembler.add(chunk.offset, chunk.data)
@@ -256,7 +262,8 @@ class Agent:
         log.info("ready: %d local examples", len(local))
         while True:
             task = self._call("poll", lambda: self.stub.PollTask(pb.PollRequest(credentials=creds),
-                                                                 timeout=UNARY_DEADLINE_S))
+                                                                 timeout=UNARY_DEADLINE_S,
+                                                                 metadata=self._session()))
             if task.kind == pb.Task.DONE:
                 log.info("coordinator says the job is done (%s)", task.message)
                 return 0
@@ -302,7 +309,7 @@ class Agent:
         while not stop.wait(self.heartbeat_interval_s):
             try:
                 reply = self.stub.Heartbeat(pb.HeartbeatRequest(credentials=creds, task_id=task_id, status="working"),
-                                            timeout=UNARY_DEADLINE_S)
+                                            timeout=UNARY_DEADLINE_S, metadata=self._session())
                 if not reply.task_alive:
                     alive.clear()
             except grpc.RpcError as exc:
@@ -321,7 +328,8 @@ class Agent:
                     yield pb.UploadChunk(offset=offset, data=piece)
 
         try:
-            self._call("upload", lambda: self.stub.Upload(chunks(), timeout=STREAM_DEADLINE_S))
+            self._call("upload", lambda: self.stub.Upload(chunks(), timeout=STREAM_DEADLINE_S,
+                                                          metadata=self._session()))
             log.debug("upload accepted (%.2f MB)", len(blob) / 1e6)
             return True
         except UserError as exc:

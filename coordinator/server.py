@@ -1,14 +1,18 @@
-"""Starting the gRPC server: limits, TLS, health and reflection.
+"""Starting the gRPC server: limits, admission, TLS, health and reflection.
 
 Message size limits are set on both sides to one chunk plus headroom, so no
-single message can exceed 4 MiB; large blobs are streamed. The standard
-``grpc.health.v1`` service reports SERVING once the job is ready and
-NOT_SERVING when it ends, for orchestrators and load balancers.
+single message can exceed 4 MiB; large blobs are streamed. Every call goes
+through :class:`coordinator.admission.Admission` (first-message deadlines,
+per-address and per-client quotas, separate worker pools), so peers without
+a session cannot exhaust the workers. The standard ``grpc.health.v1`` service
+reports SERVING once the job is ready and NOT_SERVING when it ends, for
+orchestrators and load balancers, and keeps answering under attack.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +21,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from coordinator.admission import Admission, AdmissionLimits
+from coordinator.registry import AuthError
 from protos import fedsite_pb2, fedsite_pb2_grpc
 from protos.codec import MAX_CHUNK_BYTES
 
@@ -33,7 +39,11 @@ GRPC_OPTIONS = [
     # gRPC sets SO_REUSEPORT by default: a second coordinator on the same port would silently share
     # the clients with the first. Off, binding a port in use is an error.
     ("grpc.so_reuseport", 0),
+    # streams one connection may hold open at once (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS)
+    ("grpc.max_concurrent_streams", 100),
 ]
+STOP_GRACE_S = 2.0
+STOP_WAIT_S = 10.0  # after the grace every call is cancelled; past this, stopping gives up waiting
 
 
 @dataclass
@@ -57,21 +67,48 @@ class RunningServer:
     server: grpc.Server
     port: int
     health: health.HealthServicer
+    admission: Admission
 
     def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", SERVICE_NAME):
             self.health.set(name, status)
 
-    def stop(self, grace_s: float = 2.0) -> None:
+    def stop(self, grace_s: float = STOP_GRACE_S) -> bool:
+        """Stop serving: calls get ``grace_s`` to finish, then are cancelled. Never blocks for longer than
+        ``grace_s + STOP_WAIT_S``; returns False (and logs) if gRPC had not finished shutting down by then."""
         self.set_serving(False)
-        self.server.stop(grace_s).wait()
+        done = self.server.stop(grace_s).wait(timeout=grace_s + STOP_WAIT_S)
+        self.admission.close()
+        if not done:
+            log.warning("the gRPC server had not finished stopping %.0fs after the grace period; going on",
+                        STOP_WAIT_S)
+        return done
+
+
+def _authenticator(servicer: fedsite_pb2_grpc.CoordinatorServicer) -> Callable[[str, str], bool]:
+    """Session check for the admission layer: the servicer's registry, if it has one."""
+    registry = getattr(servicer, "registry", None)
+
+    def authenticate(client_id: str, session_key: str) -> bool:
+        if registry is None:
+            return False
+        try:
+            registry.authenticate(client_id, session_key)
+        except AuthError:
+            return False
+        return True
+
+    return authenticate
 
 
 def start_server(servicer: fedsite_pb2_grpc.CoordinatorServicer, address: str, *,
-                 tls: TLSFiles | None = None, max_workers: int = 64) -> RunningServer:
+                 tls: TLSFiles | None = None, max_workers: int = 64,
+                 limits: AdmissionLimits | None = None) -> RunningServer:
+    admission = Admission(_authenticator(servicer), limits)
+    # the global cap only bounds memory: admission refuses floods long before it is reached
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=GRPC_OPTIONS,
-                         maximum_concurrent_rpcs=4 * max_workers)
+                         interceptors=[admission], maximum_concurrent_rpcs=16 * max_workers)
     fedsite_pb2_grpc.add_CoordinatorServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -86,10 +123,12 @@ def start_server(servicer: fedsite_pb2_grpc.CoordinatorServicer, address: str, *
         else:
             port = server.add_secure_port(address, server_credentials(tls))
     except RuntimeError as exc:  # grpc's "Failed to bind to address ..."
+        admission.close()
         raise OSError(f"cannot bind {address} (in use, or not an address of this machine)") from exc
     if port == 0:
+        admission.close()
         raise OSError(f"cannot bind {address}")
     server.start()
-    running = RunningServer(server, port, health_servicer)
+    running = RunningServer(server, port, health_servicer, admission)
     running.set_serving(False)
     return running
