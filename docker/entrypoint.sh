@@ -75,8 +75,9 @@ JOB
     fi
     out="$DATA/run"
     set -- serve --config "$job" --address "${FEDSITE_ADDRESS:-0.0.0.0:$PORT}" --output-dir "$out" "$@"
-    # a restarted container continues its run instead of refusing the non-empty output directory
-    [ -f "$out/metrics.jsonl" ] && set -- "$@" --resume
+    # a restarted container (killed, crashed, host rebooted) continues its run: the coordinator refuses an
+    # output directory with metrics or checkpoints unless resuming (docker/faults.sh shows it)
+    if [ -f "$out/metrics.jsonl" ] || [ -d "$out/checkpoints" ]; then set -- "$@" --resume; fi
     if [ -n "${FEDSITE_METRICS_PORT:-}" ] && "$PYTHON" -m coordinator serve --help 2>/dev/null | grep -q -- --metrics-port; then
         set -- "$@" --metrics-port "$FEDSITE_METRICS_PORT" --metrics-host "${FEDSITE_METRICS_HOST:-0.0.0.0}"
     fi

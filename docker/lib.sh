@@ -71,6 +71,10 @@ FEDSITE_TOKEN_1=smoke-token-1
 FEDSITE_TOKEN_2=smoke-token-2
 FEDSITE_TOKEN_3=smoke-token-3
 FEDSITE_SMOKE_JOB=$1
+# small demo shards (3 of 30 of the WordNet training split, ~3,100 examples each) keep the rounds short
+FEDSITE_DEMO_SHARD_1=0/30
+FEDSITE_DEMO_SHARD_2=1/30
+FEDSITE_DEMO_SHARD_3=2/30
 ENV
   trap teardown EXIT
   trap 'exit 130' INT TERM
