@@ -142,7 +142,8 @@ def finished_phase(info: JobInfo, records: list[dict[str, Any]], *, failure: str
     failed = len(rounds) - ok
     metric = metric_key(records)
     value = _last_number(records, metric) if metric else None
-    shown = f"; {metric} {value:.4g}" if metric and value is not None else ""
+    digits = ".4f" if metric == "val_accuracy" else ".4g"
+    shown = f"; {metric} {value:{digits}}" if metric and value is not None else ""
     tally = f"{ok} ok" + (f", {failed} failed" if failed else "")
     if info.rounds and last >= info.rounds:
         return Phase("done", f"done: {info.rounds} rounds ({tally}){shown}", round=last)

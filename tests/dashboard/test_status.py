@@ -65,7 +65,7 @@ def test_engine_stages_read_as_sentences(round_id: int, stage: str, status: str,
 
 def test_finished_phases_say_done_stopped_or_failed_with_the_reason() -> None:
     done = finished_phase(INFO, records())
-    assert done.status == "done" and done.text == "done: 3 rounds (2 ok, 1 failed); val_accuracy 0.4"
+    assert done.status == "done" and done.text == "done: 3 rounds (2 ok, 1 failed); val_accuracy 0.4000"
     stopped = finished_phase(INFO, records()[:3])
     assert stopped.status == "stopped" and stopped.text.startswith("stopped after round 2 of 3 (2 ok)")
     failed = finished_phase(INFO, records()[:2], failure="cannot bind 0.0.0.0:50051")
