@@ -1,17 +1,23 @@
 """Benchmark: does the simulation scale in the number of enrolled clients, and what does Flower cost?
 
-Part 1. The same job (a tiny random BERT with the MiniLM tokenizer, 50
-clients sampled per round) with 100, 300 and 1,000 enrolled virtual clients:
-seconds per round and peak resident memory (this process plus its Ray
-workers), reported as ratios to the 100-client run. Flat = memory does not
-grow with the clients enrolled, only with those sampled.
+Part 1. The same job (a tiny random BERT with the MiniLM tokenizer, 100
+clients sampled per round) with 1,000 and 10,000 enrolled virtual clients:
+seconds per round (steady state, rounds 2..R), the first round's seconds
+(actors load the model; before the fedsite dispatch, also a discovery hello
+to every enrolled node) and peak resident memory (this process plus its Ray
+workers), as ratios to the first (smallest) run. Flat = time and memory grow
+with the clients sampled, not with those enrolled. Every client holds the same
+number of examples at every scale (the training rows divided by the largest
+scale), so only the number enrolled changes. ``--compare-flower-loop`` adds,
+side by side and interleaved, the same runs with Flower's own message loop
+(it polls every node ten times a second) and hello discovery: the "before".
 
-Part 2. Overhead per client per round: one simulated round of K clients
-against K calls of the same ClientRuntime.handle in a plain loop in one
-process (same model, same data, same messages), measured side by side.
+Part 2 (``--overhead``). Overhead per client per round: one simulated round
+of K clients against K calls of the same ClientRuntime.handle in a plain loop
+in one process (same model, same data, same messages), measured side by side.
 
-    HF_HUB_OFFLINE=1 python -m simulations.bench_scale [--clients 100 300 1000] [--per-round 50] \
-        [--rounds 3] [--out bench_scale.json]
+    HF_HUB_OFFLINE=1 python -m simulations.bench_scale [--clients 1000 10000] [--per-round 100] \
+        [--rounds 4] [--repeat 2] [--compare-flower-loop] [--overhead] [--out bench_scale.json]
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "coordinator" / "examples" / "data"
 TRAIN = DATA / "wordnet_supersense.train.jsonl.gz"
 VALIDATION = DATA / "wordnet_supersense.validation.jsonl.gz"
-EXAMPLES_PER_CLIENT = 90  # 1,000 clients x 90 fits in the 94,448 training rows
+TRAIN_ROWS = 94_448  # rows of the WordNet training split; every client gets TRAIN_ROWS // largest scale
+EXAMPLES_PER_CLIENT = 90  # part 2 (overhead), at its 100 clients
 
 
 def make_tiny_bert(folder: Path, *, layers: int = 2, hidden: int = 32, seed: int = 0, dropout: float = 0.0) -> Path:
@@ -143,14 +150,18 @@ class PeakSampler:
 
 
 def scale_run(work: Path, model_dir: Path, clients: int, per_round: int, rounds: int,
-              num_cpus: int = 0) -> dict[str, Any]:
-    """One simulation in a fresh subprocess (its own Ray; ``num_cpus`` 0 = all), measured from outside."""
-    tag = f"{clients}" + (f"-cpu{num_cpus}" if num_cpus else "")
+              num_cpus: int = 0, *, per_client: int = EXAMPLES_PER_CLIENT, loop: str = "fedsite",
+              tag: str = "") -> dict[str, Any]:
+    """One simulation in a fresh subprocess (its own Ray; ``num_cpus`` 0 = all), measured from outside.
+
+    ``loop`` "fedsite" = the driver's NodeDispatch (the default of every simulation); "flower" = Flower's
+    own message loop and hello discovery, as before the dispatch existed.
+    """
+    tag = tag or f"{clients}-{loop}" + (f"-cpu{num_cpus}" if num_cpus else "")
     out = work / f"run-{tag}"
-    # the same data per client at every scale (~90 examples), so only the number enrolled changes
     job = tiny_job(work, model_dir, clients=clients, per_round=per_round, rounds=rounds,
-                   max_train_examples=EXAMPLES_PER_CLIENT * clients, name=f"scale{tag}")
-    cmd = [sys.executable, "-m", "simulations.bench_scale", "--child", str(job), str(out), str(num_cpus)]
+                   max_train_examples=per_client * clients, name=f"scale{tag}")
+    cmd = [sys.executable, "-m", "simulations.bench_scale", "--child", str(job), str(out), str(num_cpus), loop]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     start = time.monotonic()
     with PeakSampler() as sampler:
@@ -159,23 +170,32 @@ def scale_run(work: Path, model_dir: Path, clients: int, per_round: int, rounds:
         raise RuntimeError(f"simulation with {clients} clients failed:\n{proc.stderr[-3000:]}")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rounds_done = [r for r in records if r["round"] > 0]
-    # round 1 pays for actors loading the model; the steady state is what scales
+    short = [r for r in rounds_done if r.get("status") != "ok" or r["completed_clients"] < per_round]
+    if short:  # a round that lost clients (e.g. Ray's OOM killer on a crowded machine) times nothing useful
+        reason = next(iter((short[0].get("drop_reasons") or {}).values()), short[0].get("failure", ""))
+        raise RuntimeError(f"{clients} clients: round {short[0]['round']} completed {short[0]['completed_clients']}"
+                           f"/{per_round} ({str(reason)[:300]})")
+    # round 1 pays for actors loading the model (and, with Flower's loop, the hellos); the steady state scales
     steady = rounds_done[1:] or rounds_done
     phase = [r["seconds"] - r.get("seconds_eval", 0.0) - r.get("seconds_aggregate", 0.0) for r in steady]
-    return {"clients": clients, "per_round": per_round, "num_cpus": num_cpus, "wall_s": time.monotonic() - start,
+    return {"clients": clients, "per_round": per_round, "num_cpus": num_cpus, "loop": loop,
+            "examples_per_client": per_client, "wall_s": time.monotonic() - start,
             "first_round_s": rounds_done[0]["seconds"], "round_s": sum(r["seconds"] for r in steady) / len(steady),
             "client_phase_s": sum(phase) / len(phase),
             "peak_rss_mb": sampler.peak, "completed": [r["completed_clients"] for r in rounds_done]}
 
 
-def _child(job: Path, out: Path, num_cpus: int) -> int:
+def _child(job: Path, out: Path, num_cpus: int, loop: str = "fedsite") -> int:
     """Runs inside the subprocess of scale_run."""
     import logging
 
     from coordinator.config import load_job
+    from simulations import flower_app
     from simulations.runner import SimulationOptions, run_job
 
     logging.basicConfig(level=logging.WARNING)
+    if loop == "flower":  # the "before": no dispatch, so Flower's poll of every node and hello discovery
+        flower_app.install_dispatch = lambda: False
     extra = {"num_cpus": num_cpus} if num_cpus else {}
     run_job(load_job(job), out, SimulationOptions(progress=False, extra_init_args=extra))
     return 0
@@ -212,41 +232,79 @@ def direct_overhead(work: Path, model_dir: Path, per_round: int, clients: int) -
     return {"clients": len(sampled), "seconds": seconds, "per_client_s": seconds / len(sampled)}
 
 
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--child"]:
-        return _child(Path(argv[1]), Path(argv[2]), int(argv[3]))
+        return _child(Path(argv[1]), Path(argv[2]), int(argv[3]), *(argv[4:5] or ["fedsite"]))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clients", type=int, nargs="+", default=[100, 300, 1000])
-    parser.add_argument("--per-round", type=int, default=50)
+    parser.add_argument("--clients", type=int, nargs="+", default=[1000, 10000])
+    parser.add_argument("--per-round", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--repeat", type=int, default=1, help="runs per arm, interleaved; medians are reported")
+    parser.add_argument("--compare-flower-loop", action="store_true",
+                        help="also run every scale with Flower's own message loop and hello discovery (before)")
+    parser.add_argument("--overhead", action="store_true", help="part 2: simulated vs direct per-client cost")
     parser.add_argument("--work-dir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON here too")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="fedsite-bench-scale-"))
     model_dir = make_tiny_bert(work / "tiny-bert")
-    runs = [scale_run(work, model_dir, n, args.per_round, args.rounds) for n in args.clients]
-    base = runs[0]
+    per_client = max(1, min(EXAMPLES_PER_CLIENT, TRAIN_ROWS // max(args.clients)))
+    loops = ["flower", "fedsite"] if args.compare_flower_loop else ["fedsite"]
+    all_runs: list[dict[str, Any]] = []
+    for repeat in range(args.repeat):  # arms interleaved, so a change in the machine's load hits them all
+        for loop in loops:
+            for n in args.clients:
+                run = scale_run(work, model_dir, n, args.per_round, args.rounds, per_client=per_client, loop=loop,
+                                tag=f"{n}-{loop}-r{repeat}")
+                print(f"  {loop:>7} loop, {n:>6} enrolled (repeat {repeat + 1}): round {run['round_s']:.2f}s, "
+                      f"first round {run['first_round_s']:.2f}s, peak {run['peak_rss_mb']:.0f} MB", flush=True)
+                all_runs.append(run)
+    runs: list[dict[str, Any]] = []
+    for loop in loops:
+        for n in args.clients:
+            mine = [r for r in all_runs if r["loop"] == loop and r["clients"] == n]
+            runs.append({"loop": loop, "clients": n, "per_round": args.per_round, "repeats": len(mine),
+                         "examples_per_client": per_client,
+                         **{key: _median([r[key] for r in mine]) for key in
+                            ("round_s", "first_round_s", "client_phase_s", "peak_rss_mb", "wall_s")}})
     for run in runs:
-        run["round_ratio"] = run["round_s"] / base["round_s"]
-        run["memory_ratio"] = run["peak_rss_mb"] / base["peak_rss_mb"]
-    # overhead: one actor on one CPU against the same clients handled in a plain loop on one thread
-    single = scale_run(work, model_dir, args.clients[0], args.per_round, args.rounds, num_cpus=1)
-    direct = direct_overhead(work, model_dir, args.per_round, args.clients[0])
-    sim_per_client = single["client_phase_s"] / args.per_round
-    overhead = {"direct_per_client_s": direct["per_client_s"], "simulated_per_client_s": sim_per_client,
-                "overhead_per_client_s": sim_per_client - direct["per_client_s"],
-                "ratio": sim_per_client / direct["per_client_s"], "single_actor_run": single}
-    print(f"{'clients':>8} {'round s':>8} {'ratio':>6} {'peak MB':>8} {'ratio':>6} {'1st round s':>11}")
+        base = next(r for r in runs if r["loop"] == run["loop"] and r["clients"] == args.clients[0])
+        for key, ratio in (("round_s", "round_ratio"), ("first_round_s", "first_round_ratio"),
+                           ("peak_rss_mb", "memory_ratio")):
+            run[ratio] = run[key] / base[key]
+    print(f"{args.per_round} sampled per round, {per_client} examples per client, {args.rounds} rounds, "
+          f"median of {args.repeat}; ratios to {args.clients[0]} enrolled with the same loop")
+    print(f"{'loop':>7} {'enrolled':>8} {'round s':>8} {'ratio':>6} {'peak MB':>8} {'ratio':>6} "
+          f"{'1st round s':>11} {'ratio':>6}")
     for run in runs:
-        print(f"{run['clients']:>8} {run['round_s']:>8.2f} {run['round_ratio']:>6.2f} {run['peak_rss_mb']:>8.0f} "
-              f"{run['memory_ratio']:>6.2f} {run['first_round_s']:>11.2f}")
-    print(f"per client per round, one CPU: direct loop {direct['per_client_s'] * 1000:.1f} ms, simulated "
-          f"{sim_per_client * 1000:.1f} ms (x{overhead['ratio']:.2f}, +{overhead['overhead_per_client_s'] * 1000:.1f} "
-          "ms per client; client phase only, evaluation and aggregation excluded)")
+        print(f"{run['loop']:>7} {run['clients']:>8} {run['round_s']:>8.2f} {run['round_ratio']:>6.2f} "
+              f"{run['peak_rss_mb']:>8.0f} {run['memory_ratio']:>6.2f} {run['first_round_s']:>11.2f} "
+              f"{run['first_round_ratio']:>6.2f}")
+    result: dict[str, Any] = {"runs": runs, "all_runs": all_runs}
+    if args.overhead:
+        # one actor on one CPU against the same clients handled in a plain loop on one thread
+        clients = 100
+        single = scale_run(work, model_dir, clients, min(50, args.per_round), args.rounds, num_cpus=1)
+        direct = direct_overhead(work, model_dir, min(50, args.per_round), clients)
+        sim_per_client = single["client_phase_s"] / min(50, args.per_round)
+        overhead = {"direct_per_client_s": direct["per_client_s"], "simulated_per_client_s": sim_per_client,
+                    "overhead_per_client_s": sim_per_client - direct["per_client_s"],
+                    "ratio": sim_per_client / direct["per_client_s"], "single_actor_run": single}
+        print(f"per client per round, one CPU: direct loop {direct['per_client_s'] * 1000:.1f} ms, simulated "
+              f"{sim_per_client * 1000:.1f} ms (x{overhead['ratio']:.2f}, "
+              f"+{overhead['overhead_per_client_s'] * 1000:.1f} ms per client; client phase only, evaluation and "
+              "aggregation excluded)")
+        result.update(direct=direct, overhead=overhead)
     if args.out:
-        args.out.write_text(json.dumps({"runs": runs, "direct": direct, "overhead": overhead}, indent=1) + "\n")
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
     return 0
 
 
