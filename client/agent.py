@@ -24,9 +24,9 @@ from typing import TypeVar
 
 import grpc
 
-from client.data import DataError, read_examples
+from client.data import read_examples
 from client.runtime import ClientRuntime
-from coordinator.admission import session_metadata
+from coordinator.admission import RETRY_AFTER_KEY, session_metadata
 from coordinator.errors import UserError
 from emulator.base_fingerprint import restore_base_weights
 from emulator.models import ModelLoadError
@@ -83,7 +83,28 @@ class AgentOptions:
 
 
 class _Reenrol(Exception):
-    """The coordinator no longer knows our session (it was restarted without its registry)."""
+    """The coordinator no longer knows our session (it was restarted without its registry, or another client
+    took our token over after we went silent)."""
+
+
+class _TokenInUse(Exception):
+    """Enrolment refused: another client holds our token and is alive (it may be us, a moment ago)."""
+
+    def __init__(self, detail: str, retry_after_s: float) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.retry_after_s = retry_after_s
+
+
+def _retry_after(exc: grpc.RpcError) -> float:
+    trailing = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+    for key, value in trailing or ():
+        if key == RETRY_AFTER_KEY:
+            try:
+                return max(0.0, min(float(value), 3600.0))
+            except ValueError:
+                break
+    return 60.0
 
 
 class Agent:
@@ -95,6 +116,8 @@ class Agent:
         self.stub = pb_grpc.CoordinatorStub(self.channel)
         self.credentials: pb.Credentials | None = None
         self.heartbeat_interval_s = 5.0
+        self.announced_package = ""  # the package sha256 the coordinator announced when we enrolled ("" = unknown)
+        self.task_errors = 0
 
     # -- connection -----------------------------------------------------------------------
 
@@ -135,6 +158,8 @@ class Agent:
                     time.sleep(PREPARING_RETRY_S)
                     delay, started = 1.0, time.monotonic()
                     continue
+                if code == grpc.StatusCode.ALREADY_EXISTS and what == "enrol":
+                    raise _TokenInUse(detail, _retry_after(exc)) from exc
                 if code == grpc.StatusCode.PERMISSION_DENIED:
                     if what == "enrol":
                         raise UserError(f"coordinator refused enrolment: {detail}") from exc
@@ -167,15 +192,32 @@ class Agent:
             if saved.get("coordinator") == self.options.coordinator:
                 self.credentials = pb.Credentials(client_id=saved["client_id"], session_key=saved["session_key"])
                 self.heartbeat_interval_s = float(saved.get("heartbeat_interval_s", self.heartbeat_interval_s))
+                self.announced_package = str(saved.get("package_sha256", ""))
                 return
-        reply = self._call("enrol", lambda: self.stub.Enroll(
-            pb.EnrollRequest(token=self.options.token, client_name=self.options.name), timeout=UNARY_DEADLINE_S))
+        reply = self._enrol_call()
         self.credentials = reply.credentials
         self.heartbeat_interval_s = float(reply.heartbeat_interval_s or 5)
+        self.announced_package = reply.package_sha256
         atomic_write_json(path, {"coordinator": self.options.coordinator, "client_id": reply.credentials.client_id,
                                  "session_key": reply.credentials.session_key,
-                                 "heartbeat_interval_s": self.heartbeat_interval_s})
+                                 "heartbeat_interval_s": self.heartbeat_interval_s,
+                                 "package_sha256": reply.package_sha256})
         log.info("enrolled as %s for job %r", reply.credentials.client_id, reply.job_name)
+
+    def _enrol_call(self) -> pb.EnrollReply:
+        """Enroll; if our token's client is alive, wait once for the takeover window (that client may be a
+        crashed earlier run of ours), then give up with the coordinator's message."""
+        request = pb.EnrollRequest(token=self.options.token, client_name=self.options.name)
+        for attempt in (1, 2):
+            try:
+                return self._call("enrol", lambda: self.stub.Enroll(request, timeout=UNARY_DEADLINE_S))
+            except _TokenInUse as exc:
+                if attempt == 2:
+                    raise UserError(f"coordinator refused enrolment: {exc.detail}") from exc
+                wait = exc.retry_after_s + 2.0
+                log.warning("%s; trying again in %.0fs in case that client is gone", exc.detail, wait)
+                time.sleep(wait)
+        raise AssertionError("unreachable")
 
     def _download(self, rpc: Callable[..., Iterator[pb.Chunk]], request_for: Callable[[int], pb.FetchRequest],
                   *, partial: Path | None, max_bytes: int, what: str) -> bytes:
@@ -205,17 +247,58 @@ class Agent:
                 partial.unlink(missing_ok=True)  # a corrupt partial download starts over
             raise
 
+    def _current_package(self, slim: bool, size: int) -> str:
+        """The sha256 of the package the coordinator serves now. Asked for from byte ``size`` (the size of the
+        package we hold), so a package of that size costs one empty chunk; a shorter one is refused, which also
+        means it differs."""
+        if not slim and self.announced_package:
+            return self.announced_package
+        assert self.credentials is not None
+        request = pb.FetchRequest(credentials=self.credentials, offset=size, without_base_weights=slim)
+
+        def first_chunk() -> str:
+            stream = self.stub.FetchPackage(request, timeout=UNARY_DEADLINE_S, metadata=self._session())
+            try:
+                return next(iter(stream)).sha256
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:  # past the end: not the package we hold
+                    return ""
+                raise
+            finally:
+                stream.cancel()
+
+        return self._call("package check", first_chunk)
+
+    def _stored_package(self, marker: Path, slim: bool) -> Path | None:
+        """The package folder in the state directory, if it is the one this coordinator serves now.
+
+        A state directory used with another job (or a job started afresh) holds another package: training with
+        it failed on every task; now it is set aside and this job's package is fetched.
+        """
+        if not marker.exists():
+            return None
+        stored = json.loads(marker.read_text())
+        folder = Path(stored["folder"])
+        if not (folder / "job.json").exists():
+            return None
+        current = self._current_package(slim, int(stored.get("size", 0)))
+        if current == stored.get("sha256"):
+            return folder
+        log.warning("the job package in %s (sha256 %s...) is not the one %s serves (%s...); fetching this job's "
+                    "package", self.state_dir, str(stored.get("sha256"))[:12], self.options.coordinator,
+                    current[:12] or "a different size")
+        return None
+
     def fetch_package(self) -> Path:
         marker = self.state_dir / "package.json"
-        if marker.exists():
-            folder = Path(json.loads(marker.read_text())["folder"])
-            if (folder / "job.json").exists():
-                return folder
+        own = self.options.base_model
+        slim = bool(own)
+        stored = self._stored_package(marker, slim)
+        if stored is not None:
+            return stored
         assert self.credentials is not None
         creds = self.credentials
-        own = self.options.base_model
         partial = self.state_dir / ("package-slim.partial" if own else "package.partial")
-        slim = bool(own)
         blob = self._download(self.stub.FetchPackage,
                               lambda off: pb.FetchRequest(credentials=creds, offset=off, without_base_weights=slim),
                               partial=partial, max_bytes=MAX_PACKAGE_BYTES, what="package download")
@@ -230,7 +313,7 @@ class Agent:
                 shutil.rmtree(folder, ignore_errors=True)
                 raise UserError(str(exc)) from exc
             log.info("base model from %s matches the job's fingerprint", own)
-        atomic_write_json(marker, {"folder": str(folder), "sha256": sha256_hex(blob)})
+        atomic_write_json(marker, {"folder": str(folder), "sha256": sha256_hex(blob), "size": len(blob)})
         partial.unlink(missing_ok=True)
         log.info("job package verified (%.1f MB)", len(blob) / 1e6)
         return folder
@@ -238,8 +321,9 @@ class Agent:
     # -- the loop -------------------------------------------------------------------------
 
     def run(self) -> int:
-        if not self.options.data.is_file():  # fail before touching the network
-            raise DataError(f"data file not found: {self.options.data}")
+        # a bad data file fails here, in one line, before enrolling and downloading the package
+        examples = read_examples(self.options.data, need_label=False)
+        log.info("%s: %d examples", self.options.data, len(examples))
         self.enrol()
         while True:
             try:
@@ -266,6 +350,9 @@ class Agent:
                                                                  metadata=self._session()))
             if task.kind == pb.Task.DONE:
                 log.info("coordinator says the job is done (%s)", task.message)
+                if self.task_errors:
+                    log.error("%d task(s) failed on this client (see the errors above)", self.task_errors)
+                    return 1
                 return 0
             if task.kind == pb.Task.WAIT:
                 time.sleep(max(task.retry_after_ms, 100) / 1000)
@@ -288,7 +375,16 @@ class Agent:
         if not alive.is_set():
             log.warning("round %d: the coordinator stopped waiting for this task; not uploading", task.round)
             return
-        if self._upload(task.task_id, reply, creds):
+        if reply.stage == "error":
+            self.task_errors += 1
+        if not self._upload(task.task_id, reply, creds):
+            return
+        if reply.stage == "error":
+            log.error("round %d: %s failed here; the coordinator was told (%s)", task.round, label,
+                      reply.config.get("reason", ""))
+        elif reply.stage == "declined":
+            log.warning("round %d: %s declined (%s)", task.round, label, reply.config.get("reason", ""))
+        else:
             log.info("round %d: %s reply accepted", task.round, label)
 
     @contextmanager

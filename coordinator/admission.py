@@ -44,6 +44,8 @@ log = logging.getLogger("fedsite.admission")
 
 CLIENT_ID_KEY = "fedsite-client-id"
 SESSION_KEY = "fedsite-session"
+# trailing metadata of an enrolment refused because the token's client is alive: seconds until a takeover is allowed
+RETRY_AFTER_KEY = "fedsite-retry-after-s"
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 LONG_LIVED = frozenset({
     "/grpc.health.v1.Health/Watch",

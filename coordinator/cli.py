@@ -78,7 +78,9 @@ def serve(args: argparse.Namespace) -> int:
     log = logging.getLogger("fedsite.coordinator")
     tokens = read_tokens(config.resolve(config.enrollment.tokens_file))
     check_output_dir(output_dir, resume=args.resume)  # fail before listening
-    registry = ClientRegistry.from_tokens(tokens, output_dir / "clients.json")
+    # a client heard from within the heartbeat timeout keeps its token: a second client with it is refused
+    registry = ClientRegistry.from_tokens(tokens, output_dir / "clients.json",
+                                          takeover_after_s=config.job.heartbeat_timeout_s)
     mailbox = Mailbox(registry, heartbeat_timeout_s=config.job.heartbeat_timeout_s)
     # listen before the package exists (an offsite job distils for minutes): clients enrol and wait
     # instead of timing out, and the health service says NOT_SERVING until the package is ready

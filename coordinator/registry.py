@@ -2,10 +2,16 @@
 
 Tokens are read from the job's tokens file and kept only as sha256 hashes.
 Enrolling with a token yields a client id (stable per token, so a client that
-lost its state comes back as itself) and a fresh session key; enrolling again
-with the same token revokes the previous session, so one token never backs two
-live clients. Session keys are stored hashed too, and the registry is written
-atomically so a resumed coordinator still knows its clients.
+lost its state comes back as itself) and a fresh session key. One token backs
+one live client: while the client holding a token has been heard from within
+``takeover_after_s`` (the job's heartbeat timeout), enrolling with that token
+again is refused with :class:`TokenInUse` ("token in use by another client
+since ..."); once it has been silent for longer, the next enrolment takes the
+token over and the old session stops working. (Before, two clients sharing a
+token revoked each other forever.) Session keys are stored hashed too, and
+the registry is written atomically so a resumed coordinator still knows its
+clients; after a restart nobody has been heard from, so a client may take
+its token back at once.
 """
 
 from __future__ import annotations
@@ -24,6 +30,14 @@ from privacy.atomic import atomic_write_json
 
 class AuthError(PermissionError):
     """Wrong token, unknown client, or a session that is no longer valid."""
+
+
+class TokenInUse(AuthError):
+    """A valid token whose client is alive: the message says since when and when a takeover is allowed."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 def _hash(secret: str) -> str:
@@ -63,8 +77,12 @@ class ClientSeen:
 
 
 class ClientRegistry:
-    def __init__(self, token_hashes: list[str], path: Path | None = None) -> None:
+    def __init__(self, token_hashes: list[str], path: Path | None = None, *,
+                 takeover_after_s: float | None = None) -> None:
+        """``takeover_after_s``: silence after which another enrolment may take a client's token (None: at once,
+        for tests and tools that play several roles; the coordinator passes the job's heartbeat timeout)."""
         self._token_hashes = set(token_hashes)
+        self.takeover_after_s = takeover_after_s
         self._path = path
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()
@@ -77,17 +95,19 @@ class ClientRegistry:
                     self._clients[record.client_id] = record
 
     @classmethod
-    def from_tokens(cls, tokens: list[str], path: Path | None = None) -> ClientRegistry:
-        return cls([_hash(t) for t in tokens], path)
+    def from_tokens(cls, tokens: list[str], path: Path | None = None, *,
+                    takeover_after_s: float | None = None) -> ClientRegistry:
+        return cls([_hash(t) for t in tokens], path, takeover_after_s=takeover_after_s)
 
     def enroll(self, token: str, name: str = "") -> tuple[str, str]:
-        """(client_id, session_key) for a valid token; AuthError otherwise."""
+        """(client_id, session_key) for a valid token; AuthError otherwise (TokenInUse while its client lives)."""
         token_hash = _hash(token)
         if not any(hmac.compare_digest(token_hash, known) for known in self._token_hashes):
             raise AuthError("enrolment token not accepted")
         client_id = "client-" + token_hash[:12]
         session_key = secrets.token_hex(32)
         with self._lock:
+            self._refuse_if_in_use(client_id)
             self._clients[client_id] = ClientRecord(
                 client_id=client_id, token_hash=token_hash, session_hash=_hash(session_key),
                 name=name[:128], enrolled_at=time.time(),
@@ -95,6 +115,20 @@ class ClientRegistry:
             self.last_seen[client_id] = time.monotonic()
         self._save()
         return client_id, session_key
+
+    def _refuse_if_in_use(self, client_id: str) -> None:
+        """TokenInUse if ``client_id`` holds a session heard from within ``takeover_after_s`` (lock held)."""
+        record, seen = self._clients.get(client_id), self.last_seen.get(client_id)
+        if self.takeover_after_s is None or record is None or record.revoked or seen is None:
+            return
+        silent = time.monotonic() - seen
+        if silent > self.takeover_after_s:
+            return
+        since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(record.enrolled_at))
+        wait = self.takeover_after_s - silent
+        raise TokenInUse(
+            f"enrolment token in use by another client since {since} (last heard from {silent:.0f}s ago); it can be "
+            f"taken over once that client has been silent for {self.takeover_after_s:.0f}s", retry_after_s=wait)
 
     def authenticate(self, client_id: str, session_key: str) -> str:
         record = self._clients.get(client_id)

@@ -88,9 +88,9 @@ class RunningServer:
 
 def _authenticator(servicer: fedsite_pb2_grpc.CoordinatorServicer) -> Callable[[str, str], bool]:
     """Session check for the admission layer: the servicer's registry, if it has one."""
-    registry = getattr(servicer, "registry", None)
 
     def authenticate(client_id: str, session_key: str) -> bool:
+        registry = getattr(servicer, "registry", None)
         if registry is None:
             return False
         try:

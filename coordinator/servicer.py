@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 import grpc
 
+from coordinator.admission import RETRY_AFTER_KEY, peer_address
 from coordinator.mailbox import Mailbox, ReplyInvalid, TaskError
 from coordinator.ratelimit import RateLimiter
-from coordinator.registry import AuthError, ClientRegistry
+from coordinator.registry import AuthError, ClientRegistry, TokenInUse
 from protos import fedsite_pb2 as pb
 from protos import fedsite_pb2_grpc as pb_grpc
 from protos.codec import DEFAULT_CHUNK_BYTES, NOT_READY_KEY, BlobAssembler, CodecError, iter_chunks
@@ -40,12 +41,6 @@ def heartbeat_interval_for(timeout_s: float) -> int:
     job whose heartbeat timeout is shorter than that.
     """
     return max(1, min(5, int(timeout_s // 3)))
-
-
-def _peer_address(context: grpc.ServicerContext) -> str:
-    """The caller's host without its port ("ipv4:10.0.0.7:51234" -> "ipv4:10.0.0.7")."""
-    peer = context.peer() or "unknown"
-    return peer.rsplit(":", 1)[0] if peer.count(":") >= 2 else peer
 
 
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):
@@ -111,12 +106,15 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     def Enroll(self, request: pb.EnrollRequest, context: grpc.ServicerContext) -> pb.EnrollReply:
         if not request.token or len(request.token) > 1024:
             self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, "a token of 1..1024 characters is required")
-        address = _peer_address(context)
+        address = peer_address(context)
         failures = self.failed_enrolments_per_address
         if failures is not None and failures.exhausted(address):
             self._refuse_quietly(context, "too many failed enrolments from this address; wait and retry")
         try:
             client_id, session_key = self.registry.enroll(request.token, request.client_name)
+        except TokenInUse as exc:  # a valid token: not a guess, so it does not count against the address
+            context.set_trailing_metadata(((RETRY_AFTER_KEY, f"{exc.retry_after_s:.1f}"),))
+            self._abort(context, grpc.StatusCode.ALREADY_EXISTS, str(exc))
         except AuthError as exc:
             if failures is not None:
                 failures.allow(address)  # a wrong token spends one of the address's attempts
