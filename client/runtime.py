@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from client.data import Example, check_labels
-from client.trainer import PrivatizeFn, TrainSettings, data_generator, train_steps
+from client.trainer import PrivatizeFn, TrainSettings, data_generator, is_head_parameter, train_steps
 from coordinator.engine import DECLINED, ERROR, SECAGG, TRAIN
 from emulator.lora import load_trainable_state, trainable_state
 from emulator.package import JobSpec, load_trainable_model
@@ -128,9 +128,15 @@ class ClientRuntime:
                 return Message(round=message.round, stage=DECLINED,
                                config={"reason": f"DP plan: {exc}", "epsilon": ledger.epsilon(delta_dp)})
 
+            head_fraction = float(local_dp.get("head_clip_fraction", 0.0))
+
             def privatize(model, optimizer, loader):
+                groups = None
+                if head_fraction > 0:  # the task head's share of the clipping bound (group-wise clipping)
+                    head = [p for n, p in model.named_parameters() if p.requires_grad and is_head_parameter(model, n)]
+                    groups = (head, head_fraction) if head else None
                 return make_private(model, optimizer, loader, noise_multiplier=sigma,
-                                    max_grad_norm=float(local_dp["max_grad_norm"]), ledger=ledger)
+                                    max_grad_norm=float(local_dp["max_grad_norm"]), ledger=ledger, clip_groups=groups)
 
             report["epsilon_expected"] = epsilon_after
             report["noise_multiplier"] = sigma

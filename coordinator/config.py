@@ -224,6 +224,10 @@ class LocalDPSection:
         "ε each client reaches after all the job's rounds: every client calibrates its noise multiplier to its own "
         "sampling rate and the planned rounds x local_steps (give this or noise_multiplier)", default=None)
     max_grad_norm: float = _help("per-sample gradient clipping bound", default=1.0)
+    head_clip_fraction: float = _help(
+        "share of the squared clipping bound given to the task head, the rest to the other trained tensors, each "
+        "clipped on its own (same privacy); 0 = one flat clip, where a new head's large gradients take nearly all "
+        "of it", default=0.0)
     delta: float = _help("target delta", default=1e-5)
     max_epsilon: float | None = _help(
         "per-client budget across all rounds and restarts; a round past it is declined (default: target_epsilon, "
@@ -245,6 +249,8 @@ class LocalDPSection:
             raise ConfigError("privacy.local_dp.target_epsilon needs accountant = \"rdp\" or \"prv\" (the calibrated "
                               "noise changes between rounds, which 'gdp' cannot compose)")
         _positive("privacy.local_dp.max_grad_norm", self.max_grad_norm)
+        if not 0.0 <= self.head_clip_fraction < 1.0:
+            raise ConfigError(f"privacy.local_dp.head_clip_fraction must be in [0, 1), got {self.head_clip_fraction}")
         _probability("privacy.local_dp.delta", self.delta)
         if self.max_epsilon is not None:
             _positive("privacy.local_dp.max_epsilon", self.max_epsilon)

@@ -198,6 +198,7 @@ class RoundEngine:
         local_dp = self.config.privacy.local_dp
         if local_dp.enabled:
             config["local_dp"] = {"delta": local_dp.delta, "max_grad_norm": local_dp.max_grad_norm,
+                                  "head_clip_fraction": local_dp.head_clip_fraction,
                                   "max_epsilon": local_dp.budget, "accountant": local_dp.accountant,
                                   # a calibrating client plans for taking part in every round left
                                   "rounds": self.config.job.rounds}

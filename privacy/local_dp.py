@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from opacus.grad_sample import GradSampleModule, register_grad_sampler
 from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from opacus.utils.tensor_utils import sum_over_all_but_batch_and_last_n
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from opacus.validators import ModuleValidator
@@ -60,6 +61,7 @@ from privacy.accounting import (
 
 __all__ = [
     "DPLossAdapter",
+    "GroupClippedDPOptimizer",
     "LocalDPError",
     "PoissonDataLoader",
     "PrivacyBudgetExhausted",
@@ -439,6 +441,51 @@ class PoissonDataLoader(DataLoader[Any]):
 
 
 # ---------------------------------------------------------------------------------------
+# Group-wise clipping.
+
+
+class GroupClippedDPOptimizer(DPOptimizer):
+    """DP-SGD whose per-sample clipping bound is split between groups of parameters.
+
+    Each sample's gradient restricted to group g is clipped to ``bounds[g]`` on its own, so
+    its whole clipped gradient has norm at most ``sqrt(sum(bounds²))``, which is the
+    ``max_grad_norm`` the noise is calibrated to: the privacy guarantee is that of flat
+    clipping at that bound. What changes is who gets the budget. With one flat clip, a
+    group whose gradients are an order of magnitude larger (a freshly initialised task
+    head, next to LoRA factors that start at zero) takes almost all of every sample's norm,
+    and the other group's update is left below the noise.
+    """
+
+    def __init__(self, optimizer: Optimizer, *, group_of: dict[int, int], bounds: Sequence[float],
+                 **kwargs: Any) -> None:
+        super().__init__(optimizer, max_grad_norm=math.sqrt(sum(b * b for b in bounds)), **kwargs)
+        self.group_of = group_of  # id(parameter) -> index into bounds
+        self.bounds = [float(b) for b in bounds]
+
+    def clip_and_accumulate(self) -> None:
+        params = self.params
+        samples = [self._get_flat_grad_sample(p) for p in params]
+        rows = len(samples[0]) if samples else 0
+        squared = torch.zeros((len(self.bounds), rows), device=samples[0].device if samples else None)
+        for p, g in zip(params, samples, strict=True):
+            if rows:
+                squared[self.group_of[id(p)]] += g.reshape(rows, -1).pow(2).sum(dim=1)
+        bounds = torch.tensor(self.bounds, device=squared.device).unsqueeze(1)
+        factors = (bounds / (squared.sqrt() + 1e-6)).clamp(max=1.0)  # (groups, rows)
+        for p, g in zip(params, samples, strict=True):
+            _check_processed_flag(p.grad_sample)
+            g = g.to(p.dtype)
+            grad = torch.einsum("i,i...", factors[self.group_of[id(p)]].to(p.dtype), g)
+            p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
+            _mark_as_processed(p.grad_sample)
+
+
+def split_clipping_bound(max_grad_norm: float, fraction: float) -> tuple[float, float]:
+    """(bound of the group given ``fraction`` of the squared bound, bound of the rest)."""
+    return max_grad_norm * math.sqrt(fraction), max_grad_norm * math.sqrt(1.0 - fraction)
+
+
+# ---------------------------------------------------------------------------------------
 # Public entry points.
 
 
@@ -459,6 +506,7 @@ def make_private(
     max_grad_norm: float,
     ledger: PrivacyLedger,
     seed: int | None = None,
+    clip_groups: tuple[Sequence[nn.Parameter], float] | None = None,
 ) -> tuple[nn.Module, DPOptimizer, PoissonDataLoader]:
     """Turn a model, its optimizer and a data loader into their DP-SGD versions.
 
@@ -473,6 +521,11 @@ def make_private(
     Only parameters with ``requires_grad`` must be in ``optimizer``; the model must be in
     train mode while stepping (Opacus' hooks skip eval-mode forwards). ``ledger`` is not
     written here: record the round's steps after training.
+
+    ``clip_groups = (params, fraction)`` clips those parameters' part of each sample's
+    gradient to ``sqrt(fraction) * max_grad_norm`` and the rest to ``sqrt(1 - fraction) *
+    max_grad_norm`` (:class:`GroupClippedDPOptimizer`): the same sensitivity, the budget
+    shared on purpose.
     """
     if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
         raise LocalDPError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
@@ -506,14 +559,21 @@ def make_private(
     adapter = DPLossAdapter(module)
     model = GradSampleModule(adapter, batch_first=True, loss_reduction="mean", strict=True)
     vars(module)[_ATTACHMENT_ATTR] = _Attachment(model, _install_batch_guard(adapter), patched)
-    dp_optimizer = DPOptimizer(
-        optimizer,
-        noise_multiplier=noise_multiplier,
-        max_grad_norm=max_grad_norm,
-        expected_batch_size=max(1, round(n * sample_rate)),
-        loss_reduction="mean",
-        generator=generator,
-    )
+    common: dict[str, Any] = {"noise_multiplier": noise_multiplier, "loss_reduction": "mean", "generator": generator,
+                              "expected_batch_size": max(1, round(n * sample_rate))}
+    dp_optimizer: DPOptimizer
+    if clip_groups is None:
+        dp_optimizer = DPOptimizer(optimizer, max_grad_norm=max_grad_norm, **common)
+    else:
+        grouped, fraction = clip_groups
+        if not 0.0 < fraction < 1.0:
+            raise LocalDPError(f"the clipping fraction of a parameter group must be in (0, 1), got {fraction}")
+        first = {id(p) for p in grouped}
+        if not first or not first < in_optimizer:
+            raise LocalDPError("a clipping group must be a non-empty proper subset of the trained parameters")
+        group_of = {id(p): 0 if id(p) in first else 1 for group in optimizer.param_groups for p in group["params"]}
+        dp_optimizer = GroupClippedDPOptimizer(optimizer, group_of=group_of,
+                                               bounds=split_clipping_bound(max_grad_norm, fraction), **common)
     loader = PoissonDataLoader(
         dataset,
         sample_rate=sample_rate,

@@ -108,6 +108,7 @@ def test_shipped_examples_load() -> None:
         ({"privacy": {"local_dp": {"enabled": True, "target_epsilon": 2.0, "accountant": "gdp"}}},
          r"target_epsilon needs accountant"),
         ({"train": {"physical_batch_size": 0}}, r"train.physical_batch_size must be a positive number"),
+        ({"privacy": {"local_dp": {"head_clip_fraction": 1.0}}}, r"privacy.local_dp.head_clip_fraction must be in"),
         ({"model": {"pooling": "max"}}, r"model.pooling = 'max' is not one of: cls, mean"),
         ({"model": {"pooling": "mean"}, "job": {"mode": "offsite"}}, r"model.pooling = \"mean\" is for mode"),
         ({"jobs": {}}, r"unknown key 'jobs' in the job file"),

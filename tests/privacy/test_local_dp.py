@@ -419,3 +419,36 @@ def test_trainer_flow_local_steps_then_record(family: str, tmp_path: os.PathLike
     assert PrivacyLedger(Path(tmp_path) / "ledger.json").epsilon(1e-5) == pytest.approx(
         ledger.epsilon_after(noise_multiplier=1.0, sample_rate=0.05, steps=0, delta=1e-5)
     )
+
+
+def test_group_clipping_clips_each_group_to_its_share_and_keeps_the_sensitivity() -> None:
+    """σ = 0: the step is SGD on Σ_i [clip(g_i|head, √f·C) + clip(g_i|rest, √(1-f)·C)] / expected batch,
+    with g_i from one backward pass per sample; and the noise is calibrated to C itself."""
+    model = lora_model("bert", "classification")
+    ref_model = copy.deepcopy(model)
+    data = DictDataset(8, "classification")
+    loader = DataLoader(data, batch_size=4)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    head = [p for n, p in model.named_parameters() if p.requires_grad and "classifier" in n]
+    C, fraction = 0.005, 0.25
+    dp_model, dp_opt, dp_loader = make_private(model, opt, loader, noise_multiplier=0.0, max_grad_norm=C,
+                                               ledger=PrivacyLedger(None), seed=3, clip_groups=(head, fraction))
+    assert dp_opt.max_grad_norm == pytest.approx(C)  # what the noise is scaled by: the sensitivity is unchanged
+    batch = next(b for b in dp_loader if len(b["input_ids"]) > 1)
+    dp_opt.zero_grad()
+    dp_model(**batch).loss.backward()
+    dp_opt.step()
+
+    ref = reference_per_sample_grads(ref_model, batch)
+    is_head = {n: "classifier" in n for n in ref}
+    factors = {}
+    for group, bound in ((True, C * fraction**0.5), (False, C * (1 - fraction) ** 0.5)):
+        norms = torch.stack([g.flatten(1).pow(2).sum(1) for n, g in ref.items() if is_head[n] == group]).sum(0).sqrt()
+        assert (norms > bound).all(), "pick a smaller C: clipping is what this test checks"
+        factors[group] = (bound / (norms + 1e-6)).clamp(max=1.0)
+    before = trainable_snapshot(ref_model)
+    assert unwrap(dp_model) is model
+    after = trainable_snapshot(model)
+    for name, g in ref.items():
+        step = torch.einsum("i,i...->...", factors[is_head[name]], g) / 4  # expected batch size = 0.5 * 8
+        torch.testing.assert_close(after[name], before[name] - 0.1 * step, rtol=1e-4, atol=1e-7)
