@@ -110,7 +110,10 @@ def start_server(servicer: fedsite_pb2_grpc.CoordinatorServicer, address: str, *
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=GRPC_OPTIONS,
                          interceptors=[admission], maximum_concurrent_rpcs=16 * max_workers)
     fedsite_pb2_grpc.add_CoordinatorServicer_to_server(servicer, server)
-    health_servicer = health.HealthServicer()
+    # Blocking Watch: the default non-blocking one sends from HealthServicer.set() while holding the servicer's
+    # lock and waits for gRPC's polling thread, which may at that moment be running a closing Watch's callback
+    # that needs the same lock. That deadlock froze shutdown (set_serving(False), then stop() never returned).
+    health_servicer = health.HealthServicer(experimental_non_blocking=False)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),

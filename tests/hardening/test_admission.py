@@ -7,6 +7,7 @@ dropped as silent. Each test holds such calls open from a raw channel and checks
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -203,4 +204,46 @@ def test_stopping_with_silent_calls_open_does_not_hang(tmp_path: Path) -> None:
         assert time.monotonic() - started < 15
     finally:
         attacker.close()
+        svc.channel.close()
+
+
+def test_health_watch_streams_closing_while_health_changes_do_not_freeze_shutdown(tmp_path: Path) -> None:
+    """The intermittent hang at shutdown: grpc_health's non-blocking Watch deadlocked set() (which holds the
+    servicer's lock while waiting for gRPC's polling thread) against a closing Watch's callback (run by that
+    thread, needing the lock). Churn watches while the status flips, then stop."""
+    svc = Service(tmp_path)
+    done = threading.Event()
+
+    def flip() -> None:
+        serving = False
+        while not done.is_set():
+            svc.server.set_serving(serving)
+            serving = not serving
+
+    def churn() -> None:
+        while not done.is_set():
+            with grpc.insecure_channel(svc.target) as channel:
+                watches = [health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=10)
+                           for _ in range(LIMITS.long_lived)]
+                for watch in watches:
+                    with contextlib.suppress(grpc.RpcError):
+                        next(watch)
+                for watch in watches:
+                    watch.cancel()
+
+    workers = [threading.Thread(target=flip, daemon=True)] + [threading.Thread(target=churn, daemon=True)
+                                                              for _ in range(3)]
+    for worker in workers:
+        worker.start()
+    time.sleep(4)
+    stopped: list[bool] = []
+    stopper = threading.Thread(target=lambda: stopped.append(svc.server.stop(1.0)), daemon=True)
+    try:
+        stopper.start()
+        stopper.join(timeout=30)  # a deadlock shows as a stop that never returns: fail, don't hang the run
+        assert stopped == [True]
+    finally:
+        done.set()
+        for worker in workers:
+            worker.join(timeout=30)
         svc.channel.close()
