@@ -26,7 +26,9 @@ fi
 
 # No systemd: start the daemon by hand. Default flags work (overlay2, cgroupfs, bridge + iptables).
 if ! docker info >/dev/null 2>&1; then
-  nohup dockerd >/tmp/fedsite-dockerd.log 2>&1 &
+  # at priority 0 even when this script runs under nice: containers inherit the engine's niceness, and a
+  # starved client misses its heartbeats
+  nohup nice -n "$((0 - $(nice)))" dockerd >/tmp/fedsite-dockerd.log 2>&1 &
   echo $! >"$PIDFILE"
   for _ in $(seq 1 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
   docker info >/dev/null 2>&1 || { echo "engine: dockerd did not start: see /tmp/fedsite-dockerd.log" >&2; exit 1; }

@@ -32,7 +32,7 @@ from simulations.local_cluster import free_port
 
 RAY = Path(sys.executable).parent / "ray"
 SIMULATE = Path(sys.executable).parent / "fedsite-simulate"
-START_TIMEOUT_S = 240.0  # a raylet registers in seconds when idle; a loaded 2-core machine is far slower
+START_TIMEOUT_S = 300.0  # a raylet registers in seconds when idle; a loaded 2-core machine is far slower
 
 state_api = pytest.importorskip("ray.util.state", reason="Ray's state API")
 
@@ -104,8 +104,11 @@ def _stop_cluster(folder: Path, grace_s: float = 20.0) -> None:
 
 
 def _ray_start(args: list[str], env: dict[str, str], log: Path) -> None:
-    done = subprocess.run([str(RAY), "start", *args], env=env, capture_output=True, text=True,
-                          timeout=START_TIMEOUT_S, check=False)
+    try:
+        done = subprocess.run([str(RAY), "start", *args], env=env, capture_output=True, text=True,
+                              timeout=START_TIMEOUT_S + 60, check=False)
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(f"ray start {' '.join(args)} did not return in {START_TIMEOUT_S + 60:.0f}s") from exc
     log.write_text(done.stdout + done.stderr)
     assert done.returncode == 0, f"ray start {' '.join(args)} failed:\n{(done.stdout + done.stderr)[-3000:]}"
 
@@ -129,7 +132,9 @@ def _wait_for_nodes(dashboard_url: str, count: int) -> int:
 def two_node_cluster() -> Iterator[TwoNodeCluster]:
     # a short folder: Ray puts its Unix sockets under it (a socket path may not exceed 107 bytes)
     temp_dir = Path(tempfile.mkdtemp(prefix="fsray-", dir="/tmp"))
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    # Ray gives its dashboard 60 s to come up; on a 2-core machine shared with other work that failed once
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(Path(__file__).resolve().parents[2]),
+               RAY_DASHBOARD_STARTUP_TIMEOUT_S=str(int(START_TIMEOUT_S)))
     gcs_port, dashboard_port = free_port(), free_port()
     common = ["--num-cpus", "1", "--num-gpus", "0", "--object-store-memory", str(200 * 1024 * 1024),
               "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
