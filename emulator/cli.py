@@ -58,6 +58,7 @@ from emulator.offsite import (
 )
 from emulator.public_text import read_public_text
 from emulator.refine import RefineConfig
+from privacy.atomic import atomic_write_json
 
 TASKS = ("auto", "classification", "causal-lm")
 
@@ -218,10 +219,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         refine=RefineConfig(steps=args.refine_steps, lr=args.refine_lr, max_length=args.max_length, seed=args.seed),
         public_texts=read_public_text(args.public_text) if args.refine_steps else (),
         sample_prompts=prompts,
+        on_row=(lambda rows_so_far: atomic_write_json(Path(args.json).with_suffix(".partial.json"), rows_so_far))
+        if args.json else None,
     )
     print(table.to_markdown())
     if args.json:
         Path(args.json).write_text(table.to_json() + "\n", encoding="utf-8")
+        Path(args.json).with_suffix(".partial.json").unlink(missing_ok=True)
     return 0
 
 

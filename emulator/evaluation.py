@@ -450,6 +450,7 @@ def evaluate_offsite(
     refine: RefineConfig | None = None,
     public_texts: Sequence[str] = (),
     sample_prompts: Sequence[str] = (),
+    on_row: Callable[[dict[str, float]], None] | None = None,
 ) -> EvaluationTable:
     """Train each requested row on ``train_data`` and score it on ``eval_data``.
 
@@ -458,7 +459,8 @@ def evaluate_offsite(
     (an :class:`emulator.refine.RefineConfig`) and ``public_texts``, the plug-in
     is also refined against the tuned emulator and scored as ``plug_in_refined``.
     With ``sample_prompts`` (causal LMs) every scored model also continues each
-    prompt greedily; the texts land in ``notes["samples"]`` by row.
+    prompt greedily; the texts land in ``notes["samples"]`` by row. ``on_row`` hears
+    the scores so far after every row (long runs keep what they measured).
     """
     pad_id = pad_id_of(tokenizer)
     samples: dict[str, list[str]] = {}
@@ -512,6 +514,10 @@ def evaluate_offsite(
         else:
             raise ValueError(f"unknown row {row!r}; choose from {[*ALL_ROWS, *EXTRA_ROWS]}")
         seconds[row] = time.perf_counter() - start
+        log.info("%s done in %.0fs: %s", row, seconds[row],
+                 ", ".join(f"{k} {v:.4g}" for k, v in out.items()))
+        if on_row is not None:
+            on_row(dict(out))
     exp = exposure(full, emulator)
     ordered = {name: out[name] for name in dict.fromkeys([*rows, "plug_in", "plug_in_refined"]) if name in out}
     return EvaluationTable(
