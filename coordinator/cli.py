@@ -29,7 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--address", default=DEFAULT_ADDRESS, help=f"listen address (default {DEFAULT_ADDRESS})")
     serve.add_argument("--output-dir", type=Path, help="default: runs/<job name>")
     serve.add_argument("--resume", action="store_true",
-                       help="continue the run in --output-dir from its last checkpoint")
+                       help="continue the run in --output-dir from its last checkpoint (a finished run: export "
+                            "final/ again)")
+    serve.add_argument("--allow-job-change", action="store_true",
+                       help="with --resume: accept a job file whose training settings (train, server, privacy, "
+                            "seed) differ from the run's; the model's shape can never change")
     serve.add_argument("--linger-s", type=float, default=5.0, help="keep answering 'done' this long after the job ends")
     serve.add_argument("--insecure", action="store_true",
                        help="accepted for clarity: plaintext is what an empty [tls] table gives anyway")
@@ -65,7 +69,7 @@ def serve(args: argparse.Namespace) -> int:
     from coordinator.dashboard.options import start_dashboard
     from coordinator.dashboard.server import DashboardTLS
     from coordinator.errors import UserError
-    from coordinator.job import check_output_dir, prepare_job
+    from coordinator.job import check_output_dir, check_resumed_job, prepare_job
     from coordinator.mailbox import Mailbox
     from coordinator.ratelimit import RateLimiter
     from coordinator.registry import ClientRegistry, read_tokens
@@ -78,6 +82,8 @@ def serve(args: argparse.Namespace) -> int:
     log = logging.getLogger("fedsite.coordinator")
     tokens = read_tokens(config.resolve(config.enrollment.tokens_file))
     check_output_dir(output_dir, resume=args.resume)  # fail before listening
+    if args.resume:
+        check_resumed_job(config, output_dir, allow_changes=args.allow_job_change)
     # a client heard from within the heartbeat timeout keeps its token: a second client with it is refused
     registry = ClientRegistry.from_tokens(tokens, output_dir / "clients.json",
                                           takeover_after_s=config.job.heartbeat_timeout_s)
@@ -121,7 +127,8 @@ def serve(args: argparse.Namespace) -> int:
                                          heartbeat_timeout_s=config.job.heartbeat_timeout_s, mode=config.job.mode)
             port = metrics.serve(args.metrics_port, args.metrics_host)
             log.info("Prometheus metrics on http://%s:%d/metrics", args.metrics_host, port)
-        job = prepare_job(config, output_dir, resume=args.resume, report=report)
+        job = prepare_job(config, output_dir, resume=args.resume, report=report,
+                          allow_job_change=args.allow_job_change)
         view.attach(job.engine)
         servicer.set_package(PackageBlob(job.package.blob, job.package.sha256),
                              slim=PackageBlob(job.package.slim, job.package.slim_sha256) if job.package.slim else None)
@@ -131,7 +138,7 @@ def serve(args: argparse.Namespace) -> int:
                  config.job.rounds - job.engine.completed_rounds)
         server.set_serving(True)
         job.engine.run(mailbox)
-        job.model.export(output_dir / "final")
+        export(job.model, output_dir, job.engine.completed_rounds)
         view.finish()
         log.info("job complete: final model in %s", output_dir / "final")
         mailbox.close("job complete")
@@ -147,6 +154,28 @@ def serve(args: argparse.Namespace) -> int:
         if dashboard is not None:
             dashboard.close()
     return 0
+
+
+def export(model: object, output_dir: Path, completed_rounds: int) -> None:
+    """Write final/; a failure (a full disk) ends in one line saying that the checkpoints are intact and how to
+    export again, and leaves no partial folder."""
+    import shutil
+
+    from safetensors import SafetensorError
+
+    from coordinator.errors import UserError
+    from emulator.lora import MergeError
+
+    final = output_dir / "final"
+    try:
+        model.export(final)  # type: ignore[attr-defined]
+    except (OSError, SafetensorError, MergeError) as exc:
+        logging.getLogger("fedsite.coordinator").debug("export failed", exc_info=True)
+        shutil.rmtree(final.with_name(final.name + ".partial"), ignore_errors=True)
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise UserError(
+            f"exporting {final} failed ({reason[:300]}); the checkpoint of round {completed_rounds} is intact: fix "
+            "the cause (free disk space?) and run the same command with --resume to export again") from exc
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -140,13 +140,20 @@ class LoraGlobalModel:
         return evaluate(self.model, self.validation, batch_size=self.eval_batch_size)
 
     def export(self, folder: Path) -> None:
-        """final/: merged model + tokenizer that plain transformers loads; final/adapter/: peft adapter."""
+        """final/: merged model + tokenizer that plain transformers loads; final/adapter/: peft adapter.
+
+        Written beside ``folder`` and renamed into place; a failure (a full disk) leaves no partial folder.
+        """
         tmp = folder.with_name(folder.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
-        merged = merged_copy(self.model)  # type: ignore[arg-type]
-        merged.save_pretrained(str(tmp), safe_serialization=True)
-        self.tokenizer.save_pretrained(str(tmp))
-        self.model.save_pretrained(str(tmp / "adapter"), safe_serialization=True)  # type: ignore[operator]
+        try:
+            merged = merged_copy(self.model)  # type: ignore[arg-type]
+            merged.save_pretrained(str(tmp), safe_serialization=True)
+            self.tokenizer.save_pretrained(str(tmp))
+            self.model.save_pretrained(str(tmp / "adapter"), safe_serialization=True)  # type: ignore[operator]
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         shutil.rmtree(folder, ignore_errors=True)
         tmp.rename(folder)
 
@@ -186,13 +193,80 @@ def check_output_dir(output_dir: Path, *, resume: bool) -> None:
         )
 
 
+# Keys a resumed run may change freely: how long to wait, how many rounds, who may connect, what to evaluate on.
+# Any other change alters the training the checkpoints hold (see check_resumed_job).
+OPERATIONAL_KEYS = frozenset({
+    "job.name", "job.rounds", "job.round_timeout_s", "job.heartbeat_timeout_s", "job.wait_for_clients_s",
+    "job.sample_grace_s", "job.min_clients", "job.clients_per_round", "data.validation",
+    "data.validation_max_examples", "enrollment.tokens_file", "tls.cert", "tls.key", "tls.client_ca",
+})
+# Keys that shape the model and its package: the checkpoints cannot continue under another value.
+STRUCTURAL_PREFIXES = ("job.mode", "model.", "lora.", "offsite.")
+STRUCTURAL_EXCEPTIONS = ("offsite.refine_",)  # refinement only runs at export
+JOB_RECORD = "job.toml.json"
+
+
+def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def changed_job_keys(config: JobConfig, output_dir: Path) -> list[str]:
+    """Keys whose value differs from the job recorded in ``output_dir`` (keys added since count at default)."""
+    record = output_dir / JOB_RECORD
+    if not record.exists():
+        return []
+    import json
+
+    try:
+        old = _flatten(json.loads(record.read_text()))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read {record} (the job this run was started with): {exc}") from exc
+    new = _flatten(json.loads(_json(config.to_dict())))
+    defaults = _flatten(json.loads(_json(JobConfig().to_dict())))
+    keys = sorted(set(old) | set(new))
+    return [k for k in keys if old.get(k, defaults.get(k)) != new.get(k, defaults.get(k))]
+
+
+def check_resumed_job(config: JobConfig, output_dir: Path, *, allow_changes: bool) -> None:
+    """Refuse to resume a run with a job file that would mix two trainings (LoRA rank 8 then 4, another lr...).
+
+    Operational keys may change. Keys that shape the model never may. Training keys (train, server, privacy, the
+    seed) may with ``allow_changes`` (--allow-job-change), and the change is logged.
+    """
+    changed = [k for k in changed_job_keys(config, output_dir) if k not in OPERATIONAL_KEYS]
+    if not changed:
+        return
+    structural = [k for k in changed if k.startswith(STRUCTURAL_PREFIXES) and not k.startswith(STRUCTURAL_EXCEPTIONS)]
+    if structural:
+        raise ConfigError(
+            f"cannot resume {output_dir}: the job file changes {', '.join(structural)}, which shape the model its "
+            "checkpoints hold; restore the job file, or start a new run with another --output-dir")
+    if not allow_changes:
+        raise ConfigError(
+            f"cannot resume {output_dir}: the job file changes {', '.join(changed)} since the run started; restore "
+            "them, or pass --allow-job-change to continue the run with the new values")
+    log.warning("resuming %s with changed training settings: %s", output_dir, ", ".join(changed))
+
+
 def prepare_job(config: JobConfig, output_dir: Path, *, resume: bool = False,
-                client_phase: ClientPhase | None = None, report: Report | None = None) -> PreparedJob:
-    """``report`` hears what the preparation is doing (the coordinator passes it on to waiting clients)."""
+                client_phase: ClientPhase | None = None, report: Report | None = None,
+                allow_job_change: bool = False) -> PreparedJob:
+    """``report`` hears what the preparation is doing (the coordinator passes it on to waiting clients).
+
+    A resumed run checks the job file against the one it started with (:func:`check_resumed_job`).
+    """
     check_output_dir(output_dir, resume=resume)
+    if resume:
+        check_resumed_job(config, output_dir, allow_changes=allow_job_change)
     checkpointer = Checkpointer(output_dir / "checkpoints")
     metrics = MetricsLog(output_dir / "metrics.jsonl")
-    atomic_write_text(output_dir / "job.toml.json", _json(config.to_dict()))
+    atomic_write_text(output_dir / JOB_RECORD, _json(config.to_dict()))
     package = build_package(config, output_dir, report=report)
     if report is not None:
         report("loading the validation data and the global model")
