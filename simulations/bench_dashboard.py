@@ -2,7 +2,8 @@
 
     python -m simulations.bench_dashboard [--clients 200] [--repeats 3] [--viewers 5] [--interval-s 0.5]
 
-Each repeat runs bench_load's round twice, in alternating order: once plain,
+Each repeat runs bench_load's round (no client vanishing on purpose, a 5%
+share of rejected replies) twice, in alternating order: once plain,
 once with a dashboard on the coordinator's registry and engine and
 ``--viewers`` threads that each fetch, every ``--interval-s``, the page's
 fragment or ``/api/status`` in turn (5 viewers every 0.5 s is 10 requests a
@@ -116,7 +117,10 @@ def run(clients: int, repeats: int, viewers: int, interval_s: float, workdir: Pa
         for mode in order:
             sink: dict[str, Any] = {}
             hook = _with_dashboard(viewers, interval_s, sink) if mode == "watched" else None
-            report = run_load(clients, workdir / f"{repeat}-{mode}", model=model, on_ready=hook)
+            # no client vanishes on purpose: the round then measures work, not a heartbeat timeout's wait
+            # (which is also generous, so a loaded machine does not drop honest clients)
+            report = run_load(clients, workdir / f"{repeat}-{mode}", model=model, on_ready=hook,
+                              drop_fraction=0.0, heartbeat_timeout_s=60.0)
             summary = report.summary()
             if summary["status"] != "ok" or report.errors:
                 raise RuntimeError(f"round did not complete cleanly ({mode}): {summary}")
