@@ -11,6 +11,7 @@ from __future__ import annotations
 import stat
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -131,3 +132,71 @@ def test_mutual_tls_needs_a_client_cert_from_the_ca(mtls_server: RunningServer, 
     with _secure(port, certs["ca"], certs["client"], certs["client_key"]) as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def _agent_error(port: int, tmp: Path, host: str = "127.0.0.1", ca: Path | None = None, cert: Path | None = None,
+                 key: Path | None = None, give_up_s: float = 45.0) -> tuple[str, float]:
+    """What a real client says when it cannot enrol, and how long it took to say it."""
+    import time
+
+    from client.agent import Agent, AgentOptions
+    from coordinator.errors import UserError
+
+    data = tmp / "data.jsonl"
+    data.write_text('{"text": "a", "label": "x"}\n')
+    agent = Agent(AgentOptions(coordinator=f"{host}:{port}", token="tok", data=data, state_dir=tmp / "state",
+                               ca_cert=ca, cert=cert, key=key, give_up_after_s=give_up_s))
+    started = time.monotonic()
+    try:
+        with pytest.raises(UserError) as info:
+            agent.enrol()
+    finally:
+        agent.channel.close()
+    return str(info.value), time.monotonic() - started
+
+
+@pytest.mark.parametrize("case", ["plaintext-client", "other-ca", "host-not-covered", "tls-to-plaintext",
+                                  "no-client-cert", "foreign-client-cert"])
+def test_a_tls_mismatch_ends_the_client_in_one_line_with_the_ssl_reason(
+        case: str, certs: dict[str, Path], other_certs: dict[str, Path], tmp_path: Path) -> None:
+    """Before, every case retried for 15 minutes saying "Socket closed" or a raw handshake error."""
+    tls = TLSFiles(cert=certs["server"], key=certs["server_key"])
+    mtls = TLSFiles(cert=certs["server"], key=certs["server_key"], client_ca=certs["ca"])
+    registry = ClientRegistry.from_tokens(["tok"])
+    servicer = CoordinatorServicer(job_name="tls", registry=registry,
+                                   mailbox=Mailbox(registry, heartbeat_timeout_s=30),
+                                   package=PackageBlob(PACKAGE, sha256_hex(PACKAGE)))
+    server_tls = {"tls-to-plaintext": None, "no-client-cert": mtls, "foreign-client-cert": mtls}.get(case, tls)
+    server = start_server(servicer, "0.0.0.0:0" if case == "host-not-covered" else "127.0.0.1:0", tls=server_tls)
+    try:
+        options: dict[str, dict[str, Any]] = {
+            "plaintext-client": {},
+            "other-ca": {"ca": other_certs["ca"]},
+            "host-not-covered": {"ca": certs["ca"], "host": "127.0.0.2"},
+            "tls-to-plaintext": {"ca": certs["ca"]},
+            "no-client-cert": {"ca": certs["ca"]},
+            "foreign-client-cert": {"ca": certs["ca"], "cert": other_certs["client"], "key": other_certs["client_key"]},
+        }
+        message, seconds = _agent_error(server.port, tmp_path, **options[case])
+    finally:
+        server.stop(0)
+    expected = {
+        "plaintext-client": "the coordinator speaks TLS and this client does not: pass --ca-cert",
+        "other-ca": "not signed by the CA given with --ca-cert (SSL_ERROR_SSL",
+        "host-not-covered": "does not cover the host name",
+        "tls-to-plaintext": "the coordinator does not speak TLS",
+        "no-client-cert": "requires a client certificate (mutual TLS): pass --cert and --key",
+        "foreign-client-cert": "refused this client's certificate",
+    }[case]
+    assert message.startswith("cannot connect to ") and expected in message, message
+    assert "\n" not in message and seconds < 40  # not the give-up window: it stopped retrying
+
+
+def test_an_unreachable_coordinator_is_not_mistaken_for_a_tls_mismatch(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    message, _ = _agent_error(port, tmp_path, give_up_s=4.0)
+    assert "unreachable for 4s" in message and "TLS" not in message, message
