@@ -49,7 +49,7 @@ progress::-moz-progress-bar { background: #2563eb; }
 .kpi .v small { font-size: 15px; color: var(--muted); font-weight: 500; }
 .kpi .d { color: var(--muted); font-size: 12.5px; }
 .good { color: #15803d !important; } .bad { color: #b91c1c !important; } .warn { color: #b45309; }
-.charts { display: grid; grid-template-columns: repeat(auto-fit, minmax(400px, 1fr)); gap: 12px; margin-top: 14px; }
+.charts { display: grid; grid-template-columns: repeat(auto-fit, minmax(360px, 1fr)); gap: 12px; margin-top: 14px; }
 .panel { margin: 0; background: var(--card); border: 1px solid var(--line); border-radius: 10px;
   padding: 10px 12px 8px; }
 figcaption { display: flex; justify-content: space-between; gap: 10px; flex-wrap: wrap;

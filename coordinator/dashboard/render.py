@@ -208,8 +208,8 @@ def _charts(status: dict[str, Any], records: list[dict[str, Any]]) -> str:
     panels.append(_panel("chart-time", "Where each round's time went", bar_chart(
         categories, layers, label="seconds per round by phase", y_label="seconds", stacked=True),
         [(layer.name, layer.color) for layer in layers],
-        note="train = the slowest client's training; transfer = the rest of the exchange (download, upload, "
-             "waiting for replies); other = waiting for clients and the checkpoint."))
+        note="train: the slowest client · exchange: the rest of it (downloads, uploads, waiting for late or "
+             "silent clients) · other: waiting for clients to enrol, the checkpoint"))
     return f'<section class="charts">{"".join(panels)}</section>'
 
 
@@ -241,7 +241,7 @@ def _time_layers(rounds: list[dict[str, Any]]) -> list[Layer]:
         aggregate.append(agg)
         evaluate.append(ev)
         other.append(max(_num(r.get("seconds")) - max(exchange, t) - agg - ev, 0.0))
-    return [Layer("train", COLORS["train"], train), Layer("transfer", COLORS["transfer"], transfer),
+    return [Layer("train", COLORS["train"], train), Layer("exchange", COLORS["transfer"], transfer),
             Layer("aggregate", COLORS["aggregate"], aggregate), Layer("evaluate", COLORS["evaluate"], evaluate),
             Layer("other", COLORS["other"], other)]
 
