@@ -38,7 +38,8 @@ $E evaluate $COMMON --emulator "$CACHE/emu-keep6-d40" --rows zero_shot full_lora
 
 # --- offsite rows per emulator: before tuning, tuned alone, plugged in (and refined on the public text)
 $E evaluate $COMMON --emulator "$CACHE/emu-keep6-d40" --rows emulator_untuned emulator_alone plug_in \
-  --adapter-lr 1e-4 --refine-steps 40 --refine-lr 1e-4 --public-text bbcnews --json "$OUT/keep6.json"
+  --adapter-lr 1e-4 --json "$OUT/keep6.json"
+# (refinement on the public text: add --refine-steps 15 --refine-lr 1e-4 --public-text bbcnews; not finished here)
 $E evaluate $COMMON --emulator "$CACHE/emu-keep13-d40" --rows emulator_untuned emulator_alone plug_in \
   --adapter-lr 1e-4 --json "$OUT/keep13.json"
 $E evaluate $COMMON --emulator "$CACHE/emu-keep8-d40" --rows emulator_untuned emulator_alone plug_in \
@@ -46,5 +47,8 @@ $E evaluate $COMMON --emulator "$CACHE/emu-keep8-d40" --rows emulator_untuned em
 
 $E evaluate $COMMON --emulator "$CACHE/emu-keep6-d0" --rows emulator_untuned emulator_alone plug_in \
   --adapter-lr 1e-4 --json "$OUT/keep6-nodistill.json"
+
+# the plug-in's ceiling: the same adapter blocks trained directly on the full model
+$E evaluate $COMMON --emulator "$CACHE/emu-keep6-d40" --rows adapter_on_full --adapter-lr 1e-4 --json "$OUT/adapter-on-full.json"
 
 $PY experiments/offsite/summarize_smollm2.py "$OUT"
