@@ -13,15 +13,22 @@ Two kinds of input, drawn by hypothesis:
   credentials, offsets past the end, sizes near 2^64, wrong sha256, chunks
   out of order, reply blobs with flipped bits, truncated, with a rewritten
   safetensors/fedsite header (wrong types, deep nesting, huge numbers) under a
-  correct sha256 so they reach the message decoder.
+  correct sha256 so they reach the message decoder, and well-formed replies
+  whose *report* (num_examples, train_loss, epsilon, secagg_weight, ...)
+  holds hostile values (strings, NaN, Infinity, 1e308, 2^64, nested objects)
+  or whose update is scaled far past the norm bound, so they reach the round
+  engine.
 
-A thread plays the round engine (``Mailbox.exchange`` in a loop), so task
-RPCs meet real open tasks. The contract checked for each input: the status is
-OK or one of the precise refusals; UNKNOWN or INTERNAL (an exception escaped a
-handler) is a finding, except gRPC's own "Exception deserializing request!"
-for bytes that are not a valid protobuf message at all, which happens before
-any fedsite code runs and is counted separately. No handler may log a
-traceback, and health must still be SERVING at the end.
+A thread runs the real round engine (``RoundEngine.run_round`` over the
+mailbox, plain FedAvg on a 4-value model), so task RPCs meet real open tasks
+and every delivered reply is aggregated. The contract checked for each input:
+the status is OK or one of the precise refusals; UNKNOWN or INTERNAL (an
+exception escaped a handler) is a finding, except gRPC's own "Exception
+deserializing request!" for bytes that are not a valid protobuf message at
+all, which happens before any fedsite code runs and is counted separately. No
+handler and no round may log a traceback, the global model must stay finite
+and move at most the norm bound per round, and health must still be SERVING
+at the end.
 """
 
 from __future__ import annotations
@@ -29,13 +36,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
+import tempfile
 import threading
 import time
 import traceback
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -44,7 +54,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
+from coordinator.checkpoint import Checkpointer
+from coordinator.config import parse_job
+from coordinator.engine import Exchange, RoundEngine
 from coordinator.mailbox import Mailbox
+from coordinator.metrics import MetricsLog
 from coordinator.registry import ClientRegistry
 from coordinator.server import SERVICE_NAME, RunningServer, start_server
 from coordinator.servicer import CoordinatorServicer, PackageBlob
@@ -65,6 +79,9 @@ REQUEST_TYPES: dict[str, Any] = {
 }
 STREAMING_OUT = {"FetchPackage", "FetchTask"}
 CALL_TIMEOUT_S = 10.0
+UPDATE_BOUND = 10.0  # the fuzz job's [server] max_update_norm: the global model may move at most this per round
+REPORT_KEYS = ("num_examples", "train_loss", "steps", "seconds_train", "epsilon", "epsilon_expected",
+               "noise_multiplier", "delta", "update_norm", "secagg_weight", "reason")
 
 
 # -- the service under test -----------------------------------------------------------------
@@ -82,6 +99,32 @@ class _TracebackCatcher(logging.Handler):
             self.records.append(record.getMessage() + "\n" + "".join(traceback.format_exception(*record.exc_info)))
 
 
+class FuzzModel:
+    """The global model of the fuzz job: four trainable values, no evaluation."""
+
+    def __init__(self) -> None:
+        self.state = {"w": torch.ones(4)}
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in self.state.items()}
+
+    def set_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.state = {k: v.clone() for k, v in state.items()}
+
+    def evaluate(self) -> dict[str, float]:
+        return {}
+
+
+def _engine_for(folder: Path, round_timeout_s: float) -> tuple[RoundEngine, FuzzModel]:
+    table = {"job": {"name": "fuzz", "rounds": 10**9, "clients_per_round": 2, "min_clients": 1,
+                     "round_timeout_s": round_timeout_s, "heartbeat_timeout_s": 3600.0, "wait_for_clients_s": 5.0,
+                     "sample_grace_s": 0.0},
+             "server": {"max_update_norm": UPDATE_BOUND}}
+    model = FuzzModel()
+    config = parse_job(table, folder)
+    return RoundEngine(config, model, Checkpointer(folder / "checkpoints"), MetricsLog(folder / "metrics.jsonl")), model
+
+
 @dataclass
 class FuzzService:
     """Registry, mailbox, servicer and gRPC server as ``fedsite-coordinator serve`` builds them, plus an engine."""
@@ -91,9 +134,16 @@ class FuzzService:
     mailbox: Mailbox
     creds: dict[str, pb.Credentials]
     catcher: _TracebackCatcher
+    engine: RoundEngine
+    model: FuzzModel
+    workdir: Path
     round: int = 0
     stop_event: threading.Event = field(default_factory=threading.Event)
-    engine: threading.Thread | None = None
+    engine_thread: threading.Thread | None = None
+    responder: threading.Thread | None = None
+    engine_rounds: int = 0
+    engine_rejections: int = 0
+    engine_violations: list[str] = field(default_factory=list)
 
     @classmethod
     def start(cls, round_timeout_s: float = 3.0) -> FuzzService:
@@ -110,18 +160,53 @@ class FuzzService:
         for who in ("a", "b"):
             client_id, key = registry.enroll(TOKENS[who], who)
             creds[who] = pb.Credentials(client_id=client_id, session_key=key)
-        service = cls(server, channel, mailbox, creds, catcher)
-        service.engine = threading.Thread(target=service._engine, args=(round_timeout_s,), daemon=True)
-        service.engine.start()
+        workdir = Path(tempfile.mkdtemp(prefix="fedsite-fuzz-"))
+        engine, model = _engine_for(workdir, round_timeout_s)
+        service = cls(server, channel, mailbox, creds, catcher, engine, model, workdir)
+        service.engine_thread = threading.Thread(target=service._engine, daemon=True)
+        service.engine_thread.start()
+        service.responder = threading.Thread(target=service._honest_b, daemon=True)
+        service.responder.start()
         return service
 
-    def _engine(self, round_timeout_s: float) -> None:
-        """Post one train task per fuzz client, wait, repeat: what the round engine does each round."""
+    # the engine's Driver: the mailbox, with only a and b to sample (clients that fuzzed enrolments create would
+    # never answer, and every round would wait for its deadline)
+    def wait_for_clients(self, count: int, timeout_s: float) -> list[str]:
+        return sorted(c.client_id for c in self.creds.values())
+
+    def exchange(self, round_id: int, messages: dict[str, Message], timeout_s: float) -> Exchange:
+        return self.mailbox.exchange(round_id, messages, timeout_s)
+
+    def _honest_b(self) -> None:
+        """Client b answers every task of its own honestly, so a round ends as soon as the fuzzed a's reply lands
+        (and the engine aggregates many fuzzed replies)."""
+        while not self.stop_event.is_set():
+            try:
+                task = self.open_task("b")
+                if task.kind == pb.Task.RUN:
+                    recipe = ("other", "current", ("valid",), "right", "right", 1, (), "in-order")
+                    call(self, Case("Upload", recipe=recipe), who="b")
+            except grpc.RpcError:
+                pass
+            self.stop_event.wait(0.05)
+
+    def _engine(self) -> None:
+        """The real round engine over the mailbox, round after round; what it does with each reply is checked."""
         while not self.stop_event.is_set():
             self.round += 1
-            task = Message(self.round, "train", {"lr": 0.1}, {"w": torch.ones(4)})
-            self.mailbox.exchange(self.round, {c.client_id: task for c in self.creds.values()},
-                                  timeout_s=round_timeout_s)
+            before = self.model.trainable_state()
+            try:
+                record = self.engine.run_round(self.round, self)
+            except Exception:  # the coordinator's job would be dead: the catcher turns this into a finding
+                logging.getLogger("fedsite.fuzz").exception("round %d ended the engine", self.round)
+                continue
+            self.engine_rounds += 1
+            self.engine_rejections += int(record.get("rejected_clients", 0))
+            after = self.model.trainable_state()
+            moved = float(torch.linalg.vector_norm((after["w"] - before["w"]).double()))
+            if not torch.isfinite(after["w"]).all() or moved > UPDATE_BOUND * (1 + 1e-6):
+                self.engine_violations.append(f"round {self.round}: global model {after['w'].tolist()} moved "
+                                              f"{moved:.4g} (bound {UPDATE_BOUND}); record {record}")
 
     def open_task(self, who: str) -> pb.Task:
         """The task open for ``who`` right now (polling until the engine posts one)."""
@@ -131,7 +216,7 @@ class FuzzService:
         deadline = time.monotonic() + 10
         while True:
             task = stub_call(pb.PollRequest(credentials=self.creds[who]), timeout=CALL_TIMEOUT_S)
-            if task.kind == pb.Task.RUN or time.monotonic() > deadline:
+            if task.kind == pb.Task.RUN or time.monotonic() > deadline or self.stop_event.is_set():
                 return task
             time.sleep(0.01)
 
@@ -143,9 +228,13 @@ class FuzzService:
     def close(self) -> None:
         self.stop_event.set()
         self.mailbox.close("fuzz over")
+        for thread in (self.engine_thread, self.responder):  # before the channel closes under them
+            if thread is not None:
+                thread.join(timeout=30)
         logging.getLogger().removeHandler(self.catcher)
         self.channel.close()
         self.server.stop(0)
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 # -- inputs ---------------------------------------------------------------------------------
@@ -162,6 +251,12 @@ OFFSET = st.one_of(st.sampled_from(["zero", "end", "past-end", "mid"]), U64)
 JSONISH = st.recursive(st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | TEXT,
                        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(TEXT, inner, max_size=4),
                        max_leaves=12)
+# what a report field may hold: honest-looking values near the edges, NaN and infinities (JSON as Python writes
+# and reads it), huge integers and floats, wrong types
+REPORT_VALUE = st.one_of(
+    st.integers(-3, 10**6), st.floats(), st.sampled_from([1e308, -1e308, 2**64, 2**53 + 1, 10**30, 0, -1, 0.5, 1.0]),
+    st.sampled_from(["lots", "", "NaN", "1e308", True, False, None, [3], {"n": 3}]), JSONISH)
+REPORT = st.dictionaries(st.sampled_from(REPORT_KEYS), REPORT_VALUE, max_size=5)
 BLOB = st.one_of(
     st.just(("valid",)),
     st.tuples(st.just("flip"), st.lists(st.tuples(st.integers(0, 10_000), st.integers(1, 255)), min_size=1,
@@ -174,6 +269,8 @@ BLOB = st.one_of(
     st.tuples(st.just("outer"), st.one_of(JSONISH.map(lambda v: json.dumps(v)), TEXT)),
     st.tuples(st.just("deep"), st.sampled_from(["meta", "outer"]), st.integers(1, 200_000)),
     st.tuples(st.just("tensors"), st.sampled_from(["none", "nan", "huge-shape", "many"])),
+    st.tuples(st.just("report"), REPORT, st.sampled_from([0.0, 1.0, -1.0, 3.0, 1e5, 1e30, -1e38])),
+    st.tuples(st.just("report"), REPORT, st.just(0.0)),
     st.tuples(st.just("random"), st.binary(max_size=512)),
 )
 
@@ -215,7 +312,10 @@ def structured_cases() -> st.SearchStrategy[Case]:
         st.one_of(st.just(()), st.lists(st.tuples(U64, st.binary(max_size=64), TASK_ID), max_size=2)),  # strays
         st.sampled_from(["in-order"] * 4 + ["reverse", "gap", "overlap"]),
     )
-    return st.one_of(enroll, fetch_package, poll, fetch_task, heartbeat, upload)
+    report = st.builds(lambda r, v: Case("Upload", recipe=("valid", "current", ("report", r, v), "right", "right", 1,
+                                                          (), "in-order")),
+                       REPORT, st.sampled_from([0.0, 0.1, -1.0, 3.0, 1e30, -1e38]))
+    return st.one_of(enroll, fetch_package, poll, fetch_task, heartbeat, upload, report)
 
 
 def cases() -> st.SearchStrategy[Case]:
@@ -237,8 +337,11 @@ def _creds(service: FuzzService, choice: Any) -> pb.Credentials:
     }[choice]
 
 
-def _task_id(task: pb.Task, other: pb.Task, choice: str) -> str:
-    return {"current": task.task_id, "other": other.task_id, "current-upper": task.task_id.upper()}.get(choice, choice)
+def _task_id(task: pb.Task, other: Callable[[], pb.Task], choice: str) -> str:
+    """The task id a recipe names; ``other`` (the other client's open task) is only waited for when named."""
+    if choice == "other":
+        return other().task_id
+    return {"current": task.task_id, "current-upper": task.task_id.upper()}.get(choice, choice)
 
 
 def _offset(choice: Any, size: int) -> int:
@@ -287,6 +390,11 @@ def reply_blob(round_id: int, kind: tuple[Any, ...]) -> bytes:
         if kind[1] == "meta":
             return _rewrite_header(valid, lambda h: {**h, "__metadata__": {"fedsite.message": nested}})
         return _rewrite_header(valid, lambda h: nested.encode())
+    if tag == "report":  # a well-formed reply: the hostile values are in its report and in how far it moves
+        _, report, value = kind
+        config = {"num_examples": 3, **report}
+        head = json.dumps({"round": round_id, "stage": "train", "config": config})  # NaN/Infinity as Python writes
+        return encode_tensors({"w": torch.full((4,), value)}, metadata={"fedsite.message": head})
     if tag == "tensors":
         meta = {"fedsite.message": json.dumps({"round": round_id, "stage": "train", "config": {}})}
         if kind[1] == "none":
@@ -300,9 +408,13 @@ def reply_blob(round_id: int, kind: tuple[Any, ...]) -> bytes:
     raise ValueError(f"unknown blob mutation {tag!r}")
 
 
-def _upload_messages(service: FuzzService, recipe: tuple[Any, ...]) -> list[pb.UploadChunk]:
+def _upload_messages(service: FuzzService, recipe: tuple[Any, ...], who: str = "a") -> list[pb.UploadChunk]:
     creds_choice, task_choice, blob_kind, size_choice, sha_choice, pieces, strays, order = recipe
-    task, other = service.open_task("a"), service.open_task("b")
+    task = service.open_task(who)
+
+    def other() -> pb.Task:
+        return service.open_task("b" if who == "a" else "a")
+
     blob = reply_blob(task.round, blob_kind)
     sha = {"right": sha256_hex(blob), "wrong": "f" * 64, "short": sha256_hex(blob)[:10]}.get(sha_choice, sha_choice)
     step = max(1, -(-len(blob) // pieces))
@@ -321,7 +433,7 @@ def _upload_messages(service: FuzzService, recipe: tuple[Any, ...]) -> list[pb.U
     return messages
 
 
-def request_messages(service: FuzzService, case: Case) -> list[Any]:
+def request_messages(service: FuzzService, case: Case, who: str = "a") -> list[Any]:
     """The protobuf request message(s) a structured case stands for, built from the current state."""
     assert case.recipe is not None
     r = case.recipe
@@ -334,8 +446,11 @@ def request_messages(service: FuzzService, case: Case) -> list[Any]:
         return [pb.FetchRequest(credentials=_creds(service, r[0]), offset=_offset(r[1], len(PACKAGE)),
                                 task_id=r[2] if r[2] not in ("current", "other", "current-upper") else "")]
     if case.method == "Upload":
-        return _upload_messages(service, r)
-    task, other = service.open_task("a"), service.open_task("b")
+        return _upload_messages(service, r, who)
+    task = service.open_task("a")
+
+    def other() -> pb.Task:
+        return service.open_task("b")
     if case.method == "FetchTask":
         return [pb.FetchRequest(credentials=_creds(service, r[0]), task_id=_task_id(task, other, r[1]),
                                 offset=_offset(r[2], task.size))]
@@ -368,9 +483,10 @@ def _parses(method: str, raw: tuple[bytes, ...]) -> bool:
         return False
 
 
-def call(service: FuzzService, case: Case) -> Outcome:
+def call(service: FuzzService, case: Case, who: str = "a") -> Outcome:
     """Send one case over the wire with no client-side serializer: the server sees exactly these bytes."""
-    raw = case.raw if case.raw is not None else tuple(m.SerializeToString() for m in request_messages(service, case))
+    raw = case.raw if case.raw is not None else tuple(m.SerializeToString()
+                                                       for m in request_messages(service, case, who))
     path = f"/{SERVICE_NAME}/{case.method}"
     try:
         if case.method == "Upload":
@@ -405,11 +521,14 @@ class FuzzReport:
     serving_after: bool = False
     valid_upload_after: bool = False
     seconds: float = 0.0
+    engine_rounds: int = 0
+    engine_rejections: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {"inputs": self.inputs, "codes": dict(self.codes), "by_method": dict(self.by_method),
                 "grpc_framing_rejections": self.framing, "findings": [f.__dict__ for f in self.findings],
                 "serving_after": self.serving_after, "valid_upload_after": self.valid_upload_after,
+                "engine_rounds": self.engine_rounds, "engine_rejections": self.engine_rejections,
                 "seconds": round(self.seconds, 1)}
 
 
@@ -455,6 +574,9 @@ def fuzz(examples: int, seed: int = 0, *, stop_at_first: bool = False) -> FuzzRe
     finally:
         report.seconds = time.monotonic() - started
         service.close()
+        report.engine_rounds, report.engine_rejections = service.engine_rounds, service.engine_rejections
+        for violation in service.engine_violations:
+            report.findings.append(Finding("round engine", "BOUND", violation[:2000], []))
     return report
 
 
@@ -471,6 +593,7 @@ def _iter_lines(report: FuzzReport) -> Iterator[str]:
     yield f"status codes: {dict(report.codes.most_common())}"
     yield f"per method: {dict(report.by_method.most_common())}"
     yield f"gRPC framing rejections (INTERNAL before fedsite code): {report.framing}"
+    yield f"rounds the engine ran: {report.engine_rounds}; replies it rejected: {report.engine_rejections}"
     yield f"findings (UNKNOWN/INTERNAL from fedsite code, or logged tracebacks): {len(report.findings)}"
     for finding in report.findings[:10]:
         yield f"  {finding.code}: {finding.details}\n    input: {finding.case}"

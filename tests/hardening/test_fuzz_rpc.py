@@ -1,7 +1,9 @@
 """Fuzzing every Coordinator RPC (a few hundred inputs here; ``python -m simulations.fuzz_rpc`` runs 10,000).
 
 The contract: every input gets OK or a precise refusal, never UNKNOWN/INTERNAL
-from fedsite code, no handler logs a traceback, and health is SERVING after.
+from fedsite code, no handler or round logs a traceback, the round engine that
+aggregates the replies keeps the global model finite and within the norm
+bound, and health is SERVING after.
 Two bugs the fuzzer found (a non-ASCII task id, a deeply nested JSON header)
 are fixed; their exact inputs stay below as regression tests, and the
 property test tolerates no escape at all.
@@ -9,6 +11,8 @@ property test tolerates no escape at all.
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -37,6 +41,8 @@ def test_fuzz_every_rpc_gets_a_precise_status_and_the_server_stays_up() -> None:
     assert set(report.by_method) == {"Enroll", "FetchPackage", "PollTask", "FetchTask", "Upload", "Heartbeat"}
     # the fuzzer must reach past authentication and validation, or it proves nothing
     assert report.codes["OK"] > 0 and report.codes["INVALID_ARGUMENT"] > 0 and report.codes["PERMISSION_DENIED"] > 0
+    # ... and into the round engine: hostile reports were aggregated or refused there, never crashing it
+    assert report.engine_rounds > 10 and report.engine_rejections > 0
     assert report.serving_after and report.valid_upload_after
     new = [f for f in report.findings if not _known(f)]
     assert not new, new[0]
@@ -69,3 +75,20 @@ def test_deeply_nested_reply_header_is_invalid_argument(service: FuzzService, wh
     recipe = ("valid", "current", ("deep", where, 100_000), "right", "right", 1, (), "in-order")
     assert _single(service, Case("Upload", recipe=recipe)) is None
     assert service.serving()
+
+
+def test_hostile_report_values_reach_the_engine_and_are_refused_by_name(service: FuzzService) -> None:
+    """The config values inside a well-formed reply: before, "lots" or Infinity in num_examples ended the engine."""
+    for report, value in (({"num_examples": "lots"}, 0.1), ({"num_examples": float("inf")}, 0.1),
+                          ({"train_loss": "x"}, 0.1), ({"num_examples": 1e308}, 0.1), ({}, 1e30)):
+        recipe = ("valid", "current", ("report", report, value), "right", "right", 1, (), "in-order")
+        assert _single(service, Case("Upload", recipe=recipe)) is None
+    deadline = time.monotonic() + 60
+    while service.engine_rejections < 5 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    records = [json.loads(line) for line in (service.workdir / "metrics.jsonl").read_text().splitlines()]
+    reasons = " | ".join(r for record in records for r in record.get("reject_reasons", {}).values())
+    for expected in ("num_examples must be a number", "num_examples must be finite", "train_loss must be a number",
+                     "num_examples must be an integer", "update norm"):
+        assert expected in reasons, reasons
+    assert not service.engine_violations and service.serving()
