@@ -3,15 +3,17 @@
     python -m simulations.bench_dashboard [--clients 200] [--repeats 3] [--viewers 5] [--interval-s 0.5]
 
 Each repeat runs bench_load's round (no client vanishing on purpose, a 5%
-share of rejected replies) twice, in alternating order: once plain,
-once with a dashboard on the coordinator's registry and engine and
-``--viewers`` threads that each fetch, every ``--interval-s``, the page's
-fragment or ``/api/status`` in turn (5 viewers every 0.5 s is 10 requests a
-second, 20 times what one open page asks: it polls every 2 s). It
-reports the round's seconds and the clients' RPC latency both ways, their
-ratios (median over repeats), how many dashboard requests were served during
-the rounds, and what one request costs on its own (status + render, CPU
-seconds on this thread).
+share of rejected replies) twice, in alternating order: once plain, once
+with a dashboard on the coordinator's registry and engine and, in a process
+of their own as browsers would be, ``--viewers`` threads that each fetch,
+every ``--interval-s``, the page's fragment or ``/api/status`` in turn
+(``--viewers 1 --interval-s 2`` is one open page; 5 every 0.5 s is 20 times
+that). It reports, median over repeats: the round's wall seconds, the
+coordinator process's CPU seconds over the round (its load clients included,
+the same in both arms; on a shared machine the wall clock also measures the
+neighbours), the clients' RPC latency, their ratios, how many dashboard
+requests were served during the rounds, and what one request costs on its
+own (status + render, CPU milliseconds).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -28,7 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from simulations.bench_load import make_tiny_bert, run_load
+RPCS = ("PollTask", "FetchTask", "Upload")
 
 
 class Viewers:
@@ -68,24 +71,55 @@ class Viewers:
             thread.join(timeout=30)
 
 
-def _with_dashboard(viewers: int, interval_s: float, sink: dict[str, Any]) -> Callable[[Any, Any], Callable[[], None]]:
-    def on_ready(job: Any, registry: Any) -> Callable[[], None]:
-        from coordinator.dashboard import JobInfo, JobView
-        from coordinator.dashboard.server import DashboardServer
+def viewer_process(url: str, count: int, interval_s: float) -> subprocess.Popen:
+    """The viewers in a process of their own, as browsers are: the coordinator's process pays only for
+    serving. Returns once they poll; they go on until stdin closes, then print {"latencies", "failures"}."""
+    proc = subprocess.Popen([sys.executable, "-m", "simulations.bench_dashboard", "--viewer-of", url,
+                             "--viewers", str(count), "--interval-s", str(interval_s)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    if proc.stdout.readline().strip() != "polling":
+        raise RuntimeError("the viewers' process did not start")
+    return proc
 
-        view = JobView(JobInfo.from_config(job.config), job.output_dir / "metrics.jsonl", registry=registry)
-        view.attach(job.engine)
-        server = DashboardServer(view, port=0)
-        pool = Viewers(server.start(), viewers, interval_s)
-        pool.start()
-        sink["view"] = view
+
+def _serve_as_viewers(url: str, count: int, interval_s: float) -> int:
+    pool = Viewers(url, count, interval_s)
+    pool.start()
+    print("polling", flush=True)
+    sys.stdin.read()  # until the benchmark closes our stdin
+    pool.stop()
+    print(json.dumps({"latencies": pool.latencies, "failures": pool.failures}))
+    return 0
+
+
+def _round_hook(viewers: int, interval_s: float, sink: dict[str, Any]) -> Callable[[Any, Any], Callable[[], None]]:
+    """bench_load's on_ready: with ``viewers``, a dashboard and its viewers; always, the coordinator process's
+    CPU seconds over the round (its 200 load clients included, the same in both arms)."""
+
+    def on_ready(job: Any, registry: Any) -> Callable[[], None]:
+        server, pool = None, None
+        if viewers:
+            from coordinator.dashboard import JobInfo, JobView
+            from coordinator.dashboard.server import DashboardServer
+
+            view = JobView(JobInfo.from_config(job.config), job.output_dir / "metrics.jsonl", registry=registry)
+            view.attach(job.engine)
+            server = DashboardServer(view, port=0)
+            pool = viewer_process(server.start(), viewers, interval_s)
+            sink["view"] = view
+        cpu_start = time.process_time()
 
         def after() -> None:
-            pool.stop()
+            sink["cpu_seconds"] = time.process_time() - cpu_start
+            if pool is None or server is None:
+                return
+            out, _ = pool.communicate(timeout=120)  # closes its stdin: it stops and reports
             server.close()
-            sink["requests"] = len(pool.latencies)
-            sink["failures"] = pool.failures
-            sink["latency_ms_p50"] = 1000 * statistics.median(pool.latencies) if pool.latencies else None
+            seen = json.loads(out)
+            sink["requests"] = len(seen["latencies"])
+            sink["failures"] = seen["failures"]
+            sink["latency_ms_p50"] = 1000 * statistics.median(seen["latencies"]) if seen["latencies"] else None
 
         return after
 
@@ -108,6 +142,8 @@ def request_cost_ms(view: Any, repeats: int = 50) -> dict[str, float]:
 
 
 def run(clients: int, repeats: int, viewers: int, interval_s: float, workdir: Path) -> dict[str, Any]:
+    from simulations.bench_load import make_tiny_bert, run_load  # here: the viewers' process needs no torch
+
     model = make_tiny_bert(workdir / "tiny-bert")
     plain: list[dict[str, Any]] = []
     watched: list[dict[str, Any]] = []
@@ -116,7 +152,7 @@ def run(clients: int, repeats: int, viewers: int, interval_s: float, workdir: Pa
         order = ("plain", "watched") if repeat % 2 == 0 else ("watched", "plain")
         for mode in order:
             sink: dict[str, Any] = {}
-            hook = _with_dashboard(viewers, interval_s, sink) if mode == "watched" else None
+            hook = _round_hook(viewers if mode == "watched" else 0, interval_s, sink)
             # no client vanishes on purpose: the round then measures work, not a heartbeat timeout's wait
             # (which is also generous, so a loaded machine does not drop honest clients)
             report = run_load(clients, workdir / f"{repeat}-{mode}", model=model, on_ready=hook,
@@ -124,8 +160,10 @@ def run(clients: int, repeats: int, viewers: int, interval_s: float, workdir: Pa
             summary = report.summary()
             if summary["status"] != "ok" or report.errors:
                 raise RuntimeError(f"round did not complete cleanly ({mode}): {summary}")
+            latency = summary["latency_ms"]
             row = {"round_seconds": report.round_seconds,
-                   "rpc_p50_ms": summary["latency_ms"]["all"]["p50"], "rpc_p99_ms": summary["latency_ms"]["all"]["p99"],
+                   "rpc_p50_ms": latency["all"]["p50"], "rpc_p99_ms": latency["all"]["p99"],
+                   **{f"{m}_p50_ms": latency[m]["p50"] for m in RPCS if m in latency},
                    **{k: v for k, v in sink.items() if k != "view"}}
             (watched if mode == "watched" else plain).append(row)
             last_view = sink.get("view", last_view)
@@ -135,6 +173,7 @@ def run(clients: int, repeats: int, viewers: int, interval_s: float, workdir: Pa
         return statistics.median(float(r[key]) for r in rows)
 
     ratios = [w["round_seconds"] / p["round_seconds"] for p, w in zip(plain, watched, strict=True)]
+    cpu_ratios = [w["cpu_seconds"] / p["cpu_seconds"] for p, w in zip(plain, watched, strict=True)]
     return {
         "clients": clients, "repeats": repeats, "viewers": viewers, "interval_s": interval_s,
         "requests_per_s": round(viewers / interval_s, 2) if interval_s else None,
@@ -142,8 +181,12 @@ def run(clients: int, repeats: int, viewers: int, interval_s: float, workdir: Pa
                           "watched": round(median(watched, "round_seconds"), 3)},
         "round_seconds_ratio_watched_to_plain": {"median": round(statistics.median(ratios), 4),
                                                  "each": [round(r, 4) for r in ratios]},
+        "coordinator_cpu_seconds": {"plain": round(median(plain, "cpu_seconds"), 3),
+                                    "watched": round(median(watched, "cpu_seconds"), 3)},
+        "coordinator_cpu_ratio_watched_to_plain": {"median": round(statistics.median(cpu_ratios), 4),
+                                                   "each": [round(r, 4) for r in cpu_ratios]},
         **{key: {"plain": round(median(plain, key), 2), "watched": round(median(watched, key), 2)}
-           for key in ("rpc_p50_ms", "rpc_p99_ms")},
+           for key in ("rpc_p50_ms", "rpc_p99_ms", *(f"{m}_p50_ms" for m in RPCS))},
         "dashboard_requests_per_round": [w.get("requests") for w in watched],
         "dashboard_failures": sum(int(w.get("failures") or 0) for w in watched),
         "dashboard_latency_ms_p50": [w.get("latency_ms_p50") for w in watched],
@@ -158,7 +201,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--viewers", type=int, default=5)
     parser.add_argument("--interval-s", type=float, default=0.5)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--viewer-of", default=None, help=argparse.SUPPRESS)  # the viewers' own process
     args = parser.parse_args(argv)
+    if args.viewer_of:
+        return _serve_as_viewers(args.viewer_of, args.viewers, args.interval_s)
     with tempfile.TemporaryDirectory(prefix="bench-dashboard-") as tmp:
         result = run(args.clients, args.repeats, args.viewers, args.interval_s, Path(tmp))
     print(json.dumps(result, indent=2))

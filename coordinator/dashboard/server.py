@@ -103,6 +103,7 @@ class DashboardServer:
         self.failed_logins = RateLimiter(1.0, 20.0)  # per address: 20 wrong tokens, then one a second
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self._fragment: tuple[dict[str, Any], str] | None = None
 
     @property
     def url(self) -> str:
@@ -155,6 +156,15 @@ class DashboardServer:
 
     def session_cookie_name(self) -> str:
         return f"fedsite_dashboard_{self.port}"
+
+    def fragment(self, status: dict[str, Any]) -> str:
+        """The rendered page body, once per status document (the view rebuilds it at most once a second)."""
+        cached = self._fragment
+        if cached is not None and cached[0] is status:
+            return cached[1]
+        html = render_fragment(status)
+        self._fragment = (status, html)
+        return html
 
 
 def _finite(value: Any) -> Any:
@@ -276,7 +286,7 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/api/status":
             self._send(200, json.dumps(_finite(status), allow_nan=False, default=str), "application/json")
         elif path == "/fragment":
-            self._send(200, render_fragment(status), "text/html; charset=utf-8")
+            self._send(200, self.dashboard.fragment(status), "text/html; charset=utf-8")
         else:
             self._send(200, render_page(status, live=True), "text/html; charset=utf-8")
 

@@ -13,6 +13,7 @@ cannot slow a round.
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -39,8 +40,10 @@ class EngineState(Protocol):
 
 class JobView:
     def __init__(self, info: JobInfo, metrics_path: Path, *, source: str = "coordinator",
-                 registry: ClientRegistry | None = None) -> None:
+                 registry: ClientRegistry | None = None, refresh_s: float = 1.0) -> None:
+        """``refresh_s``: the status document is rebuilt at most this often, however many pages poll."""
         self.info = info
+        self.refresh_s = refresh_s
         self.metrics_path = metrics_path
         self.source = source
         self.registry = registry
@@ -49,6 +52,7 @@ class JobView:
         self._outcome: tuple[str, str | None] | None = None  # ("done", None) | ("failed", reason)
         self._cache_lock = threading.Lock()  # among page requests only; the engine never takes it
         self._cache: tuple[tuple[int, int], list[dict[str, Any]]] | None = None
+        self._status: tuple[float, dict[str, Any]] | None = None  # (time.monotonic(), document)
 
     # -- written by the job ----------------------------------------------------------------
 
@@ -93,6 +97,19 @@ class JobView:
         return engine_phase(self.info, engine.current_round, engine.stage, online=online)
 
     def status(self) -> dict[str, Any]:
+        """The document, built at most once per ``refresh_s`` however many pages poll: ten viewers cost
+        what one does. The job's end is never held back."""
+        cached, now = self._status, time.monotonic()
+        if cached is not None and now - cached[0] < self.refresh_s and not self._outcome_changed(cached[1]):
+            return cached[1]
+        document = self._build()
+        self._status = (now, document)
+        return document
+
+    def _outcome_changed(self, document: dict[str, Any]) -> bool:
+        return self._outcome is not None and not document.get("final")
+
+    def _build(self) -> dict[str, Any]:
         records = self.records()
         live = self.registry.clients_seen() if self.registry is not None else None
         online = None

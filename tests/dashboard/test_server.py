@@ -66,7 +66,7 @@ def _start(tmp_path: Path, **kwargs: Any) -> Live:
     registry = ClientRegistry.from_tokens(TOKENS, tmp_path / "clients.json")
     ids = [registry.enroll(token, name=f"party-{i}")[0] for i, token in enumerate(TOKENS)]
     metrics = MetricsLog(tmp_path / "metrics.jsonl")
-    view = JobView(INFO, metrics.path, registry=registry)
+    view = JobView(INFO, metrics.path, registry=registry, refresh_s=0.0)  # every request sees the change
     server = DashboardServer(view, port=0, **kwargs)
     server.start()
     return Live(server, view, metrics, registry, ids)
@@ -234,3 +234,21 @@ def test_unsafe_settings_are_refused_in_one_line(tmp_path: Path) -> None:
     other = DashboardServer(view, host="0.0.0.0", port=0, token=DASHBOARD_TOKEN)  # allowed with a token
     other.start()
     other.close()
+
+
+def test_many_viewers_cost_one_build_a_second_but_the_end_shows_at_once(tmp_path: Path) -> None:
+    view = JobView(INFO, tmp_path / "metrics.jsonl", refresh_s=3600.0)
+    engine = EngineAttributes(1, "train")
+    view.attach(engine)
+    first = view.status()
+    engine.stage = "evaluating"
+    assert view.status() is first  # within refresh_s: the same document, not rebuilt
+    server = DashboardServer(view, port=0)
+    server.start()
+    try:
+        assert server.fragment(first) is server.fragment(first)  # rendered once per document
+        view.finish()
+        status, _, body = _reply(server, "GET", "/api/status")
+        assert status == 200 and json.loads(body)["status"] == "stopped"  # the end, not the cached "running"
+    finally:
+        server.close()
