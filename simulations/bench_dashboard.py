@@ -11,9 +11,10 @@ every ``--interval-s``, the page's fragment or ``/api/status`` in turn
 that). It reports, median over repeats: the round's wall seconds, the
 coordinator process's CPU seconds over the round (its load clients included,
 the same in both arms; on a shared machine the wall clock also measures the
-neighbours), the clients' RPC latency, their ratios, how many dashboard
-requests were served during the rounds, and what one request costs on its
-own (status + render, CPU milliseconds).
+neighbours), the clients' RPC latency, their ratios; and, measured directly,
+the CPU seconds the dashboard's threads spent answering during the round and
+their share of the coordinator's, how many requests they served, and what
+one request costs on its own (status + render, CPU milliseconds).
 """
 
 from __future__ import annotations
@@ -116,6 +117,7 @@ def _round_hook(viewers: int, interval_s: float, sink: dict[str, Any]) -> Callab
                 return
             out, _ = pool.communicate(timeout=120)  # closes its stdin: it stops and reports
             server.close()
+            sink["dashboard_cpu_seconds"] = server.cpu_seconds
             seen = json.loads(out)
             sink["requests"] = len(seen["latencies"])
             sink["failures"] = seen["failures"]
@@ -187,6 +189,9 @@ def run(clients: int, repeats: int, viewers: int, interval_s: float, workdir: Pa
                                                    "each": [round(r, 4) for r in cpu_ratios]},
         **{key: {"plain": round(median(plain, key), 2), "watched": round(median(watched, key), 2)}
            for key in ("rpc_p50_ms", "rpc_p99_ms", *(f"{m}_p50_ms" for m in RPCS))},
+        "dashboard_cpu_seconds_per_round": [round(w["dashboard_cpu_seconds"], 4) for w in watched],
+        "dashboard_cpu_share_of_round": round(statistics.median(
+            w["dashboard_cpu_seconds"] / w["cpu_seconds"] for w in watched), 5),
         "dashboard_requests_per_round": [w.get("requests") for w in watched],
         "dashboard_failures": sum(int(w.get("failures") or 0) for w in watched),
         "dashboard_latency_ms_p50": [w.get("latency_ms_p50") for w in watched],

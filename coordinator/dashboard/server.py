@@ -28,6 +28,7 @@ import math
 import socket
 import ssl
 import threading
+import time
 import urllib.parse
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -104,6 +105,7 @@ class DashboardServer:
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._fragment: tuple[dict[str, Any], str] | None = None
+        self.cpu_seconds = 0.0  # CPU time spent answering requests (approximate under races): what it costs
 
     @property
     def url(self) -> str:
@@ -201,6 +203,13 @@ class _Handler(BaseHTTPRequestHandler):
         super().setup()
         if isinstance(self.connection, ssl.SSLSocket):
             self.connection.do_handshake()
+
+    def handle(self) -> None:
+        start = time.thread_time()
+        try:
+            super().handle()
+        finally:
+            self.dashboard.cpu_seconds += time.thread_time() - start
 
     # -- replies -------------------------------------------------------------------------------
 
