@@ -25,7 +25,7 @@ from typing import TypeVar
 import grpc
 
 from client.connection_check import probe, tls_failure
-from client.data import read_examples
+from client.data import Example, read_examples
 from client.runtime import ClientRuntime
 from coordinator.admission import RETRY_AFTER_KEY, session_metadata
 from coordinator.errors import UserError
@@ -360,8 +360,7 @@ class Agent:
             folder = self.fetch_package()
             spec_task = json.loads((folder / "job.json").read_text())["task"]
             local = read_examples(self.options.data, need_label=spec_task == "classification")
-            runtime = ClientRuntime.from_package(folder, local, state_dir=self.state_dir,
-                                                 source=str(self.options.data))
+            runtime = self.make_runtime(folder, local)
         log.info("ready: %d local examples", len(local))
         while True:
             task = self._call("poll", lambda: self.stub.PollTask(pb.PollRequest(credentials=creds),
@@ -377,6 +376,14 @@ class Agent:
                 time.sleep(max(task.retry_after_ms, 100) / 1000)
                 continue
             self._run_task(task, runtime, creds)
+
+    def make_runtime(self, folder: Path, examples: list[Example]) -> ClientRuntime:
+        """What handles this client's tasks (a test's hostile client substitutes its own)."""
+        return ClientRuntime.from_package(folder, examples, state_dir=self.state_dir, source=str(self.options.data))
+
+    def encode_reply(self, reply: Message) -> bytes:
+        """The bytes uploaded for ``reply`` (a test's hostile client rewrites them)."""
+        return encode_message(reply)
 
     def _run_task(self, task: pb.Task, runtime: ClientRuntime, creds: pb.Credentials) -> None:
         blob = self._download(self.stub.FetchTask,
@@ -431,7 +438,7 @@ class Agent:
                 log.debug("heartbeat failed: %s", exc)
 
     def _upload(self, task_id: str, reply: Message, creds: pb.Credentials) -> bool:
-        blob = encode_message(reply)
+        blob = self.encode_reply(reply)
         digest = sha256_hex(blob)
 
         def chunks() -> Iterator[pb.UploadChunk]:

@@ -234,7 +234,7 @@ class Admission(grpc.ServerInterceptor):
         context.add_callback(slot.release)
         return slot
 
-    def first_message(self, requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+    def first_message(self, requests: Iterator[bytes], context: grpc.ServicerContext, decode: Decode) -> Any:
         """The call's first request message, within ``first_message_s`` (else the call is cancelled)."""
         ticket = self.watchdog.arm(context, self.limits.first_message_s, "no first message in time")
         try:
@@ -243,22 +243,37 @@ class Admission(grpc.ServerInterceptor):
             self.watchdog.disarm(ticket)
         if first is None:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call ended before its request message")
-        return first
+            raise AssertionError("unreachable: abort raises")
+        return _decoded(first, decode, context)
 
-    def guarded(self, requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+    def guarded(self, requests: Iterator[bytes], context: grpc.ServicerContext, decode: Decode) -> Iterator[Any]:
         """The rest of a request stream, each message within ``idle_s`` of the previous one."""
         while True:
             ticket = self.watchdog.arm(context, self.limits.idle_s, "request stream idle")
             try:
-                item = next(requests, _END)
+                item = next(requests, None)
             finally:
                 self.watchdog.disarm(ticket)
-            if item is _END:
+            if item is None:
                 return
-            yield item
+            yield _decoded(item, decode, context)
 
 
-_END = object()
+Decode = Callable[[bytes], Any] | None
+
+
+def _decoded(raw: bytes, decode: Decode, context: grpc.ServicerContext) -> Any:
+    """A request message parsed here, not by gRPC: gRPC answers bytes that do not parse with INTERNAL and leaves
+    the HTTP/2 stream open on the connection (100 such calls and the connection refused every new call); here
+    they are an INVALID_ARGUMENT like any other bad request."""
+    if decode is None:
+        return raw
+    try:
+        return decode(raw)
+    except Exception:  # protobuf's DecodeError and friends
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the request is not a valid message for this method")
+
+
 Admit = Callable[[grpc.ServicerContext], list[_Slot]]
 
 
@@ -266,40 +281,42 @@ def _wrap(handler: grpc.RpcMethodHandler, admit: Admit, admission: Admission,
           pool: futures.ThreadPoolExecutor | None) -> grpc.RpcMethodHandler:
     """``handler`` as a request-streaming handler that admits the call and reads its first message itself."""
 
-    def start(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+    decode = handler.request_deserializer
+
+    def start(requests: Iterator[bytes], context: grpc.ServicerContext) -> Any:
         waiting = admit(context)
-        first = admission.first_message(requests, context)
+        first = admission.first_message(requests, context, decode)
         for slot in waiting:  # a call that has its first message is no longer waiting for it
             slot.release()
         return first
 
-    def rest(first: Any, requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+    def rest(first: Any, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[Any]:
         yield first
-        yield from admission.guarded(requests, context)
+        yield from admission.guarded(requests, context, decode)
 
     if handler.request_streaming and handler.response_streaming:
         def behavior(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
             first = start(requests, context)
             yield from handler.stream_stream(rest(first, requests, context), context)
-        new = grpc.stream_stream_rpc_method_handler(behavior, handler.request_deserializer,
+        new = grpc.stream_stream_rpc_method_handler(behavior, None,  # bytes: parsed by _decoded
                                                     handler.response_serializer)
     elif handler.request_streaming:
         def behavior(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:  # type: ignore[misc]
             first = start(requests, context)
             return handler.stream_unary(rest(first, requests, context), context)
-        new = grpc.stream_unary_rpc_method_handler(behavior, handler.request_deserializer,
+        new = grpc.stream_unary_rpc_method_handler(behavior, None,  # bytes: parsed by _decoded
                                                    handler.response_serializer)
     elif handler.response_streaming:
         def behavior(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
             first = start(requests, context)
             yield from handler.unary_stream(first, context)
-        new = grpc.stream_stream_rpc_method_handler(behavior, handler.request_deserializer,
+        new = grpc.stream_stream_rpc_method_handler(behavior, None,  # bytes: parsed by _decoded
                                                     handler.response_serializer)
     else:
         def behavior(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:  # type: ignore[misc]
             first = start(requests, context)
             return handler.unary_unary(first, context)
-        new = grpc.stream_unary_rpc_method_handler(behavior, handler.request_deserializer,
+        new = grpc.stream_unary_rpc_method_handler(behavior, None,  # bytes: parsed by _decoded
                                                    handler.response_serializer)
     if pool is not None:  # gRPC runs a behavior that names a pool there (grpc/_server.py)
         behavior.experimental_thread_pool = pool  # type: ignore[attr-defined]

@@ -121,11 +121,11 @@ def test_two_hundred_silent_calls_leave_health_and_sessions_working(service: Ser
     other = pb.EnrollRequest(token="tok-b")
     if method != "Enroll":  # enrolment from the same address is only held up by stalled *enrolments*
         assert service.stub.Enroll(other, timeout=5).credentials.client_id
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 30  # a frozen pool answers never; a loaded machine answers late
     codes = silent.codes()
-    # a few wait (then are cancelled at the first-message deadline), the rest are refused at once
-    assert codes.get("RESOURCE_EXHAUSTED", 0) >= 200 - LIMITS.per_peer_method
-    assert codes.get("CANCELLED", 0) <= LIMITS.per_peer_method and "STILL_OPEN" not in codes, codes
+    # a few at a time wait (then are cancelled at the first-message deadline), the rest are refused at once
+    assert set(codes) <= {"RESOURCE_EXHAUSTED", "CANCELLED"} and sum(codes.values()) == 200, codes
+    assert codes.get("RESOURCE_EXHAUSTED", 0) >= 100, codes
     assert service.serving()
 
 
@@ -247,3 +247,22 @@ def test_health_watch_streams_closing_while_health_changes_do_not_freeze_shutdow
         for worker in workers:
             worker.join(timeout=30)
         svc.channel.close()
+
+
+@pytest.mark.parametrize("method", ["Enroll", "Upload"])
+def test_requests_that_do_not_parse_are_refused_and_leave_the_connection_usable(service: Service, method: str) -> None:
+    """gRPC's own parsing answered such bytes with INTERNAL and left the HTTP/2 stream open: after 100 of them
+    (the coordinator's per-connection stream limit) the connection refused every call, honest ones included."""
+    channel = grpc.insecure_channel(service.target)
+    try:
+        for _ in range(150):
+            with pytest.raises(grpc.RpcError) as info:
+                if method == "Upload":
+                    channel.stream_unary(f"/{SERVICE_NAME}/Upload")(iter([b"\xff\xff\xff"]), timeout=5)
+                else:
+                    channel.unary_unary(f"/{SERVICE_NAME}/Enroll")(b"\xff\xff\xff", timeout=5)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        stub = pb_grpc.CoordinatorStub(channel)
+        assert stub.Enroll(pb.EnrollRequest(token="tok-a"), timeout=5).credentials.client_id
+    finally:
+        channel.close()
