@@ -67,7 +67,7 @@ def samples(base: dict, emulators: dict[str, dict]) -> str:
     for title, result in [("references", base), *((_label(k), r) for k, r in emulators.items())]:
         for row, texts in result.get("notes", {}).get("samples", {}).items():
             out.append(f"- {title}, {row}:")
-            out.extend(f"  - `{text}`" for text in texts)
+            out.extend("  - `" + text.replace("\n", "⏎").replace("`", "'") + "`" for text in texts)
     return "\n".join(out)
 
 
