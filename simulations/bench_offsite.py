@@ -201,13 +201,19 @@ def run(repeats: int, steps: int, batch: int, keep: int, data: str, methods: tup
                 print(f"  repeat {rep + 1}/{repeats} {method}: {r['step_seconds']:.2f} s/step "
                       f"({r['cpu_seconds']:.2f} CPU s), {r['memory_mb']:.0f} MB", flush=True)
         full_bytes = sum(f.stat().st_size for f in Path(built["full"]).glob("*.safetensors"))
+        emulator_bytes = sum(f.stat().st_size for f in Path(folders["offsite_bare"]).glob("*.safetensors"))
         config = AutoConfig.from_pretrained(built["full"])
     rows: dict[str, Any] = {}
     for method, results in runs.items():
         seconds = [r["step_seconds"] for r in results]
         cpu = [r["cpu_seconds"] for r in results]
         memory = [r["memory_mb"] for r in results]
-        download = built[method]["tar_bytes"] if method in ("offsite", "lora") else full_bytes
+        if method in ("offsite", "lora"):
+            download = built[method]["tar_bytes"]  # the job package a client of that mode fetches
+        elif method == "offsite_bare":
+            download = emulator_bytes
+        else:
+            download = full_bytes
         rows[method] = {"step_seconds": statistics.median(seconds), "step_seconds_min": min(seconds),
                         "step_seconds_max": max(seconds), "cpu_seconds": statistics.median(cpu),
                         "cpu_seconds_min": min(cpu), "cpu_seconds_max": max(cpu),
