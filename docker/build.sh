@@ -55,7 +55,7 @@ fi
 
 start=$(date +%s)
 echo "build: $tag from $base (torch $variant, $([ "$offline" = 1 ] && echo "offline from $wheelhouse" || echo "index"))"
-docker build --tag "$tag" --build-arg BASE_IMAGE="$base" --build-arg OFFLINE="$offline" \
+docker build --force-rm --tag "$tag" --build-arg BASE_IMAGE="$base" --build-arg OFFLINE="$offline" \
   --build-arg WHEELHOUSE="$wheelhouse" --build-arg TORCH_VARIANT="$variant" ${extra[@]+"${extra[@]}"} . \
   || die "docker build failed (the line above 'fedsite image: error' or docker's own error says why)"
 bytes=$(docker image inspect -f '{{.Size}}' "$tag")

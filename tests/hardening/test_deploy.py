@@ -249,8 +249,9 @@ def test_the_image_refuses_an_empty_wheelhouse_in_one_line() -> None:
     base = "local/debian:bookworm"
     if subprocess.run(["docker", "image", "inspect", base], capture_output=True, check=False).returncode != 0:
         pytest.skip(f"no {base} (bash docker/engine.sh builds it)")
-    done = subprocess.run(["docker", "build", "--build-arg", f"BASE_IMAGE={base}", "--build-arg", "OFFLINE=1",
-                           "--build-arg", "WHEELHOUSE=docker/ca-certificates", "--target", "deps", "-q", "."],
+    done = subprocess.run(["docker", "build", "--force-rm", "--build-arg", f"BASE_IMAGE={base}",
+                           "--build-arg", "OFFLINE=1", "--build-arg", "WHEELHOUSE=docker/ca-certificates",
+                           "--target", "deps", "-q", "."],
                           capture_output=True, text=True, timeout=1200, check=False, cwd=str(REPO))
     assert done.returncode != 0
     assert ("fedsite image: error: OFFLINE=1 but the wheelhouse docker/ca-certificates has no wheels: "
