@@ -17,6 +17,8 @@ One module per job:
   feeds (preparing text, engine, registry, outcome);
 - ``svg``: charts drawn on the server as SVG strings;
 - ``render``: the page, live (polled) or static (``report.html``);
+- ``static``: the page of a finished run from its folder alone (the report's ``report.html``);
+- ``assets``: the stylesheet and the polling script, shipped as Python strings;
 - ``server``: the HTTP server (standard library), token, TLS and headers;
 - ``options``: the command-line flags both CLIs share.
 
