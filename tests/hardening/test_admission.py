@@ -62,7 +62,8 @@ class Silent:
     """Calls opened on a raw channel whose request stream never yields (until released)."""
 
     def __init__(self, target: str) -> None:
-        self.channel = grpc.insecure_channel(target)
+        # a connection of its own, as an attacker has (gRPC would otherwise share one with the test's own calls)
+        self.channel = grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
         self.release = threading.Event()
         self.calls: list[grpc.Future] = []
 
