@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from client.trainer import PrivatizeFn, TrainSettings, data_generator, is_head_p
 from coordinator.engine import DECLINED, ERROR, SECAGG, TRAIN
 from emulator.lora import load_trainable_state, trainable_state
 from emulator.package import JobSpec, load_trainable_model
+from emulator.prefix import FrozenPrefix, compute_prefix, cut_index
 from emulator.tasks import EncodedExamples, encode
 from privacy.accounting import (
     PrivacyBudgetExhausted,
@@ -44,6 +46,7 @@ from protos.codec import Message, flatten_state, numpy_to_tensors
 log = logging.getLogger("fedsite.client")
 
 SECAGG_PREFIX = "secagg/"
+PREFIX_CACHE_KEY = "frozen-prefix"
 LEDGER_FILE = "privacy-ledger.json"
 
 
@@ -77,6 +80,23 @@ class ClientRuntime:
             digest = hashlib.sha256(repr((self.data.input_ids, self.data.labels)).encode()).digest()
             self._data_seed = int.from_bytes(digest[:4], "little")
         return self._data_seed
+
+    def frozen_prefix(self) -> FrozenPrefix | None:
+        """The frozen blocks below the first trained one, run once over this client's data and kept with it
+        (``[train] cache_frozen_prefix``); None when the model cannot be cut or nothing would be saved."""
+        cut = cut_index(self.model)
+        if cut is None or cut == 0:
+            return None
+        cached = self.data.cache.get(PREFIX_CACHE_KEY)
+        if isinstance(cached, FrozenPrefix) and cached.cut == cut and cached.model_id == id(self.model):
+            return cached
+        start = time.monotonic()
+        prefix = compute_prefix(self.model, self.data, cut)
+        prefix.model_id = id(self.model)
+        self.data.cache[PREFIX_CACHE_KEY] = prefix
+        log.info("cached the frozen blocks below block %d for %d examples in %.1fs", cut, len(self.data),
+                 time.monotonic() - start)
+        return prefix
 
     def ledger(self, accountant: str) -> PrivacyLedger:
         path = self.state_dir / LEDGER_FILE if self.state_dir is not None else None
@@ -141,12 +161,14 @@ class ClientRuntime:
             report["epsilon_expected"] = epsilon_after
             report["noise_multiplier"] = sigma
         generator = data_generator(settings.seed, message.round, self.data_seed)
+        prefix = self.frozen_prefix() if cfg.get("cache_frozen_prefix") else None
         try:
             # dropout draws from torch's global RNG: seed it per (job, round, client data) so a round
             # is reproducible whichever process or driver runs it. DP noise has its own OS-seeded generator.
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(int(generator.initial_seed()) ^ 0x5EED)
-                result = train_steps(self.model, self.data, settings, generator=generator, privatize=privatize)
+                result = train_steps(self.model, self.data, settings, generator=generator, privatize=privatize,
+                                     prefix=prefix)
         finally:
             if local_dp:
                 unwrap(self.model)

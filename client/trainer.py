@@ -32,6 +32,7 @@ from opacus.optimizers import DPOptimizer
 from torch.utils.data import DataLoader, RandomSampler
 
 from emulator.architectures import UnsupportedArchitectureError, spec_for_config
+from emulator.prefix import FrozenPrefix
 from emulator.tasks import EncodedExamples
 
 
@@ -115,9 +116,16 @@ def train_steps(
     *,
     generator: torch.Generator,
     privatize: PrivatizeFn | None = None,
+    prefix: FrozenPrefix | None = None,
 ) -> TrainResult:
-    """Run ``settings.local_steps`` AdamW steps over the trainable parameters of ``model``."""
+    """Run ``settings.local_steps`` AdamW steps over the trainable parameters of ``model``.
+
+    With ``prefix`` (the frozen bottom of ``model`` computed once for ``data``), the steps run the
+    model's top on the cached states: the same parameters, the same batches, less arithmetic.
+    """
     start = time.monotonic()
+    if prefix is not None:
+        model = prefix.view
     optimizer: torch.optim.Optimizer = torch.optim.AdamW(param_groups(model, settings),
                                                          weight_decay=settings.weight_decay)
     sampler = RandomSampler(data, replacement=False, generator=generator)
@@ -126,7 +134,7 @@ def train_steps(
     model.train()  # before privatize: Opacus checks the mode and skips eval-mode forwards
     if privatize is not None:
         model, optimizer, loader = privatize(model, optimizer, loader)
-    lengths = [len(ids) for ids in data.input_ids]
+    lengths = prefix.lengths() if prefix is not None else [len(ids) for ids in data.input_ids]
     private = isinstance(optimizer, DPOptimizer)
     total_loss, counted, seen = 0.0, 0, 0
     batches = _logical_batches(loader)
@@ -136,7 +144,7 @@ def train_steps(
         parts = chunks_by_length(logical, lengths, settings.chunk)
         for number, part in enumerate(parts):
             last = number == len(parts) - 1
-            batch = loader.collate_fn([data[i] for i in part])
+            batch = prefix.collate(part) if prefix is not None else loader.collate_fn([data[i] for i in part])
             out: Any = model(**batch)
             loss = out.loss
             if private:

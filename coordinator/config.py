@@ -111,6 +111,10 @@ class TrainSection:
     physical_batch_size: int = _help(
         "rows computed at once: a larger logical batch runs in chunks of this many (memory), same result",
         default=64)
+    cache_frozen_prefix: bool = _help(
+        "BERT-family classifiers that train only their top (lora.top_blocks, or the head): each client runs the "
+        "frozen blocks below once per example and trains on their cached output (those blocks then run without "
+        "dropout)", default=True)
     lr: float = _help("client learning rate (AdamW)", default=5e-4)
     weight_decay: float = _help("client AdamW weight decay", default=0.0)
     head_lr: float = _help("learning rate of the task head; 0 = same as lr", default=0.0)

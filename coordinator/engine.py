@@ -190,6 +190,7 @@ class RoundEngine:
             "local_steps": train.local_steps,
             "batch_size": train.batch_size,
             "physical_batch_size": train.physical_batch_size,
+            "cache_frozen_prefix": train.cache_frozen_prefix,
             "lr": train.lr,
             "weight_decay": train.weight_decay,
             "head_lr": train.head_lr,

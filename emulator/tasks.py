@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
@@ -26,6 +27,8 @@ class EncodedExamples(Dataset):
     labels: list[int] | None
     pad_id: int
     task: str
+    # what is computed from these examples once and reused (a client's frozen-prefix states); not data
+    cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.input_ids)

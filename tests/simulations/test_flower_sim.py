@@ -59,7 +59,8 @@ def test_a_simulated_job_writes_every_output(tiny_run: Path) -> None:
         assert "val_accuracy" in r
     # bytes_down is exactly the gRPC driver's payload: the encoded train message, once per sampled client
     state = Checkpointer(tiny_run / "checkpoints").latest().global_state  # type: ignore[union-attr]
-    config = {"local_steps": 2, "batch_size": 8, "physical_batch_size": 64, "lr": 1e-3, "weight_decay": 0.0,
+    config = {"local_steps": 2, "batch_size": 8, "physical_batch_size": 64, "cache_frozen_prefix": True,
+              "lr": 1e-3, "weight_decay": 0.0,
               "head_lr": 0.0, "seed": 0}
     for r in records[1:]:
         blob = encode_message(Message(round=r["round"], stage=TRAIN, config=config, tensors=state))
