@@ -12,6 +12,7 @@ parameters.
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel
 
-from emulator.architectures import num_blocks, spec_for
+from emulator.architectures import blocks_prefix, num_blocks, spec_for
 from emulator.pooling import trainable_block_indices
 
 
@@ -38,6 +39,8 @@ class LoraSettings:
 
 
 def lora_config_for(model: PreTrainedModel, settings: LoraSettings, *, task: str) -> LoraConfig:
+    """peft's config for ``settings``. Bare target names (``query``) mean those modules inside the
+    transformer blocks LoRA may wrap; dotted ones (``pooler.dense``) name one module wherever it is."""
     spec = spec_for(model)
     targets = list(settings.target_modules or spec.lora_targets)
     blocks = trainable_block_indices(model.config)  # never the frozen mean-pooling block
@@ -46,17 +49,31 @@ def lora_config_for(model: PreTrainedModel, settings: LoraSettings, *, task: str
         if settings.top_blocks > len(every):
             raise ValueError(f"lora.top_blocks = {settings.top_blocks} but the model has {len(every)} blocks")
         blocks = every[-settings.top_blocks:]
+    target: list[str] | str = targets
+    if blocks is not None or any("." in t for t in targets):
+        target = _target_pattern(model, targets, blocks)
     return LoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
-        target_modules=targets,
-        layers_to_transform=blocks,
-        layers_pattern=spec.blocks_path.split(".")[-1] if blocks is not None else None,
+        target_modules=target,
         modules_to_save=[spec.classifier_head] if task == "classification" else None,
         fan_in_fan_out=spec.family == "gpt2",  # GPT-2 keeps its projections as Conv1D
         bias="none",
     )
+
+
+def _target_pattern(model: PreTrainedModel, targets: list[str], blocks: list[int] | None) -> str:
+    """One regular expression (peft full-matches it against module names) for bare names inside the
+    allowed blocks and dotted names anywhere."""
+    bare = [re.escape(t) for t in targets if "." not in t]
+    dotted = [re.escape(t) for t in targets if "." in t]
+    alternatives = []
+    if bare:
+        indices = r"\d+" if blocks is None else "|".join(str(i) for i in blocks)
+        alternatives.append(rf"(?:.*\.)?{re.escape(blocks_prefix(model))}\.(?:{indices})\.(?:.*\.)?(?:{'|'.join(bare)})")
+    alternatives.extend(rf"(?:.*\.)?{name}" for name in dotted)
+    return "|".join(f"(?:{a})" for a in alternatives)
 
 
 def add_lora(model: PreTrainedModel, settings: LoraSettings, *, task: str, seed: int = 0) -> PeftModel:

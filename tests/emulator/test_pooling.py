@@ -92,3 +92,16 @@ def test_top_blocks_wraps_only_the_top_trained_blocks(tiny_bert_dir: Path) -> No
     with pytest.raises(ValueError, match="top_blocks = 9"):
         add_lora(load_model(tiny_bert_dir, "classification", ["a", "b"]), LoraSettings(top_blocks=9),
                  task="classification")
+
+
+def test_a_dotted_target_wraps_that_module_outside_the_blocks(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    """lora.target_modules = ["pooler.dense"]: a feature adapter above the frozen encoder (with mean pooling,
+    whose block list LoRA is otherwise restricted to); the adapter saves and loads with plain peft."""
+    model = add_lora(load_model(tiny_bert_dir, "classification", ["a", "b"], pooling="mean"),
+                     LoraSettings(r=2, target_modules=("pooler.dense",)), task="classification")
+    wrapped = {n.split(".lora_")[0] for n in trainable_shapes(model) if ".lora_" in n}
+    assert wrapped == {"base_model.model.bert.pooler.dense"}
+    model.save_pretrained(str(tmp_path / "adapter"))
+    base = load_model(tiny_bert_dir, "classification", ["a", "b"], pooling="mean")
+    reloaded = PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
+    assert {n.split(".lora_")[0] for n, _ in reloaded.named_parameters() if ".lora_" in n} == wrapped
