@@ -27,6 +27,7 @@ from emulator.base_fingerprint import FINGERPRINT_FILE, write_fingerprint, write
 from emulator.lora import LoraSettings, add_lora, load_trainable_state, merged_copy, trainable_state
 from emulator.models import load_model_and_new_tensors, load_tokenizer, resolve_model_path
 from emulator.package import JobSpec, load_trainable_model, pack
+from emulator.prefix import FrozenPrefix, compute_prefix, cut_index
 from emulator.tasks import EncodedExamples, encode, evaluate
 from privacy.atomic import atomic_write_bytes, atomic_write_text
 from protos.codec import sha256_hex
@@ -122,11 +123,13 @@ class LoraGlobalModel:
     """The coordinator's copy of the trainable model (lora mode), rebuilt from the package."""
 
     def __init__(self, package: Package, validation: EncodedExamples | None, tokenizer: PreTrainedTokenizerBase,
-                 eval_batch_size: int = 64) -> None:
+                 eval_batch_size: int = 64, cache_prefix: bool = False) -> None:
         self.model, _, self.spec = load_trainable_model(package.folder)
         self.validation = validation
         self.tokenizer = tokenizer
         self.eval_batch_size = eval_batch_size
+        self.cache_prefix = cache_prefix
+        self._validation_prefix: FrozenPrefix | None = None
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return trainable_state(self.model)
@@ -137,7 +140,20 @@ class LoraGlobalModel:
     def evaluate(self) -> dict[str, float]:
         if self.validation is None:
             return {}
-        return evaluate(self.model, self.validation, batch_size=self.eval_batch_size)
+        return evaluate(self.model, self.validation, batch_size=self.eval_batch_size, prefix=self._prefix())
+
+    def _prefix(self) -> FrozenPrefix | None:
+        """The validation examples' frozen-prefix states when only the model's top trains (computed once:
+        rounds change only trainable tensors), so each round's evaluation runs just the top."""
+        if not self.cache_prefix or self.validation is None:
+            return None
+        if self._validation_prefix is None:
+            cut = cut_index(self.model)
+            if cut is None or cut == 0:
+                self.cache_prefix = False
+                return None
+            self._validation_prefix = compute_prefix(self.model, self.validation, cut)
+        return self._validation_prefix
 
     def export(self, folder: Path) -> None:
         """final/: merged model + tokenizer that plain transformers loads; final/adapter/: peft adapter.
@@ -274,7 +290,7 @@ def prepare_job(config: JobConfig, output_dir: Path, *, resume: bool = False,
     validation = load_validation(config, tokenizer, package.spec.labels)
     model: Any
     if config.job.mode == "lora":
-        model = LoraGlobalModel(package, validation, tokenizer)
+        model = LoraGlobalModel(package, validation, tokenizer, cache_prefix=config.train.cache_frozen_prefix)
     else:
         from coordinator.offsite_model import OffsiteGlobalModel
 

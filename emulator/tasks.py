@@ -10,11 +10,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
+
+if TYPE_CHECKING:
+    from emulator.prefix import FrozenPrefix
 
 from client.data import Example
 
@@ -79,12 +82,22 @@ def batches(data: EncodedExamples, batch_size: int) -> Iterator[dict[str, torch.
 
 
 @torch.inference_mode()
-def evaluate(model: torch.nn.Module, data: EncodedExamples, *, batch_size: int = 64) -> dict[str, float]:
-    """Accuracy and mean loss (classification) or perplexity (causal LM)."""
+def evaluate(model: torch.nn.Module, data: EncodedExamples, *, batch_size: int = 64,
+             prefix: FrozenPrefix | None = None) -> dict[str, float]:
+    """Accuracy and mean loss (classification) or perplexity (causal LM).
+
+    With ``prefix`` (``data``'s frozen-prefix states for ``model``) only the model's top runs."""
+    if prefix is not None:
+        model = prefix.view
     was_training = model.training
     model.eval()
     total_loss, correct, count, tokens = 0.0, 0, 0, 0
-    for batch in batches(data, batch_size):
+    if prefix is None:
+        stream: Iterator[dict[str, torch.Tensor]] = batches(data, batch_size)
+    else:
+        order = sorted(range(len(data)), key=lambda i: len(prefix.states[i]))
+        stream = (prefix.collate(order[s : s + batch_size]) for s in range(0, len(order), batch_size))
+    for batch in stream:
         out = model(**batch)
         if data.task == "classification":
             n = batch["labels"].shape[0]

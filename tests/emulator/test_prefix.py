@@ -112,3 +112,15 @@ def test_training_on_cached_states_is_training_the_model(top_blocks: int, dp: bo
     assert max(float((whole[n] - start[n]).abs().max()) for n in start) > 1e-3
     for name in whole:
         torch.testing.assert_close(cached[name], whole[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_evaluation_on_cached_states_scores_the_model() -> None:
+    from emulator.tasks import evaluate
+
+    model, data = _setup(1, dropout=0.1)
+    cut = cut_index(model)
+    assert cut is not None
+    prefix = compute_prefix(model, data, cut)
+    whole, cached = evaluate(model, data, batch_size=7), evaluate(model, data, batch_size=7, prefix=prefix)
+    assert cached["val_accuracy"] == whole["val_accuracy"]
+    assert cached["val_loss"] == pytest.approx(whole["val_loss"], rel=1e-5)
