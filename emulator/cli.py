@@ -1,8 +1,11 @@
 """``fedsite-emulator``: build an offsite emulator from a model, and evaluate one.
 
-    fedsite-emulator build --model DIR --output-dir EMU [--adapter-layers K]
+    fedsite-emulator build --model MODEL --output-dir EMU [--adapter-layers K]
         [--keep N | --keep-ratio R] [--distill-data FILE --distill-steps S]
-    fedsite-emulator evaluate --model DIR --emulator EMU --data FILE
+    fedsite-emulator evaluate --model MODEL --emulator EMU --data FILE [--task causal-lm]
+
+MODEL is a local Hugging Face folder, a ``.gguf`` file (converted once into a
+cached folder), or an embedded model: ``minilm`` or ``smollm2``.
 
 ``build`` writes EMU as a normal Hugging Face folder (plain ``transformers``
 loads it) plus ``offsite_layout.json``; with distillation it checkpoints to
@@ -262,8 +265,9 @@ def parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_build)
 
     e = sub.add_parser("evaluate", help="the evaluation table for an emulator")
-    e.add_argument("--model", required=True)
-    e.add_argument("--emulator", required=True)
+    e.add_argument("--model", required=True,
+                   help="the full model: Hugging Face folder, .gguf file, 'minilm' or 'smollm2'")
+    e.add_argument("--emulator", required=True, help="an emulator folder written by build")
     e.add_argument("--data", required=True, help="JSONL {text,label} (or {text} for causal LMs)")
     e.add_argument("--eval-data", default=None, help="separate evaluation file")
     e.add_argument("--eval-fraction", type=float, default=0.2,
@@ -288,7 +292,8 @@ def parser() -> argparse.ArgumentParser:
                    help="also score the plug-in refined against the tuned emulator on --public-text "
                         "(row plug_in_refined; the coordinator's [offsite] refine_steps)")
     e.add_argument("--refine-lr", type=float, default=1e-4)
-    e.add_argument("--public-text", default=None, help="unlabelled text for --refine-steps (JSONL 'text' or lines)")
+    e.add_argument("--public-text", default=None,
+                   help="unlabelled text for --refine-steps (JSONL 'text', lines, or 'bbcnews')")
     e.add_argument("--max-length", type=int, default=128)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--threads", type=int, default=None, help="torch CPU threads")

@@ -48,7 +48,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                         help="Ray CPUs per virtual client; actors = CPUs / this (default 1)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per actor (default: cpus-per-client)")
     parser.add_argument("--ray-address", default="local",
-                        help="'local' (default) starts a private Ray; 'auto' or ray://HOST:10001 uses a cluster")
+                        help="'local' (default) starts a private Ray; HEAD:6379 (a cluster's head, see the README), "
+                             "'auto' or ray://HOST:10001 uses a running cluster")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --output-dir from its last checkpoint")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
