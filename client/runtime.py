@@ -28,7 +28,15 @@ from client.trainer import PrivatizeFn, TrainSettings, data_generator, is_head_p
 from coordinator.engine import DECLINED, ERROR, SECAGG, TRAIN
 from emulator.lora import load_trainable_state, trainable_state
 from emulator.package import JobSpec, load_trainable_model
-from emulator.prefix import FrozenPrefix, compute_prefix, cut_index
+from emulator.prefix import (
+    PREFIX_FILE,
+    FrozenPrefix,
+    compute_prefix,
+    cut_index,
+    load_prefix,
+    prefix_fingerprint,
+    store_prefix,
+)
 from emulator.tasks import EncodedExamples, encode
 from privacy.accounting import (
     PrivacyBudgetExhausted,
@@ -91,11 +99,21 @@ class ClientRuntime:
         if isinstance(cached, FrozenPrefix) and cached.cut == cut and cached.model_id == id(self.model):
             return cached
         start = time.monotonic()
-        prefix = compute_prefix(self.model, self.data, cut)
+        # kept in the state folder too: a restarted client, or a simulated one served by another actor
+        # next round, reads the states instead of running the frozen blocks over its data again
+        stored = self.state_dir / PREFIX_FILE if self.state_dir is not None else None
+        fingerprint = prefix_fingerprint(self.model, self.data, cut) if stored is not None else ""
+        prefix = load_prefix(stored, self.model, cut, fingerprint) if stored is not None else None
+        if prefix is None:
+            prefix = compute_prefix(self.model, self.data, cut)
+            saved = stored is not None and store_prefix(prefix, stored, fingerprint)
+            log.info("ran the frozen blocks below block %d over %d examples in %.1fs%s", cut, len(self.data),
+                     time.monotonic() - start, f" (kept in {stored})" if saved else "")
+        else:
+            log.info("read the frozen blocks' output for %d examples from %s in %.1fs", len(self.data), stored,
+                     time.monotonic() - start)
         prefix.model_id = id(self.model)
         self.data.cache[PREFIX_CACHE_KEY] = prefix
-        log.info("cached the frozen blocks below block %d for %d examples in %.1fs", cut, len(self.data),
-                 time.monotonic() - start)
         return prefix
 
     def ledger(self, accountant: str) -> PrivacyLedger:

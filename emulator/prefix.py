@@ -20,14 +20,25 @@ without a cache.
 from __future__ import annotations
 
 import copy
+import hashlib
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
 from torch import nn
 
 from emulator.architectures import UnsupportedArchitectureError, spec_for_config, transformer_blocks
+from privacy.atomic import atomic_open
+
+log = logging.getLogger("fedsite.prefix")
+
+PREFIX_FILE = "frozen-prefix.safetensors"
+MAX_STORED_BYTES = 2 << 30  # larger caches stay in memory only (a full-sequence cut of a big dataset)
 
 
 class PassThroughEmbeddings(nn.Module):
@@ -140,4 +151,58 @@ def compute_prefix(model: nn.Module, data: Any, cut: int, *, batch_size: int = 1
     finally:
         inner.train(was_training)
     labels = list(data.labels) if data.labels is not None else [-1] * len(data)
+    return FrozenPrefix(cut=cut, states=states, labels=labels, view=top_view(model, cut))
+
+
+def prefix_fingerprint(model: nn.Module, data: Any, cut: int) -> str:
+    """What the cached states are a function of: the frozen weights below ``cut`` (embeddings included),
+    the cut, and the examples. A stored cache is reused only when all three match."""
+    inner = _hf_model(model)
+    base = getattr(inner, str(inner.base_model_prefix))
+    digest = hashlib.sha256(f"fedsite-prefix-v1 cut={cut} n={len(data)}".encode())
+    modules: list[nn.Module] = [base.embeddings, *list(transformer_blocks(inner))[:cut]]  # type: ignore[arg-type]
+    for module in modules:
+        for name, tensor in sorted(module.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    digest.update(repr((data.input_ids, data.labels)).encode())
+    return digest.hexdigest()
+
+
+def store_prefix(prefix: FrozenPrefix, path: Path, fingerprint: str) -> bool:
+    """Write the states atomically (safetensors: flat states, per-example lengths, labels); False when they
+    are too large to be worth a file (the cache then lives in memory only)."""
+    lengths = torch.tensor(prefix.lengths(), dtype=torch.int64)
+    flat = torch.cat(prefix.states) if prefix.states else torch.empty(0)
+    if flat.numel() * flat.element_size() > MAX_STORED_BYTES:
+        return False
+    blob = save({"states": flat.contiguous(), "lengths": lengths,
+                 "labels": torch.tensor(prefix.labels, dtype=torch.int64)},
+                metadata={"fingerprint": fingerprint, "cut": str(prefix.cut)})
+    with atomic_open(path, "wb") as handle:
+        handle.write(blob)
+    return True
+
+
+def load_prefix(path: Path, model: nn.Module, cut: int, fingerprint: str) -> FrozenPrefix | None:
+    """The states stored by :func:`store_prefix` if ``path`` holds them for this ``fingerprint``, else None
+    (missing, another model, cut or data, or unreadable: the caller recomputes and overwrites)."""
+    if not path.is_file():
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            stored = (handle.metadata() or {}).get("fingerprint")
+        if stored != fingerprint:
+            return None
+        tensors = load_file(str(path))
+        lengths = [int(n) for n in tensors["lengths"].tolist()]
+        states = list(torch.split(tensors["states"], lengths)) if lengths else []
+        labels = [int(y) for y in tensors["labels"].tolist()]
+    except (OSError, SafetensorError, KeyError, RuntimeError, ValueError) as err:
+        log.warning("ignoring the unreadable frozen-prefix cache %s (%s); recomputing it", path, err)
+        return None
+    if len(states) != len(labels):
+        return None
     return FrozenPrefix(cut=cut, states=states, labels=labels, view=top_view(model, cut))

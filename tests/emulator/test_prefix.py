@@ -17,7 +17,7 @@ from client.trainer import TrainSettings, train_steps
 from emulator.lora import LoraSettings, add_lora, trainable_state
 from emulator.models import embedded_model_path
 from emulator.pooling import add_mean_pooling_block
-from emulator.prefix import compute_prefix, cut_index
+from emulator.prefix import PREFIX_FILE, compute_prefix, cut_index, load_prefix, prefix_fingerprint, store_prefix
 from emulator.tasks import EncodedExamples, encode
 from privacy.accounting import PrivacyLedger
 from privacy.local_dp import make_private, unwrap
@@ -124,3 +124,29 @@ def test_evaluation_on_cached_states_scores_the_model() -> None:
     whole, cached = evaluate(model, data, batch_size=7), evaluate(model, data, batch_size=7, prefix=prefix)
     assert cached["val_accuracy"] == whole["val_accuracy"]
     assert cached["val_loss"] == pytest.approx(whole["val_loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("top_blocks", [1, 0], ids=["top1", "head-only"])
+def test_stored_states_are_reused_only_for_the_same_frozen_weights_and_data(tmp_path: Path, top_blocks: int) -> None:
+    model, data = _setup(top_blocks)
+    cut = cut_index(model)
+    assert cut is not None
+    prefix = compute_prefix(model, data, cut)
+    path = tmp_path / PREFIX_FILE
+    fingerprint = prefix_fingerprint(model, data, cut)
+    assert store_prefix(prefix, path, fingerprint)
+    loaded = load_prefix(path, model, cut, fingerprint)
+    assert loaded is not None and loaded.labels == prefix.labels
+    assert all(torch.equal(a, b) for a, b in zip(loaded.states, prefix.states, strict=True))
+    batch = loaded.collate(list(range(8)))
+    torch.testing.assert_close(loaded.view(**batch).logits, prefix.view(**prefix.collate(list(range(8)))).logits)
+
+    fewer = EncodedExamples(input_ids=data.input_ids[:-1], labels=(data.labels or [])[:-1], pad_id=data.pad_id,
+                            task=data.task)
+    assert prefix_fingerprint(model, fewer, cut) != fingerprint  # other data
+    with torch.no_grad():  # another frozen model below the cut
+        next(p for n, p in model.named_parameters() if "word_embeddings" in n).add_(1e-3)
+    changed = prefix_fingerprint(model, data, cut)
+    assert changed != fingerprint and load_prefix(path, model, cut, changed) is None
+    path.write_bytes(b"not a safetensors file")
+    assert load_prefix(path, model, cut, fingerprint) is None  # unreadable: recomputed, not a crash
