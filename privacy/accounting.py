@@ -267,7 +267,9 @@ def noise_multiplier_for(
     or even σ = 1000 would overshoot it.
     """
     def eps(sigma: float) -> float:
-        return ledger.epsilon_after(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps, delta=delta)
+        with warnings.catch_warnings():  # candidates far below the answer have ε at the smallest RDP order
+            warnings.filterwarnings("ignore", message="Optimal order is the smallest alpha")
+            return ledger.epsilon_after(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps, delta=delta)
 
     if steps == 0:
         return 0.0
