@@ -211,7 +211,7 @@ def _wrap_weight(units_of_c: float) -> Tamper:
             return reply
         levels = (2**32 - 1) // 5  # the grid of a 5-client round: c is levels / 2 grid steps
         masked = reply.tensors[name].numpy().copy()
-        masked[-1] += np.uint32(int(units_of_c * levels / 2))
+        masked[-1] = (int(masked[-1]) + int(units_of_c * levels / 2)) % 2**32  # wraps as the secure sum does
         return Message(reply.round, reply.stage, reply.config, {**reply.tensors, name: torch.from_numpy(masked)})
     return tamper
 
