@@ -97,6 +97,9 @@ def plot_specs(runs: list[Run]) -> list[PlotSpec]:
     if eps_series:
         specs.append(PlotSpec(file="epsilon.png", title="privacy spent (ε) per round", xlabel="round",
                               ylabel="ε (cumulative)", series=eps_series))
+    utility = _privacy_utility(runs)
+    if utility is not None:
+        specs.append(utility)
     bytes_series: dict[str, list[tuple[float, float]]] = {}
     for run in runs:
         for key, arrow in (("bytes_down", "down"), ("bytes_up", "up")):
@@ -106,6 +109,33 @@ def plot_specs(runs: list[Run]) -> list[PlotSpec]:
     specs.append(PlotSpec(file="bytes.png", title="bytes moved per round", xlabel="round", ylabel="MB per round",
                           series=bytes_series))
     return specs
+
+
+def _privacy_utility(runs: list[Run]) -> PlotSpec | None:
+    """The privacy-utility curve of a comparison over ε: each private run's final metric at the ε it spent,
+    the runs without DP as a level line. Drawn when at least two runs of one metric spent ε."""
+    metric = next((m for m in METRIC_KEYS if sum(1 for r in runs if r.metric == m and _points(r, EPSILON_KEYS[0]))
+                   >= 2), None)
+    if metric is None:
+        return None
+    private: list[tuple[float, float]] = []
+    plain: dict[str, float] = {}
+    for run in runs:
+        points = _points(run, metric) if run.metric == metric else []
+        if not points:
+            continue
+        spent = max((y for _, y in _points(run, EPSILON_KEYS[0])), default=None)
+        if spent is None:
+            plain[run.name] = points[-1][1]
+        else:
+            private.append((spent, points[-1][1]))
+    private.sort()
+    span = (private[0][0], private[-1][0])
+    series = {"DP-SGD (sample-level)": private}
+    series.update({f"{name} (no DP)": [(span[0], value), (span[1], value)] for name, value in plain.items()})
+    label = "validation accuracy" if metric == "val_accuracy" else "validation perplexity"
+    return PlotSpec(file="privacy_utility.png", title=f"privacy-utility: final {label} against ε",
+                    xlabel="ε per client (spent by the end)", ylabel=f"final {label}", series=series)
 
 
 def draw(spec: PlotSpec) -> Figure:

@@ -72,3 +72,17 @@ def test_terminal_table_shows_metric_epsilon_bytes_and_time(tmp_path: Path) -> N
 def test_a_folder_without_metrics_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ReportError, match=r"no metrics\.jsonl"):
         write_report([tmp_path], tmp_path / "out")
+
+
+def test_a_comparison_over_epsilon_draws_the_privacy_utility_curve(tmp_path: Path) -> None:
+    runs = [_fake_run(tmp_path / "off", accuracies=[0.05, 0.6]),
+            _fake_run(tmp_path / "e8", accuracies=[0.05, 0.59], eps=[8.0]),
+            _fake_run(tmp_path / "e1", accuracies=[0.05, 0.4], eps=[1.0]),
+            _fake_run(tmp_path / "e4", accuracies=[0.05, 0.55], eps=[4.0])]
+    write_report(runs, tmp_path / "out", names=["dp_off", "dp_eps8", "dp_eps1", "dp_eps4"])
+    specs = {s["file"]: s for s in json.loads((tmp_path / "out" / "plots.json").read_text())}
+    curve = specs["privacy_utility.png"]
+    assert curve["series"]["DP-SGD (sample-level)"] == [[1.0, 0.4], [4.0, 0.55], [8.0, 0.59]]
+    assert curve["series"]["dp_off (no DP)"] == [[1.0, 0.6], [8.0, 0.6]]
+    assert (tmp_path / "out" / "privacy_utility.png").read_bytes()[:8] == PNG_SIGNATURE
+    assert "](privacy_utility.png)" in (tmp_path / "out" / "report.md").read_text()
