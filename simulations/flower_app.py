@@ -53,6 +53,8 @@ class ClientSettings:
     output_dir: str  # client state goes to <output_dir>/clients/<partition>/
     threads: int = 1  # torch threads per actor (match the actor's num_cpus)
     cache_clients: int = 8  # encoded client datasets kept per actor (LRU)
+    prefix_cache_dir: str = ""  # frozen-prefix states shared by the virtual clients (and later runs); "" = each
+    # client's state folder
 
 
 class _ActorState:
@@ -140,7 +142,8 @@ def client_runtime(settings: ClientSettings, partition: int) -> Any:
     model, _, spec = _STATE.loaded[settings.package_dir]
     state_dir = Path(settings.output_dir) / "clients" / str(partition)
     state_dir.mkdir(parents=True, exist_ok=True)
-    return ClientRuntime(model=model, spec=spec, data=data, state_dir=state_dir)
+    return ClientRuntime(model=model, spec=spec, data=data, state_dir=state_dir,
+                         prefix_cache_dir=Path(settings.prefix_cache_dir) if settings.prefix_cache_dir else None)
 
 
 # -- secure aggregation state between stages -----------------------------------------------------

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from client.data import DataError, check_labels, read_examples
 from coordinator.config import ConfigError, JobConfig, SimulationSection
+from emulator.cache_dir import fedsite_cache_dir
 from privacy.atomic import atomic_write_text
 
 if TYPE_CHECKING:
@@ -187,6 +188,7 @@ def run_job(config: JobConfig, output_dir: Path, options: SimulationOptions | No
         package_dir=str(prepared.package.folder.resolve()), train_data=str(config.resolve(sim.train_data)),
         partitions_file=str(partitions_file.resolve()), output_dir=str(output_dir.resolve()),
         threads=threads, cache_clients=options.cache_clients,
+        prefix_cache_dir=str(fedsite_cache_dir() / "frozen-prefix"),
     )
     engine = prepared.engine
     outcome: dict[str, Any] = {}
