@@ -192,8 +192,8 @@ class ClientRuntime:
                 result = train_steps(self.model, self.data, settings, generator=generator, privatize=privatize,
                                      prefix=prefix)
         finally:
-            if local_dp:
-                unwrap(self.model)
+            if local_dp:  # Opacus wrapped what trained: the model's top over the cached states, or the model
+                unwrap(prefix.view if prefix is not None else self.model)
         if local_dp:
             ledger.record(noise_multiplier=sigma, sample_rate=sample_rate, steps=settings.local_steps)
             report["epsilon"] = ledger.epsilon(float(local_dp["delta"]))

@@ -190,3 +190,23 @@ def test_a_client_too_small_for_the_target_plan_declines_with_what_to_change(tin
     reason = records[1]["drop_reasons"]["c0"]
     assert "fewer than one logical batch" in reason and "lower batch_size" in reason
     assert records[1]["epsilon_local"]["c0"] == 0.0 and records[1]["completed_clients"] == 4  # it spent nothing
+
+
+def test_a_dp_round_on_cached_states_leaves_no_opacus_hook_on_the_model(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    """Opacus wraps the model's top (the view over the cached frozen prefix), not the model: the round must
+    unwrap what it wrapped, or the shared modules keep computing per-sample gradients afterwards."""
+    table = _job(tiny_bert_dir, tmp_path, local_dp={"enabled": True, "noise_multiplier": 1.0})
+    table["job"].update({"rounds": 1})
+    table["lora"].update({"top_blocks": 1})
+    job = prepare_job(parse_job(table, tmp_path), tmp_path / "out")
+    clients = _clients(job.package.folder, tmp_path)
+    records = job.engine.run(InProcessDriver(clients))
+    assert records[-1]["status"] == "ok"
+    for runtime in clients.values():
+        assert runtime.data.cache, "the round trained on cached states"
+        trained = [(name, module) for name, module in runtime.model.named_modules()
+                   if any(p.requires_grad for p in module.parameters(recurse=False))]  # what Opacus hooks
+        assert trained
+        hooked = [name for name, module in trained
+                  if module._forward_hooks or module._backward_hooks or module._forward_pre_hooks]
+        assert not hooked, hooked
