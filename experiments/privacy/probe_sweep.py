@@ -10,7 +10,9 @@ before a real job confirms the best (the real job adds LoRA on the pooler and ru
     python experiments/privacy/probe_sweep.py '{"B": 1024, "L": 25, "R": 8, "lr": 1e-2}' '{"eps": 0, ...}'
 
 Keys: eps (0 = no DP), B (expected batch), L (local steps), R (rounds), K (clients per round), lr,
-C (clip), seed. Prints one line per run: the settings, accuracy on the whole validation split, ε.
+C (clip), seed, central (one client with all the data: R x L steps on the pooled set),
+partition and alpha (the simulation's split of the 10 clients).
+Prints one line per run: the settings, accuracy on the whole validation split, ε.
 """
 
 from __future__ import annotations
@@ -33,12 +35,17 @@ FEATURES = "/tmp/fedsite-probe-features.pt"
 
 
 def run(eps: float = 8.0, B: int = 512, L: int = 10, R: int = 10, K: int = 5, lr: float = 1e-2,
-        C: float = 1.0, seed: int = 0, features: str = FEATURES) -> tuple[float, float | None]:
+        C: float = 1.0, seed: int = 0, central: bool = False, partition: str = "dirichlet", alpha: float = 0.5,
+        features: str = FEATURES) -> tuple[float, float | None]:
     torch.set_num_threads(1)
     d = torch.load(features)
     x_train, y_train, x_val, y_val = torch.tanh(d["Xtr"]), d["ytr"], torch.tanh(d["Xva"]), d["yva"]
-    table = partition_table(apply_overrides(load_job(ROOT / "simulations" / "configs" / "default.toml"),
-                                            SimulationOptions()))
+    config = load_job(ROOT / "simulations" / "configs" / "default.toml")
+    assert config.simulation is not None
+    config.simulation.partition, config.simulation.alpha = partition, alpha
+    table = partition_table(apply_overrides(config, SimulationOptions()))
+    if central:  # the reference without federation: one client holding every example, every round
+        table, K = [list(range(len(x_train)))], 1
     g = torch.Generator().manual_seed(seed)
     classes, hidden = int(y_train.max()) + 1, x_train.shape[1]
     weight, bias = torch.zeros(classes, hidden), torch.zeros(classes)

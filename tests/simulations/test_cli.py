@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -14,14 +15,18 @@ from simulations.runner import SimulationOptions, apply_overrides
 CONFIGS = default_config_path().parent
 
 
-def test_the_embedded_default_resolves_its_data_and_is_small() -> None:
+def test_the_embedded_default_is_the_private_recipe_on_the_whole_split() -> None:
     config = load_job(default_config_path())
-    assert config.model.path == "minilm" and config.job.mode == "lora"
+    assert config.model.path == "minilm" and config.job.mode == "lora" and config.model.pooling == "mean"
     assert config.simulation is not None and config.simulation.clients == 10
     assert config.simulation.partition == "dirichlet" and config.simulation.alpha == 0.5
     assert config.resolve(config.data.validation).is_file()
     assert config.resolve(config.simulation.train_data).is_file()
-    assert config.simulation.max_train_examples and config.data.validation_max_examples
+    assert config.simulation.max_train_examples == 0  # the whole shipped training split
+    dp = config.privacy.local_dp
+    assert dp.enabled and dp.target_epsilon is not None and dp.target_epsilon <= 8 and dp.delta <= 1e-5
+    assert config.privacy.secure_aggregation.enabled
+    assert config.train.batch_size >= 512 and config.train.cache_frozen_prefix
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.toml")), ids=lambda p: p.stem)
@@ -33,16 +38,40 @@ def test_every_canned_config_loads_and_names_runnable_siblings(path: Path) -> No
         assert (CONFIGS / sibling).is_file(), sibling
 
 
-def test_canned_groups_differ_only_in_what_they_compare() -> None:
-    dp = {stem: load_job(CONFIGS / f"{stem}.toml") for stem in ("dp_off", "dp_eps8", "dp_eps2")}
-    assert [c.privacy.local_dp.enabled for c in dp.values()] == [False, True, True]
-    assert dp["dp_eps8"].privacy.local_dp.max_epsilon == 8 and dp["dp_eps2"].privacy.local_dp.max_epsilon == 2
-    skew = [load_job(CONFIGS / f"{stem}.toml").simulation for stem in ("iid", "dirichlet_1.0", "dirichlet_0.5",
-                                                                         "dirichlet_0.1")]
-    assert [s.partition for s in skew] == ["iid", "dirichlet", "dirichlet", "dirichlet"]  # type: ignore[union-attr]
-    assert [s.alpha for s in skew[1:]] == [1.0, 0.5, 0.1]  # type: ignore[union-attr]
+def _settings(stem: str) -> dict[str, object]:
+    """A canned job's settings as plain data, without its name."""
+    config = load_job(CONFIGS / f"{stem}.toml")
+    config.job.name = "x"
+    return asdict(config)
+
+
+def _differences(a: dict[str, object], b: dict[str, object], prefix: str = "") -> set[str]:
+    keys = set(a) | set(b)
+    out: set[str] = set()
+    for key in keys:
+        left, right = a.get(key), b.get(key)
+        if isinstance(left, dict) and isinstance(right, dict):
+            out |= _differences(left, right, f"{prefix}{key}.")
+        elif left != right:
+            out.add(f"{prefix}{key}")
+    return out
+
+
+def test_canned_groups_differ_from_the_default_only_in_what_they_compare() -> None:
+    default = _settings("default")
+    dp_keys = {"privacy.local_dp.target_epsilon"}
+    expected = {
+        "dp_off": {"privacy.local_dp.enabled", "privacy.local_dp.target_epsilon"}, "dp_eps8": set(),
+        "dp_eps4": dp_keys, "dp_eps2": dp_keys, "dp_eps1": dp_keys,
+        "secagg_on": set(), "secagg_off": {"privacy.secure_aggregation.enabled"},
+        "iid": {"simulation.partition"}, "dirichlet_1.0": {"simulation.alpha"},
+        "dirichlet_0.5": set(), "dirichlet_0.1": {"simulation.alpha"},
+    }
+    for stem, keys in expected.items():
+        assert _differences(default, _settings(stem)) == keys, stem
+    targets = [load_job(CONFIGS / f"dp_eps{e}.toml").privacy.local_dp.target_epsilon for e in (8, 4, 2, 1)]
+    assert targets == [8, 4, 2, 1] and not load_job(CONFIGS / "dp_off.toml").privacy.local_dp.enabled
     assert load_job(CONFIGS / "offsite.toml").job.mode == "offsite"
-    assert load_job(CONFIGS / "secagg_on.toml").privacy.secure_aggregation.enabled
 
 
 def test_overrides_clamp_sampling_to_the_clients_there_are() -> None:
