@@ -53,8 +53,9 @@ def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
     if not (math.isfinite(low) and math.isfinite(high)):
         return [0.0, 1.0]
     scale = max(abs(low), abs(high))
-    if high - low <= scale * 1e-9:  # flat (or below float resolution): show a band around the value
-        low, high = low - (scale * 0.1 or 1.0), high + (scale * 0.1 or 1.0)
+    if high - low <= max(scale * 1e-9, 1e-300):  # flat, below float resolution or subnormal: a band around it
+        pad = scale * 0.1 if scale * 0.1 > 1e-300 else 1.0  # a subnormal step would underflow to 0 below
+        low, high = low - pad, high + pad
     raw = (high - low) / max(count - 1, 1)
     power = 10 ** math.floor(math.log10(raw))
     step = next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw)
