@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
 from torch import nn
 
 from emulator.architectures import UnsupportedArchitectureError, spec_for_config, transformer_blocks
@@ -190,16 +190,12 @@ def load_prefix(path: Path, model: nn.Module, cut: int, fingerprint: str) -> Fro
     if not path.is_file():
         return None
     try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
-            stored = (handle.metadata() or {}).get("fingerprint")
-        if stored != fingerprint:
-            return None
-        tensors = load_file(str(path))
-        lengths = [int(n) for n in tensors["lengths"].tolist()]
-        states = list(torch.split(tensors["states"], lengths)) if lengths else []
-        labels = [int(y) for y in tensors["labels"].tolist()]
+        with safe_open(str(path), framework="pt") as handle:  # one read: the metadata, then the tensors
+            if (handle.metadata() or {}).get("fingerprint") != fingerprint:
+                return None
+            lengths = [int(n) for n in handle.get_tensor("lengths").tolist()]
+            states = list(torch.split(handle.get_tensor("states"), lengths)) if lengths else []
+            labels = [int(y) for y in handle.get_tensor("labels").tolist()]
     except (OSError, SafetensorError, KeyError, RuntimeError, ValueError) as err:
         log.warning("ignoring the unreadable frozen-prefix cache %s (%s); recomputing it", path, err)
         return None
