@@ -58,6 +58,14 @@ _U8 = np.dtype(np.uint8)
 _U32 = np.dtype(np.uint32)
 
 
+#: a secret to rebuild at unmask: owner, its (holder, share) pairs, a check of the result, its name
+_Wanted = tuple[int, list[tuple[int, bytes]], Callable[[bytes], bool], str]
+
+
+def _combine_one(points: list[tuple[int, bytes]]) -> bytes:
+    return crypto.combine_secrets([points])[0]
+
+
 def _is_id(value: object) -> bool:
     """Ids and round numbers travel as int64."""
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
@@ -105,6 +113,9 @@ class SecAggPlusServer:
         self._sum: npt.NDArray[np.uint32] | None = None
         self._included: list[int] = []
         self._result: npt.NDArray[np.float64] | None = None
+        #: rebuild the secrets at unmask in one batch (crypto.combine_secrets); False: one
+        #: pycryptodome Shamir.combine per secret, the earlier path, kept as a reference
+        self.batch_reconstruction = True
 
     # ------------------------------------------------------------------ driver API
 
@@ -321,11 +332,18 @@ class SecAggPlusServer:
         assert self._sum is not None
         total = self._sum
         self._sum = None
-        for owner in sorted(included):
-            seed = self._reconstruct(owner, seed_shares[owner], partial(self._seed_matches, owner), "self-mask seed")
+        wanted: list[_Wanted] = [
+            (owner, seed_shares[owner], partial(self._seed_matches, owner), "self-mask seed")
+            for owner in sorted(included)
+        ]
+        wanted += [(owner, key_shares[owner], partial(self._key_matches, owner), "mask key") for owner in dropped]
+        if self.batch_reconstruction:
+            rebuilt = self._reconstruct_all(wanted)
+        else:
+            rebuilt = [self._reconstruct(*args) for args in wanted]
+        for seed in rebuilt[: len(included)]:
             total -= crypto.prg_uint32(seed, self.vector_size)
-        for owner in dropped:
-            secret = self._reconstruct(owner, key_shares[owner], partial(self._key_matches, owner), "mask key")
+        for owner, secret in zip(dropped, rebuilt[len(included) :], strict=True):
             key = crypto.new_private_key(secret)
             for other in sorted(set(self.neighbours[owner]) & included):
                 pair_seed = crypto.agree(key, self._public_keys[other][0], "mask", self.round_id, owner, other)
@@ -397,12 +415,34 @@ class SecAggPlusServer:
                     f"{left} of {len(members)} clients left, threshold is {self.threshold}"
                 )
 
+    def _reconstruct_all(self, wanted: list[_Wanted]) -> list[bytes]:
+        """Every secret in `wanted`, rebuilt in one batch, then verified one by one.
+
+        Each secret is first rebuilt from the shares of its `threshold` lowest-id
+        holders, as `_reconstruct` does; without dropouts those are the same share
+        indices for every owner, so the batch shares one set of Lagrange
+        coefficients. A secret that fails verification goes through
+        `_reconstruct`'s search for a clean subset.
+        """
+        t = self.threshold
+        first: list[list[tuple[int, bytes]]] = []
+        for owner, shares, _, _ in wanted:
+            members = sorted([owner, *self.neighbours[owner]])
+            position = {member: i + 1 for i, member in enumerate(members)}  # share_index for every holder
+            first.append([(position[holder], share) for holder, share in shares[:t]])
+        rebuilt = crypto.combine_secrets(first)
+        return [
+            secret if verify(secret) else self._reconstruct(owner, shares, verify, what, first_failed=True)
+            for secret, (owner, shares, verify, what) in zip(rebuilt, wanted, strict=True)
+        ]
+
     def _reconstruct(
         self,
         owner: int,
         shares: list[tuple[int, bytes]],
         verify: Callable[[bytes], bool],
         what: str,
+        first_failed: bool = False,
     ) -> bytes:
         """Rebuild `owner`'s secret from `threshold` of its (holder, share) pairs.
 
@@ -410,21 +450,26 @@ class SecAggPlusServer:
         sent a bad share: random subsets are tried (with one bad share among 15 and a
         threshold of 10, one subset in three is clean), the culprits are named in
         `rejected`, and only when no clean subset turns up does the round abort.
+        `first_failed` skips the first attempt when `_reconstruct_all` already made
+        it. Without `batch_reconstruction`, every attempt is one pycryptodome
+        `Shamir.combine` (the earlier path).
         """
         t = self.threshold
         neighbours = self.neighbours[owner]
         points = [(share_index(owner, h, neighbours), s) for h, s in shares]
-        secret = crypto.combine_secret(points[:t])
-        if verify(secret):
-            return secret
+        combine = _combine_one if self.batch_reconstruction else crypto.combine_secret
+        if not first_failed:
+            secret = combine(points[:t])
+            if verify(secret):
+                return secret
         rng = random.Random(owner)
         for _ in range(_MAX_SUBSETS):
             good = rng.sample(range(len(points)), t)
-            secret = crypto.combine_secret([points[i] for i in good])
+            secret = combine([points[i] for i in good])
             if verify(secret):
                 base = [points[j] for j in good[1:]]
                 for i in sorted(set(range(len(points))) - set(good)):
-                    if not verify(crypto.combine_secret([*base, points[i]])):
+                    if not verify(combine([*base, points[i]])):
                         self._reject(shares[i][0], f"sent a bad share of client {owner}'s {what}")
                 return secret
         raise SecAggAborted(
