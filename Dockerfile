@@ -57,6 +57,7 @@ FROM base
 COPY --from=deps /opt/venv /opt/venv
 WORKDIR /opt/fedsite
 COPY pyproject.toml README.md ./
+COPY localio ./localio
 COPY protos ./protos
 COPY privacy ./privacy
 COPY emulator ./emulator

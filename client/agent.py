@@ -25,14 +25,13 @@ from typing import TypeVar
 import grpc
 
 from client.connection_check import probe, tls_failure
-from client.data import Example, read_examples
 from client.runtime import ClientRuntime
-from coordinator.admission import RETRY_AFTER_KEY, session_metadata
-from coordinator.errors import UserError
 from emulator.base_fingerprint import restore_base_weights
 from emulator.models import ModelLoadError
 from emulator.package import PackageError, unpack
-from privacy.atomic import atomic_write_bytes, atomic_write_json
+from localio.atomic import atomic_write_bytes, atomic_write_json
+from localio.data import Example, read_examples
+from localio.errors import UserError
 from protos import fedsite_pb2 as pb
 from protos import fedsite_pb2_grpc as pb_grpc
 from protos.codec import (
@@ -47,6 +46,7 @@ from protos.codec import (
     iter_chunks,
     sha256_hex,
 )
+from protos.metadata import RETRY_AFTER_KEY, session_metadata
 
 log = logging.getLogger("fedsite.client")
 

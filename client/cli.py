@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> int:
     from client.agent import Agent, AgentOptions
-    from coordinator.errors import UserError
+    from localio.errors import UserError
 
     if not args.token:
         raise UserError("an enrolment token is required (--token or FEDSITE_TOKEN)")
@@ -69,7 +69,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _split(args: argparse.Namespace) -> int:
-    from simulations.partition import split_file
+    from localio.partition import split_file
 
     paths = split_file(args.data, args.clients, args.output_dir, partition=args.partition,
                        alpha=args.alpha, seed=args.seed)
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("transformers", "peft"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    from coordinator.errors import run_cli
+    from localio.errors import run_cli
 
     work = (lambda: _run(args)) if args.command == "run" else (lambda: _split(args))
     return run_cli(work, prog="fedsite-client")

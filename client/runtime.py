@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from client.data import Example, check_labels
 from client.trainer import PrivatizeFn, TrainSettings, data_generator, is_head_parameter, train_steps
 from coordinator.engine import DECLINED, ERROR, SECAGG, TRAIN
 from emulator.lora import load_trainable_state, trainable_state
@@ -38,6 +37,7 @@ from emulator.prefix import (
     store_prefix,
 )
 from emulator.tasks import EncodedExamples, encode
+from localio.data import Example, check_labels
 from privacy.accounting import (
     PrivacyBudgetExhausted,
     PrivacyLedger,

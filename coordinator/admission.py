@@ -40,12 +40,10 @@ from typing import Any
 
 import grpc
 
+from protos.metadata import CLIENT_ID_KEY, SESSION_KEY
+
 log = logging.getLogger("fedsite.admission")
 
-CLIENT_ID_KEY = "fedsite-client-id"
-SESSION_KEY = "fedsite-session"
-# trailing metadata of an enrolment refused because the token's client is alive: seconds until a takeover is allowed
-RETRY_AFTER_KEY = "fedsite-retry-after-s"
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 LONG_LIVED = frozenset({
     "/grpc.health.v1.Health/Watch",
@@ -54,11 +52,6 @@ LONG_LIVED = frozenset({
 })
 
 Authenticate = Callable[[str, str], bool]  # (client id, session key) -> valid?
-
-
-def session_metadata(client_id: str, session_key: str) -> tuple[tuple[str, str], ...]:
-    """The call metadata a fedsite client sends so the coordinator admits the call before its first message."""
-    return ((CLIENT_ID_KEY, client_id), (SESSION_KEY, session_key))
 
 
 def peer_address(context: grpc.ServicerContext) -> str:

@@ -16,12 +16,14 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from privacy.atomic import atomic_write_bytes
+from localio.atomic import atomic_write_bytes
+from localio.errors import user_error
 from protos.codec import encode_tensors
 
 _NAME = re.compile(r"round-(\d{5})\.safetensors$")
 
 
+@user_error
 class CheckpointError(RuntimeError):
     """No checkpoint could be read or written."""
 

@@ -68,13 +68,13 @@ def serve(args: argparse.Namespace) -> int:
     from coordinator.dashboard import JobInfo, JobView
     from coordinator.dashboard.options import start_dashboard
     from coordinator.dashboard.server import DashboardTLS
-    from coordinator.errors import UserError
     from coordinator.job import check_output_dir, check_resumed_job, prepare_job
     from coordinator.mailbox import Mailbox
     from coordinator.ratelimit import RateLimiter
     from coordinator.registry import ClientRegistry, read_tokens
     from coordinator.server import TLSFiles, start_server
     from coordinator.servicer import CoordinatorServicer, PackageBlob
+    from localio.errors import UserError
 
     config = load_job(args.config)
     output_dir: Path = args.output_dir or Path("runs") / config.job.name
@@ -163,8 +163,8 @@ def export(model: object, output_dir: Path, completed_rounds: int) -> None:
 
     from safetensors import SafetensorError
 
-    from coordinator.errors import UserError
     from emulator.lora import MergeError
+    from localio.errors import UserError
 
     final = output_dir / "final"
     try:
@@ -180,7 +180,7 @@ def export(model: object, output_dir: Path, completed_rounds: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from coordinator.errors import run_cli
+    from localio.errors import run_cli
 
     if args.command == "certs":
         from coordinator import certs

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from localio.errors import user_error
+
 MODES = ("lora", "offsite")
 TASKS = ("classification", "causal-lm")
 OPTIMIZERS = ("fedavg", "fedadam")
@@ -27,6 +29,7 @@ POOLINGS = ("cls", "mean")
 MIN_HEARTBEAT_TIMEOUT_S = 3.0
 
 
+@user_error
 class ConfigError(ValueError):
     """A job file that cannot run; the message names the key."""
 

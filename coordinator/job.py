@@ -18,7 +18,6 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from client.data import DataError, label_set, read_examples, sample
 from coordinator.checkpoint import Checkpointer
 from coordinator.config import ConfigError, JobConfig
 from coordinator.engine import ClientPhase, RoundEngine
@@ -29,7 +28,8 @@ from emulator.models import load_model_and_new_tensors, load_tokenizer, resolve_
 from emulator.package import JobSpec, load_trainable_model, pack
 from emulator.prefix import FrozenPrefix, compute_prefix, cut_index
 from emulator.tasks import EncodedExamples, encode, evaluate
-from privacy.atomic import atomic_write_bytes, atomic_write_text
+from localio.atomic import atomic_write_bytes, atomic_write_text
+from localio.data import DataError, label_set, read_examples, sample
 from protos.codec import sha256_hex
 
 log = logging.getLogger("fedsite.job")

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from privacy.atomic import atomic_write_text
+from localio.atomic import atomic_write_text
 
 
 def _clean(value: Any) -> Any:

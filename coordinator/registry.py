@@ -25,9 +25,11 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from privacy.atomic import atomic_write_json
+from localio.atomic import atomic_write_json
+from localio.errors import user_error
 
 
+@user_error
 class AuthError(PermissionError):
     """Wrong token, unknown client, or a session that is no longer valid."""
 

@@ -14,13 +14,14 @@ from dataclasses import dataclass
 
 import grpc
 
-from coordinator.admission import RETRY_AFTER_KEY, peer_address
+from coordinator.admission import peer_address
 from coordinator.mailbox import Mailbox, ReplyInvalid, TaskError
 from coordinator.ratelimit import RateLimiter
 from coordinator.registry import AuthError, ClientRegistry, TokenInUse
 from protos import fedsite_pb2 as pb
 from protos import fedsite_pb2_grpc as pb_grpc
 from protos.codec import DEFAULT_CHUNK_BYTES, NOT_READY_KEY, BlobAssembler, CodecError, iter_chunks
+from protos.metadata import RETRY_AFTER_KEY
 
 log = logging.getLogger("fedsite.servicer")
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
+from localio.errors import user_error
+
 
 @dataclass(frozen=True)
 class ArchitectureSpec:
@@ -71,6 +73,7 @@ _SPECS: tuple[ArchitectureSpec, ...] = (
 )
 
 
+@user_error
 class UnsupportedArchitectureError(ValueError):
     """A model whose family fedsite does not know how to take apart."""
 

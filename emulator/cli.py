@@ -61,7 +61,7 @@ from emulator.offsite import (
 )
 from emulator.public_text import read_public_text
 from emulator.refine import RefineConfig
-from privacy.atomic import atomic_write_json
+from localio.atomic import atomic_write_json
 
 TASKS = ("auto", "classification", "causal-lm")
 

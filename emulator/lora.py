@@ -22,8 +22,10 @@ from transformers import PreTrainedModel
 
 from emulator.architectures import blocks_prefix, num_blocks, spec_for
 from emulator.pooling import trainable_block_indices
+from localio.errors import user_error
 
 
+@user_error
 class MergeError(ValueError):
     """A merge that would write non-finite weights."""
 

@@ -26,12 +26,14 @@ from transformers import (
 
 from emulator.architectures import spec_for_config
 from emulator.pooling import POOLINGS, PoolingError, add_mean_pooling_block
+from localio.errors import user_error
 
 EMBEDDED_DEFAULT = "minilm"
 EMBEDDED_SMOLLM2 = "smollm2"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+@user_error
 class ModelLoadError(ValueError):
     """A model folder that cannot be loaded (missing, incomplete, unsupported)."""
 

@@ -22,11 +22,13 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from emulator.lora import LoraSettings, load_lora, trainable_shapes
 from emulator.models import load_tokenizer
+from localio.errors import user_error
 
 SPEC_FILE = "job.json"
 FORMAT_VERSION = 1
 
 
+@user_error
 class PackageError(ValueError):
     """A package that is corrupt, incomplete or for another job."""
 

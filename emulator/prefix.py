@@ -33,7 +33,7 @@ from safetensors.torch import save
 from torch import nn
 
 from emulator.architectures import UnsupportedArchitectureError, spec_for_config, transformer_blocks
-from privacy.atomic import atomic_open
+from localio.atomic import atomic_open
 
 log = logging.getLogger("fedsite.prefix")
 

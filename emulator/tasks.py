@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerBase
 if TYPE_CHECKING:
     from emulator.prefix import FrozenPrefix
 
-from client.data import Example
+from localio.data import Example
 
 
 @dataclass

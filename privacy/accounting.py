@@ -24,7 +24,7 @@ from opacus.accountants import IAccountant, RDPAccountant, create_accountant
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from scipy.optimize import brentq
 
-from privacy.atomic import atomic_write_json
+from localio.atomic import atomic_write_json
 
 ACCOUNTANTS = ("rdp", "prv", "gdp")
 _FORMAT_VERSION = 1

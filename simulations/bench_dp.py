@@ -36,11 +36,11 @@ from typing import Any
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from client.data import read_examples
 from client.trainer import TrainSettings, train_steps
 from emulator.lora import LoraSettings, add_lora
 from emulator.models import embedded_model_path, load_model, load_tokenizer
 from emulator.tasks import EncodedExamples, encode
+from localio.data import read_examples
 from privacy.accounting import PrivacyLedger, plan_noise_multiplier
 from privacy.local_dp import make_private, unwrap
 

@@ -55,7 +55,7 @@ def _floor(queue: Any) -> None:
 
 
 def _examples(data: str, count: int) -> list[Any]:
-    from client.data import Example, read_examples
+    from localio.data import Example, read_examples
 
     rows = read_examples(data, need_label=False)
     return [Example(text=e.text) for e in rows[:count]]

@@ -22,8 +22,8 @@ import random
 import tempfile
 from pathlib import Path
 
-from client.data import read_examples, write_jsonl
 from emulator.models import embedded_model_path
+from localio.data import read_examples, write_jsonl
 from simulations.local_cluster import REPO, start_client, start_coordinator, tail, wait_all
 
 EXAMPLE = REPO / "coordinator" / "examples" / "wordnet-lora.toml"

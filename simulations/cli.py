@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     compare = bool(argv) and argv[0] == "compare"
     args = build_compare_parser().parse_args(argv[1:]) if compare else build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    from coordinator.errors import run_cli
+    from localio.errors import run_cli
 
     return run_cli(lambda: run_compare(args) if compare else run_one(args), prog=PROG)
 

@@ -88,9 +88,9 @@ def _encoded_data(settings: ClientSettings, partition: int) -> Any:
     """One virtual client's encoded examples, from the actor's LRU (loads what the process lacks)."""
     import torch
 
-    from client.data import check_labels, read_examples
     from emulator.package import load_trainable_model
     from emulator.tasks import encode
+    from localio.data import check_labels, read_examples
 
     state = _STATE
     key = (settings.package_dir, partition)

@@ -27,7 +27,7 @@ import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
 from coordinator.metrics import MetricsLog
-from privacy.atomic import atomic_write_text
+from localio.atomic import atomic_write_text
 
 EPSILON_KEYS = ("epsilon_local_max", "epsilon_client")
 METRIC_KEYS = ("val_accuracy", "val_perplexity")

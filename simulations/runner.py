@@ -3,7 +3,7 @@
 The same :func:`coordinator.job.prepare_job` as the gRPC coordinator builds the
 package, the global model and the round engine; the training file of the
 ``[simulation]`` table is split among ``clients`` virtual clients with
-:mod:`simulations.partition`; Flower's simulation engine (Ray backend) runs a
+:mod:`localio.partition`; Flower's simulation engine (Ray backend) runs a
 ServerApp that drives the engine and a ClientApp per virtual client. At the
 end the output directory holds ``metrics.jsonl``, checkpoints, ``final/``,
 ``report.md`` and the PNG plots, like a coordinator run plus the report.
@@ -32,10 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from client.data import DataError, check_labels, read_examples
 from coordinator.config import ConfigError, JobConfig, SimulationSection
 from emulator.cache_dir import fedsite_cache_dir
-from privacy.atomic import atomic_write_text
+from localio.atomic import atomic_write_text
+from localio.data import DataError, check_labels, read_examples
 
 if TYPE_CHECKING:
     from simulations.flower_driver import FlowerDriver
@@ -95,7 +95,7 @@ def apply_overrides(config: JobConfig, options: SimulationOptions) -> JobConfig:
 
 def partition_table(config: JobConfig) -> list[list[int]]:
     """For each client, the row indices of the training file it owns (seeded, every row in one client)."""
-    from simulations.partition import partition_indices
+    from localio.partition import partition_indices
 
     sim = config.simulation
     assert sim is not None
@@ -103,7 +103,7 @@ def partition_table(config: JobConfig) -> list[list[int]]:
     path = config.resolve(sim.train_data)
     rows = read_examples(path, need_label=classification)
     chosen = list(range(len(rows)))
-    if 0 < sim.max_train_examples < len(rows):  # the same seeded draw as client.data.sample
+    if 0 < sim.max_train_examples < len(rows):  # the same seeded draw as localio.data.sample
         chosen = sorted(random.Random(config.job.seed).sample(chosen, sim.max_train_examples))
     if sim.partition != "iid" and any(rows[i].label is None for i in chosen):
         # causal-lm rows may still carry a label (the WordNet glosses' supersense): it shapes a non-IID split

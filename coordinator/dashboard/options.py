@@ -14,7 +14,7 @@ from pathlib import Path
 
 from coordinator.dashboard.server import DEFAULT_HOST, DashboardServer, DashboardTLS, is_loopback
 from coordinator.dashboard.view import JobView
-from privacy.atomic import atomic_write_text
+from localio.atomic import atomic_write_text
 
 TOKEN_ENV = "FEDSITE_DASHBOARD_TOKEN"
 URL_FILE = "dashboard"  # in the output directory, beside "address": where the dashboard listens

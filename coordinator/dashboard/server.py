@@ -38,8 +38,8 @@ from typing import Any
 from coordinator.dashboard import assets
 from coordinator.dashboard.render import render_fragment, render_page
 from coordinator.dashboard.view import JobView
-from coordinator.errors import UserError
 from coordinator.ratelimit import RateLimiter
+from localio.errors import UserError
 
 log = logging.getLogger("fedsite.dashboard")
 

@@ -17,7 +17,7 @@ from coordinator.dashboard.render import render_page
 from coordinator.dashboard.status import JobInfo, build_status, finished_phase
 from coordinator.metrics import MetricsLog
 from coordinator.registry import ClientSeen
-from privacy.atomic import atomic_write_text
+from localio.atomic import atomic_write_text
 
 
 def _registered_clients(folder: Path) -> list[ClientSeen] | None:

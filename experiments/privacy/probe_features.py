@@ -17,9 +17,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from client.data import read_examples  # noqa: E402
 from emulator.models import embedded_model_path, load_model, load_tokenizer  # noqa: E402
 from emulator.tasks import encode  # noqa: E402
+from localio.data import read_examples  # noqa: E402
 
 DATA = ROOT / "coordinator" / "examples" / "data"
 

@@ -37,13 +37,13 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 sys.path.insert(0, str(ROOT))
 
-from client.data import read_examples  # noqa: E402
 from client.runtime import ClientRuntime  # noqa: E402
 from coordinator.config import JobConfig, load_job  # noqa: E402
 from coordinator.job import prepare_job  # noqa: E402
 from emulator.cache_dir import fedsite_cache_dir  # noqa: E402
 from emulator.package import load_trainable_model  # noqa: E402
 from emulator.tasks import encode, evaluate  # noqa: E402
+from localio.data import read_examples  # noqa: E402
 from simulations.inprocess import InProcessDriver  # noqa: E402
 from simulations.runner import SimulationOptions, apply_overrides, partition_table  # noqa: E402
 

@@ -14,7 +14,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from client.data import read_examples, write_jsonl
 from client.runtime import ClientRuntime
 from coordinator.bounds import (
     HONEST_MARGIN,
@@ -26,6 +25,7 @@ from coordinator.bounds import (
 from coordinator.config import parse_job
 from coordinator.job import prepare_job
 from coordinator.strategy import update_norm
+from localio.data import read_examples, write_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
 VALIDATION = REPO / "coordinator" / "examples" / "data" / "wordnet_supersense.validation.jsonl.gz"

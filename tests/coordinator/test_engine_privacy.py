@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 import torch
 
-from client.data import read_examples, write_jsonl
 from client.runtime import ClientRuntime
 from coordinator.config import parse_job
 from coordinator.job import prepare_job
+from localio.data import read_examples, write_jsonl
 from protos.codec import Message
 from simulations.inprocess import InProcessDriver
 

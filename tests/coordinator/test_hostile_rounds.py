@@ -20,12 +20,12 @@ import numpy as np
 import pytest
 import torch
 
-from client.data import read_examples
 from client.runtime import ClientRuntime
 from coordinator.bounds import plain_update_bound, secure_clipping_range
 from coordinator.config import parse_job
 from coordinator.job import PreparedJob, prepare_job
 from coordinator.strategy import State, update_norm
+from localio.data import read_examples
 from privacy.secagg.messages import Key
 from protos.codec import Message
 from simulations.inprocess import InProcessDriver

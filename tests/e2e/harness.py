@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from client.data import Example, read_examples, write_jsonl
+from localio.data import Example, read_examples, write_jsonl
 from simulations.local_cluster import REPO, start_client, start_coordinator, tail, wait_all, wait_for_text
 
 DATA = REPO / "coordinator" / "examples" / "data"

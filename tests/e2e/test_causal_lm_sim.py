@@ -105,7 +105,7 @@ def test_simulated_offsite_causal_lm_job(tmp_path: Path, monkeypatch: pytest.Mon
 def test_canned_smollm2_offsite_job(tmp_path: Path) -> None:
     """The canned job as shipped (distillation included); prints the plug-in's and the tuned emulator's
     held-out perplexity on the job's validation draw."""
-    from client.data import read_examples, sample
+    from localio.data import read_examples, sample
 
     job = load_job(REPO / "simulations" / "configs" / "offsite_smollm2.toml")
     out = tmp_path / "run"

@@ -15,10 +15,10 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from client.data import read_examples, sample
 from coordinator.checkpoint import Checkpointer
 from emulator.lora import load_trainable_state
 from emulator.package import load_trainable_model
+from localio.data import read_examples, sample
 from tests.e2e.die_on_log import EXIT_CODE
 from tests.e2e.harness import (
     TOKENS,

@@ -21,12 +21,12 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from client.data import read_examples, sample
 from coordinator.checkpoint import Checkpointer
 from emulator.evaluation import TrainConfig, accuracy, encode, linear_probe, pad_id_of
 from emulator.lora import load_trainable_state
 from emulator.models import embedded_model_path, load_model
 from emulator.package import load_trainable_model
+from localio.data import read_examples, sample
 from tests.e2e.harness import (
     TOKENS,
     TRAIN,

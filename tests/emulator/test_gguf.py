@@ -138,7 +138,7 @@ def test_embedded_smollm2_converts_to_the_pretrained_model(tmp_path: Path, monke
     direct = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=str(gguf)).eval()
     assert torch.equal(_logits(converted, tokenizer), _logits(direct, tokenizer))
     del direct
-    from client.data import read_examples
+    from localio.data import read_examples
 
     glosses = [e.text for e in read_examples(REPO / "coordinator" / "examples" / "data"
                                               / "wordnet_supersense.validation.jsonl.gz", need_label=False)[:64]]

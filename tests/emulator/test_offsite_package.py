@@ -16,11 +16,11 @@ import pytest
 import torch
 from safetensors.torch import load as load_safetensors
 
-from client.data import read_examples, write_jsonl
 from coordinator.config import parse_job
 from coordinator.job import prepare_job
 from emulator.models import load_model
 from emulator.offsite import EmulatorLayout, tensor_digest
+from localio.data import read_examples, write_jsonl
 from protos.codec import decode_message, encode_message
 
 REPO = Path(__file__).resolve().parents[2]

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from client.agent import Agent
-from client.data import Example
 from client.runtime import ClientRuntime
+from localio.data import Example
 from protos.codec import Message, encode_message, encode_tensors
 
 log = logging.getLogger("fedsite.hostile")

@@ -17,7 +17,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from coordinator.admission import AdmissionLimits, session_metadata
+from coordinator.admission import AdmissionLimits
 from coordinator.mailbox import Mailbox
 from coordinator.registry import ClientRegistry
 from coordinator.server import SERVICE_NAME, RunningServer, start_server
@@ -25,6 +25,7 @@ from coordinator.servicer import CoordinatorServicer, PackageBlob
 from protos import fedsite_pb2 as pb
 from protos import fedsite_pb2_grpc as pb_grpc
 from protos.codec import sha256_hex
+from protos.metadata import session_metadata
 
 LIMITS = AdmissionLimits(first_message_s=2.0, idle_s=2.0, per_peer_method=4, per_peer=8, per_client=3,
                          long_lived=2)

@@ -17,13 +17,13 @@ import grpc
 import pytest
 
 from client.agent import Agent, AgentOptions
-from client.data import DataError
-from coordinator.errors import UserError
 from coordinator.mailbox import Mailbox
 from coordinator.registry import ClientRegistry
 from coordinator.server import RunningServer, start_server
 from coordinator.servicer import CoordinatorServicer, PackageBlob
 from emulator.package import pack
+from localio.data import DataError
+from localio.errors import UserError
 from protos import fedsite_pb2 as pb
 from protos.codec import sha256_hex
 

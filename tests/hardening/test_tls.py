@@ -140,7 +140,7 @@ def _agent_error(port: int, tmp: Path, host: str = "127.0.0.1", ca: Path | None 
     import time
 
     from client.agent import Agent, AgentOptions
-    from coordinator.errors import UserError
+    from localio.errors import UserError
 
     data = tmp / "data.jsonl"
     data.write_text('{"text": "a", "label": "x"}\n')

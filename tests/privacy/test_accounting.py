@@ -13,6 +13,7 @@ from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp import RdpAccountant
 from opacus.accountants import RDPAccountant
 
+from localio.atomic import atomic_write_text
 from privacy.accounting import (
     PrivacyAccountingError,
     PrivacyBudgetExhausted,
@@ -21,7 +22,6 @@ from privacy.accounting import (
     epsilon_for_history,
     job_epsilon,
 )
-from privacy.atomic import atomic_write_text
 
 DELTA = 1e-5
 
@@ -143,7 +143,7 @@ def test_ledger_file_is_plain_json_written_atomically(tmp_path: Path) -> None:
 
 
 def test_a_failed_write_leaves_the_previous_ledger(tmp_path: Path) -> None:
-    from privacy.atomic import atomic_open
+    from localio.atomic import atomic_open
 
     path = tmp_path / "l.json"
     ledger = PrivacyLedger(path)

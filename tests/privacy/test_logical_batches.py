@@ -17,11 +17,11 @@ import pytest
 import torch
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-from client.data import read_examples
 from client.trainer import TrainSettings, chunks_by_length, train_steps
 from emulator.lora import LoraSettings, add_lora, trainable_state
 from emulator.models import embedded_model_path
 from emulator.tasks import EncodedExamples, encode
+from localio.data import read_examples
 from privacy.accounting import PrivacyLedger
 from privacy.local_dp import make_private, unwrap
 

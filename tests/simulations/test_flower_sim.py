@@ -15,11 +15,11 @@ from typing import Any
 import pytest
 import torch
 
-from client.data import read_examples
 from client.runtime import ClientRuntime
 from coordinator.checkpoint import Checkpointer
 from coordinator.config import load_job
 from coordinator.engine import TRAIN, Exchange
+from localio.data import read_examples
 from protos.codec import Message, encode_message
 from simulations.bench_scale import make_tiny_bert, tiny_job
 from simulations.flower_app import (

@@ -24,10 +24,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from client.data import read_examples, write_jsonl
 from coordinator.checkpoint import Checkpointer
 from coordinator.config import load_job
 from emulator.models import embedded_model_path
+from localio.data import read_examples, write_jsonl
 from simulations.runner import SimulationOptions, partition_table, run_job
 from tests.e2e.harness import TOKENS, TRAIN, start_client, start_coordinator, tail, wait_all, write_job
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from client.data import read_examples
 from coordinator.config import parse_job
-from simulations.partition import partition_indices
+from localio.data import read_examples
+from localio.partition import partition_indices
 from simulations.runner import partition_table
 
 DATA = Path(__file__).resolve().parents[2] / "coordinator" / "examples" / "data"

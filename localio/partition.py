@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from client.data import DataError, Example, read_examples, write_jsonl
+from localio.data import DataError, Example, read_examples, write_jsonl
 
 PARTITIONS = ("iid", "dirichlet", "shards")
 

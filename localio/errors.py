@@ -1,10 +1,15 @@
 """One clear line instead of a traceback for every error a user can cause.
 
-Both command-line tools run their work through :func:`run_cli`. Errors that
+Every command-line tool runs its work through :func:`run_cli`. Errors that
 come from the user's input or environment (a bad job file, a missing data
 file, a wrong token, an unreachable coordinator, a full disk) print
 ``<prog>: error: <message>`` and exit 2; anything else is a bug and keeps its
 traceback.
+
+Which errors are the user's is declared where each error is defined, with the
+:func:`user_error` class decorator, so this bottom layer never imports the
+packages above it: an error can only be raised once its module is imported,
+and importing the module registers it.
 """
 
 from __future__ import annotations
@@ -12,27 +17,33 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable
+from typing import TypeVar
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+
+E = TypeVar("E", bound=type[BaseException])
 
 
 class UserError(RuntimeError):
     """Raised by fedsite code for a failure the user can fix; the message says how."""
 
 
-def user_error_types() -> tuple[type[BaseException], ...]:
-    from client.data import DataError
-    from coordinator.checkpoint import CheckpointError
-    from coordinator.config import ConfigError
-    from coordinator.registry import AuthError
-    from emulator.architectures import UnsupportedArchitectureError
-    from emulator.lora import MergeError
-    from emulator.models import ModelLoadError
-    from emulator.package import PackageError
+_USER_ERRORS: list[type[BaseException]] = [UserError]
+# the environment's own failures a user fixes (a missing file, a permission, a full disk)
+_OS_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, PermissionError, OSError)
 
-    return (UserError, ConfigError, DataError, ModelLoadError, PackageError, CheckpointError, AuthError,
-            UnsupportedArchitectureError, MergeError, FileNotFoundError, PermissionError, OSError)
+
+def user_error(cls: E) -> E:
+    """Class decorator: ``cls`` is an error a user can fix; :func:`run_cli` prints it in one line."""
+    if cls not in _USER_ERRORS:
+        _USER_ERRORS.append(cls)
+    return cls
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """The error types :func:`run_cli` turns into one line: :class:`UserError`, the registered ones, OS errors."""
+    return (*_USER_ERRORS, *_OS_ERRORS)
 
 
 def run_cli(work: Callable[[], int], *, prog: str) -> int:

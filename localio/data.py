@@ -16,7 +16,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from localio.errors import user_error
 
+
+@user_error
 class DataError(ValueError):
     """A data file that cannot be used as asked."""
 
