@@ -12,10 +12,13 @@ agent does. Each Ray actor process serves many virtual clients one after the
 other, so what is heavy is loaded once per process and shared: the model of
 the job package (every train message sets all trainable tensors, so reusing
 it across clients is safe), the training file and the partition table. What
-is per client (its encoded examples) lives in a small LRU, so an actor's
-memory does not grow with the number of enrolled clients. A client's durable
-state (privacy ledger, ...) lives under ``<output_dir>/clients/<partition>/``
-and its in-round secure aggregation state in its node's Flower Context.
+is per client (its encoded examples, and the ClientRuntime over them) lives in
+a small LRU, so an actor's memory does not grow with the number of enrolled
+clients. A client's durable state (privacy ledger, ...) lives under
+``<output_dir>/clients/<partition>/`` and its in-round secure aggregation
+state in its node's Flower Context; an actor reuses the runtime it kept for a
+node only while that Context shows no other actor has served the node since
+(see :func:`node_runtime`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import dataclasses
 import json
 import logging
 import threading
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -67,6 +71,10 @@ class _ActorState:
         self.examples: dict[str, list[Any]] = {}  # train file -> all its examples
         self.partitions: dict[str, list[list[int]]] = {}  # partitions file -> row indices per client
         self.data: OrderedDict[tuple[str, int], Any] = OrderedDict()  # (package, partition) -> encoded data
+        # (package, output dir, partition) -> (serial it left in the node's Context, its ClientRuntime); only for
+        # partitions whose data is in ``data``, so the LRU bounds both
+        self.runtimes: dict[tuple[str, str, int], tuple[int, Any]] = {}
+        self.token = uuid.uuid4().hex  # names this process in the Contexts it leaves
 
     def clear(self) -> None:
         with self.lock:
@@ -74,6 +82,7 @@ class _ActorState:
             self.examples.clear()
             self.partitions.clear()
             self.data.clear()
+            self.runtimes.clear()
 
 
 _STATE = _ActorState()
@@ -103,6 +112,7 @@ def _encoded_data(settings: ClientSettings, partition: int) -> Any:
     if settings.package_dir not in state.loaded:
         state.loaded.clear()  # one job per process at a time
         state.data.clear()
+        state.runtimes.clear()
         state.loaded[settings.package_dir] = load_trainable_model(Path(settings.package_dir))
     _, tokenizer, spec = state.loaded[settings.package_dir]
     if settings.train_data not in state.examples:
@@ -123,18 +133,21 @@ def _encoded_data(settings: ClientSettings, partition: int) -> Any:
     data = encode(examples, tokenizer, task=spec.task, max_length=spec.max_length, label2id=label2id)
     state.data[key] = data
     while len(state.data) > max(1, settings.cache_clients):
-        state.data.popitem(last=False)
+        (package, evicted), _ = state.data.popitem(last=False)
+        for cached in [k for k in state.runtimes if k[0] == package and k[2] == evicted]:
+            del state.runtimes[cached]
     return data
 
 
 def client_runtime(settings: ClientSettings, partition: int) -> Any:
     """A fresh ClientRuntime of one virtual client on the actor's shared model.
 
-    Fresh for every message: whatever a runtime keeps about its client (the
-    privacy ledger it read, secure-aggregation secrets) would go stale in this
-    process while the same client is served by another actor. Durable state is
-    re-read from ``<output_dir>/clients/<partition>/``, in-round secure
-    aggregation state travels in the node's Flower Context (see below).
+    Whatever a runtime keeps about its client (the privacy ledger it read,
+    secure-aggregation secrets) goes stale in this process once the same client
+    is served by another actor, so a kept runtime is reused only under the
+    check of :func:`node_runtime`; a fresh one re-reads durable state from
+    ``<output_dir>/clients/<partition>/``, and in-round secure aggregation
+    state travels in the node's Flower Context (see below).
     """
     from client.runtime import ClientRuntime
 
@@ -221,19 +234,50 @@ def handle_query(settings: ClientSettings, message: FlowerMessage, context: Cont
 
 def handle_train(settings: ClientSettings, message: FlowerMessage, context: Context) -> FlowerMessage:
     """One fedsite message in, one out: the same ClientRuntime.handle the gRPC agent calls."""
-    incoming, _ = unpack(message.content)
-    content, _ = pack(handle_message(settings, incoming, context))
-    return FlowerMessage(content, reply_to=message)
+    incoming = unpack(message.content)
+    return FlowerMessage(pack(handle_message(settings, incoming, context)), reply_to=message)
+
+
+NODE_RECORD = "fedsite.node"  # context.state: which process served the node last, and a serial per message
+
+
+def node_runtime(settings: ClientSettings, partition: int, context: Context) -> tuple[Any, int]:
+    """The ClientRuntime for the node of ``context``, and the serial its next Context should carry.
+
+    The runtime this process kept for the node, if the Context still names this process and the
+    serial it left there: no other actor has served the node since, so the runtime's privacy ledger
+    and SecAgg+ state are the node's current ones. Otherwise a fresh runtime (ledger re-read from the
+    client's state folder, SecAgg+ state restored from the Context), as for every message before.
+    """
+    record = context.state.config_records.get(NODE_RECORD)
+    serial = record.get("serial") if record is not None else None
+    serial = serial if isinstance(serial, int) else 0
+    key = (settings.package_dir, settings.output_dir, partition)
+    cached = _STATE.runtimes.get(key)
+    if (cached is not None and record is not None and record.get("holder") == _STATE.token
+            and cached[0] == serial and (settings.package_dir, partition) in _STATE.data):
+        _STATE.data.move_to_end((settings.package_dir, partition))
+        return cached[1], serial + 1
+    runtime = client_runtime(settings, partition)
+    restore_secagg_state(runtime, context)
+    return runtime, serial + 1
 
 
 def handle_message(settings: ClientSettings, incoming: Message, context: Context) -> Message:
     """The virtual client of ``context``'s node handles one fedsite message."""
     partition = int(context.node_config[PARTITION_ID_KEY])
+    key = (settings.package_dir, settings.output_dir, partition)
     with _STATE.lock:  # an actor runs one message at a time; the lock guards threaded backends
-        runtime = client_runtime(settings, partition)
-        restore_secagg_state(runtime, context)
-        reply: Message = runtime.handle(incoming)
-        save_secagg_state(runtime, context)
+        runtime, serial = node_runtime(settings, partition, context)
+        try:
+            reply: Message = runtime.handle(incoming)
+            save_secagg_state(runtime, context)
+        except BaseException:
+            _STATE.runtimes.pop(key, None)  # Flower keeps the node's old Context: this runtime is ahead of it
+            raise
+        context.state[NODE_RECORD] = ConfigRecord({"holder": _STATE.token, "serial": serial})
+        if (settings.package_dir, partition) in _STATE.data:
+            _STATE.runtimes[key] = (serial, runtime)
     return reply
 
 
