@@ -12,12 +12,19 @@ scale), so only the number enrolled changes. ``--compare-flower-loop`` adds,
 side by side and interleaved, the same runs with Flower's own message loop
 (it polls every node ten times a second) and hello discovery: the "before".
 
-Part 2 (``--overhead``). Overhead per client per round: one simulated round
-of K clients against K calls of the same ClientRuntime.handle in a plain loop
-in one process (same model, same data, same messages), measured side by side.
+Part 2 (``--overhead``). Overhead per client per round: a simulated round of
+K = 50 clients on one Ray actor (one CPU; steady rounds, evaluation and
+aggregation excluded) against K calls of the same ClientRuntime.handle in a
+plain loop in one process (same model, same data, same messages); each pair
+in fresh subprocesses, ``--overhead-repeat`` pairs interleaved, the ratio
+simulated ÷ direct per pair (median, min, max). ``--baseline-tree DIR`` runs
+the same pairs from another checkout too (e.g. ``git worktree add DIR REV``),
+interleaved with this one's, for a before/after in one run. ``--only-overhead``
+skips part 1.
 
     HF_HUB_OFFLINE=1 python -m simulations.bench_scale [--clients 1000 10000] [--per-round 100] \
-        [--rounds 4] [--repeat 2] [--compare-flower-loop] [--overhead] [--out bench_scale.json]
+        [--rounds 4] [--repeat 2] [--compare-flower-loop] [--overhead] [--only-overhead] \
+        [--overhead-repeat 3] [--baseline-tree DIR] [--out bench_scale.json]
 """
 
 from __future__ import annotations
@@ -149,23 +156,29 @@ class PeakSampler:
         self.peak = max(self.peak, _tree_rss_mb())
 
 
+def _child_env(tree: Path) -> dict[str, str]:
+    """Environment of a measured subprocess: one thread, offline, and ``tree``'s code first on the path."""
+    return dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+                PYTHONPATH=os.pathsep.join([str(tree), *filter(None, [os.environ.get("PYTHONPATH")])]))
+
+
 def scale_run(work: Path, model_dir: Path, clients: int, per_round: int, rounds: int,
               num_cpus: int = 0, *, per_client: int = EXAMPLES_PER_CLIENT, loop: str = "fedsite",
-              tag: str = "") -> dict[str, Any]:
+              tag: str = "", tree: Path = REPO) -> dict[str, Any]:
     """One simulation in a fresh subprocess (its own Ray; ``num_cpus`` 0 = all), measured from outside.
 
     ``loop`` "fedsite" = the driver's NodeDispatch (the default of every simulation); "flower" = Flower's
-    own message loop and hello discovery, as before the dispatch existed.
+    own message loop and hello discovery, as before the dispatch existed. ``tree``: the checkout whose
+    code runs the simulation (this one by default).
     """
     tag = tag or f"{clients}-{loop}" + (f"-cpu{num_cpus}" if num_cpus else "")
     out = work / f"run-{tag}"
     job = tiny_job(work, model_dir, clients=clients, per_round=per_round, rounds=rounds,
                    max_train_examples=per_client * clients, name=f"scale{tag}")
     cmd = [sys.executable, "-m", "simulations.bench_scale", "--child", str(job), str(out), str(num_cpus), loop]
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     start = time.monotonic()
     with PeakSampler() as sampler:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=str(REPO))
+        proc = subprocess.run(cmd, env=_child_env(tree), capture_output=True, text=True, cwd=str(tree))
     if proc.returncode != 0:
         raise RuntimeError(f"simulation with {clients} clients failed:\n{proc.stderr[-3000:]}")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -232,6 +245,49 @@ def direct_overhead(work: Path, model_dir: Path, per_round: int, clients: int) -
     return {"clients": len(sampled), "seconds": seconds, "per_client_s": seconds / len(sampled)}
 
 
+def direct_run(work: Path, model_dir: Path, per_round: int, clients: int, tree: Path = REPO) -> dict[str, Any]:
+    """:func:`direct_overhead` in a fresh subprocess running ``tree``'s code."""
+    code = ("import json, sys; from pathlib import Path; from simulations.bench_scale import direct_overhead; "
+            "print('RESULT ' + json.dumps(direct_overhead(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), "
+            "int(sys.argv[4]))))")
+    work.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run([sys.executable, "-c", code, str(work), str(model_dir), str(per_round), str(clients)],
+                          env=_child_env(tree), capture_output=True, text=True, cwd=str(tree))
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"direct loop failed:\n{proc.stderr[-3000:]}")
+    return dict(json.loads(lines[-1][len("RESULT "):]))
+
+
+def overhead_pairs(work: Path, model_dir: Path, *, per_round: int, rounds: int, repeat: int,
+                   trees: dict[str, Path]) -> dict[str, Any]:
+    """Simulated (one actor, one CPU) vs direct per client, ``repeat`` pairs per tree, all interleaved."""
+    clients = 100
+    pairs: dict[str, list[dict[str, Any]]] = {arm: [] for arm in trees}
+    for i in range(repeat):
+        arms = list(trees) if i % 2 == 0 else list(reversed(trees))  # alternate which arm runs first
+        for arm in arms:
+            tree = trees[arm]
+            sim = scale_run(work, model_dir, clients, per_round, rounds, num_cpus=1, tree=tree, tag=f"ovh-{arm}-r{i}")
+            direct = direct_run(work / f"direct-{arm}-r{i}", model_dir, per_round, clients, tree=tree)
+            sim_per_client = sim["client_phase_s"] / per_round
+            pair = {"simulated_per_client_s": sim_per_client, "direct_per_client_s": direct["per_client_s"],
+                    "ratio": sim_per_client / direct["per_client_s"], "single_actor_run": sim, "direct": direct}
+            pairs[arm].append(pair)
+            print(f"  {arm:>8} (pair {i + 1}): direct {direct['per_client_s'] * 1000:.1f} ms, simulated "
+                  f"{sim_per_client * 1000:.1f} ms per client (x{pair['ratio']:.2f})", flush=True)
+    summary: dict[str, Any] = {}
+    for arm, mine in pairs.items():
+        ratios = [p["ratio"] for p in mine]
+        summary[arm] = {"tree": str(trees[arm]), "pairs": mine, "ratio_median": _median(ratios),
+                        "ratio_min": min(ratios), "ratio_max": max(ratios),
+                        "direct_per_client_s": _median([p["direct_per_client_s"] for p in mine]),
+                        "simulated_per_client_s": _median([p["simulated_per_client_s"] for p in mine])}
+        summary[arm]["overhead_per_client_s"] = (summary[arm]["simulated_per_client_s"]
+                                                 - summary[arm]["direct_per_client_s"])
+    return summary
+
+
 def _median(values: list[float]) -> float:
     ordered = sorted(values)
     middle = len(ordered) // 2
@@ -250,6 +306,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare-flower-loop", action="store_true",
                         help="also run every scale with Flower's own message loop and hello discovery (before)")
     parser.add_argument("--overhead", action="store_true", help="part 2: simulated vs direct per-client cost")
+    parser.add_argument("--only-overhead", action="store_true", help="part 2 only (implies --overhead)")
+    parser.add_argument("--overhead-repeat", type=int, default=3, help="simulated/direct pairs per checkout")
+    parser.add_argument("--overhead-rounds", type=int, default=6, help="rounds per simulated run (first excluded)")
+    parser.add_argument("--baseline-tree", type=Path, default=None,
+                        help="another checkout (e.g. a git worktree of an older revision) to run part 2 from too")
     parser.add_argument("--work-dir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON here too")
     args = parser.parse_args(argv)
@@ -257,52 +318,55 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="fedsite-bench-scale-"))
     model_dir = make_tiny_bert(work / "tiny-bert")
     per_client = max(1, min(EXAMPLES_PER_CLIENT, TRAIN_ROWS // max(args.clients)))
-    loops = ["flower", "fedsite"] if args.compare_flower_loop else ["fedsite"]
     all_runs: list[dict[str, Any]] = []
-    for repeat in range(args.repeat):  # arms interleaved, so a change in the machine's load hits them all
+    runs: list[dict[str, Any]] = []
+    if not args.only_overhead:
+        loops = ["flower", "fedsite"] if args.compare_flower_loop else ["fedsite"]
+        for repeat in range(args.repeat):  # arms interleaved, so a change in the machine's load hits them all
+            for loop in loops:
+                for n in args.clients:
+                    run = scale_run(work, model_dir, n, args.per_round, args.rounds, per_client=per_client, loop=loop,
+                                    tag=f"{n}-{loop}-r{repeat}")
+                    print(f"  {loop:>7} loop, {n:>6} enrolled (repeat {repeat + 1}): round {run['round_s']:.2f}s, "
+                          f"first round {run['first_round_s']:.2f}s, peak {run['peak_rss_mb']:.0f} MB", flush=True)
+                    all_runs.append(run)
         for loop in loops:
             for n in args.clients:
-                run = scale_run(work, model_dir, n, args.per_round, args.rounds, per_client=per_client, loop=loop,
-                                tag=f"{n}-{loop}-r{repeat}")
-                print(f"  {loop:>7} loop, {n:>6} enrolled (repeat {repeat + 1}): round {run['round_s']:.2f}s, "
-                      f"first round {run['first_round_s']:.2f}s, peak {run['peak_rss_mb']:.0f} MB", flush=True)
-                all_runs.append(run)
-    runs: list[dict[str, Any]] = []
-    for loop in loops:
-        for n in args.clients:
-            mine = [r for r in all_runs if r["loop"] == loop and r["clients"] == n]
-            runs.append({"loop": loop, "clients": n, "per_round": args.per_round, "repeats": len(mine),
-                         "examples_per_client": per_client,
-                         **{key: _median([r[key] for r in mine]) for key in
-                            ("round_s", "first_round_s", "client_phase_s", "peak_rss_mb", "wall_s")}})
-    for run in runs:
-        base = next(r for r in runs if r["loop"] == run["loop"] and r["clients"] == args.clients[0])
-        for key, ratio in (("round_s", "round_ratio"), ("first_round_s", "first_round_ratio"),
-                           ("peak_rss_mb", "memory_ratio")):
-            run[ratio] = run[key] / base[key]
-    print(f"{args.per_round} sampled per round, {per_client} examples per client, {args.rounds} rounds, "
-          f"median of {args.repeat}; ratios to {args.clients[0]} enrolled with the same loop")
-    print(f"{'loop':>7} {'enrolled':>8} {'round s':>8} {'ratio':>6} {'peak MB':>8} {'ratio':>6} "
-          f"{'1st round s':>11} {'ratio':>6}")
-    for run in runs:
-        print(f"{run['loop']:>7} {run['clients']:>8} {run['round_s']:>8.2f} {run['round_ratio']:>6.2f} "
-              f"{run['peak_rss_mb']:>8.0f} {run['memory_ratio']:>6.2f} {run['first_round_s']:>11.2f} "
-              f"{run['first_round_ratio']:>6.2f}")
+                mine = [r for r in all_runs if r["loop"] == loop and r["clients"] == n]
+                runs.append({"loop": loop, "clients": n, "per_round": args.per_round, "repeats": len(mine),
+                             "examples_per_client": per_client,
+                             **{key: _median([r[key] for r in mine]) for key in
+                                ("round_s", "first_round_s", "client_phase_s", "peak_rss_mb", "wall_s")}})
+        for run in runs:
+            base = next(r for r in runs if r["loop"] == run["loop"] and r["clients"] == args.clients[0])
+            for key, ratio in (("round_s", "round_ratio"), ("first_round_s", "first_round_ratio"),
+                               ("peak_rss_mb", "memory_ratio")):
+                run[ratio] = run[key] / base[key]
+        print(f"{args.per_round} sampled per round, {per_client} examples per client, {args.rounds} rounds, "
+              f"median of {args.repeat}; ratios to {args.clients[0]} enrolled with the same loop")
+        print(f"{'loop':>7} {'enrolled':>8} {'round s':>8} {'ratio':>6} {'peak MB':>8} {'ratio':>6} "
+              f"{'1st round s':>11} {'ratio':>6}")
+        for run in runs:
+            print(f"{run['loop']:>7} {run['clients']:>8} {run['round_s']:>8.2f} {run['round_ratio']:>6.2f} "
+                  f"{run['peak_rss_mb']:>8.0f} {run['memory_ratio']:>6.2f} {run['first_round_s']:>11.2f} "
+                  f"{run['first_round_ratio']:>6.2f}")
     result: dict[str, Any] = {"runs": runs, "all_runs": all_runs}
-    if args.overhead:
+    if args.overhead or args.only_overhead:
         # one actor on one CPU against the same clients handled in a plain loop on one thread
-        clients = 100
-        single = scale_run(work, model_dir, clients, min(50, args.per_round), args.rounds, num_cpus=1)
-        direct = direct_overhead(work, model_dir, min(50, args.per_round), clients)
-        sim_per_client = single["client_phase_s"] / min(50, args.per_round)
-        overhead = {"direct_per_client_s": direct["per_client_s"], "simulated_per_client_s": sim_per_client,
-                    "overhead_per_client_s": sim_per_client - direct["per_client_s"],
-                    "ratio": sim_per_client / direct["per_client_s"], "single_actor_run": single}
-        print(f"per client per round, one CPU: direct loop {direct['per_client_s'] * 1000:.1f} ms, simulated "
-              f"{sim_per_client * 1000:.1f} ms (x{overhead['ratio']:.2f}, "
-              f"+{overhead['overhead_per_client_s'] * 1000:.1f} ms per client; client phase only, evaluation and "
-              "aggregation excluded)")
-        result.update(direct=direct, overhead=overhead)
+        trees = {"this": REPO}
+        if args.baseline_tree:
+            trees = {"baseline": args.baseline_tree.resolve(), "this": REPO}
+        per_round = min(50, args.per_round)
+        summary = overhead_pairs(work, model_dir, per_round=per_round, rounds=args.overhead_rounds,
+                                 repeat=args.overhead_repeat, trees=trees)
+        print(f"per client per round, one CPU, {per_round} clients per round, median (min-max) of "
+              f"{args.overhead_repeat} interleaved pairs; client phase only, evaluation and aggregation excluded")
+        for arm, figures in summary.items():
+            print(f"  {arm:>8}: direct {figures['direct_per_client_s'] * 1000:.1f} ms, simulated "
+                  f"{figures['simulated_per_client_s'] * 1000:.1f} ms, simulated / direct "
+                  f"x{figures['ratio_median']:.2f} ({figures['ratio_min']:.2f}-{figures['ratio_max']:.2f})  "
+                  f"[{figures['tree']}]")
+        result.update(overhead=summary)
     if args.out:
         args.out.write_text(json.dumps(result, indent=1) + "\n")
     return 0
