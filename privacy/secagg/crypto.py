@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from functools import lru_cache
 
 import numpy as np
@@ -151,22 +151,40 @@ def combine_secret(shares: list[tuple[int, bytes]]) -> bytes:
 # every secret shared over it; a set with only a few secrets is multiplied out directly.
 
 _IRR = (1 << 128) | 0x87  # x^128 + x^7 + x^2 + x + 1
-_TABLE_MIN_BLOCKS = 4  # fewer 16-byte blocks over one index set: multiply directly (tables cost ~3 blocks)
+_MASK = (1 << 128) - 1
+_SMALL_INDEX = 255  # share indices up to this use coefficients cached per max (neighbourhoods: ~2 log2 n + 1)
+_TABLE_MIN_BLOCKS = 32  # fewer 16-byte blocks over one index set: multiply directly (tables cost ~30 blocks)
+
+
+def _reduce(z: int) -> int:
+    """z (any degree below 256) modulo x^128 + x^7 + x^2 + x + 1: fold the high half twice."""
+    for _ in range(2):
+        high = z >> 128
+        if not high:
+            break
+        z = (z & _MASK) ^ high ^ (high << 1) ^ (high << 2) ^ (high << 7)
+    return z
 
 
 def _gf_mul(a: int, b: int) -> int:
-    """Product in GF(2^128) of two field elements (ints below 2^128)."""
+    """Product in GF(2^128) of two field elements (ints below 2^128); 4-bit windows."""
     if a < b:
         a, b = b, a
+    if b < 256:  # share indices: a few shifts
+        z = 0
+        while b:
+            if b & 1:
+                z ^= a
+            a <<= 1
+            b >>= 1
+        return _reduce(z)
+    window = [0, a, a << 1, (a << 1) ^ a]
+    for i in range(4, 16):
+        window.append(window[i >> 1] << 1 if i % 2 == 0 else window[i - 1] ^ a)
     z = 0
-    while b:
-        if b & 1:
-            z ^= a
-        a <<= 1
-        b >>= 1
-    while z >> 128:
-        z ^= _IRR << (z.bit_length() - 129)
-    return z
+    for shift in range((b.bit_length() - 1) & ~3, -1, -4):
+        z = (z << 4) ^ window[(b >> shift) & 15]
+    return _reduce(z)
 
 
 def _gf_inv(a: int) -> int:
@@ -184,23 +202,61 @@ def _gf_inv(a: int) -> int:
     return g1
 
 
+@lru_cache(maxsize=64)
+def _full_coefficients(top: int) -> tuple[int, ...]:
+    """A_j = prod_{m != j} m / (j + m) over all of m in 1..top, for j = 0..top (entry 0 unused).
+
+    These are the coefficients for the index set 1..top; `lagrange_at_zero` derives any
+    subset's from them.
+    """
+    out = [0]
+    for j in range(1, top + 1):
+        num, den = 1, 1
+        for m in range(1, top + 1):
+            if m != j:
+                num = _gf_mul(num, m)
+                den = _gf_mul(den, j ^ m)
+        out.append(_gf_mul(num, _gf_inv(den)))
+    return tuple(out)
+
+
 @lru_cache(maxsize=1024)
 def lagrange_at_zero(indices: tuple[int, ...]) -> tuple[int, ...]:
-    """The coefficients c_j with secret = sum_j c_j * share_j, for shares at these distinct indices."""
+    """The coefficients c_j with secret = sum_j c_j * share_j, for shares at these distinct indices.
+
+    c_j = prod_{m in S, m != j} x_m / (x_j + x_m) for the index set S. Share indices are
+    small (positions in a neighbourhood) and S is usually 1..max(S) less a few absent
+    indices, so c_j is taken from the set 1..max(S) (cached per max) and corrected for
+    the absent ones: c_j = A_j * prod_{a absent} (x_j + a) / prod_{a absent} a, one
+    inversion per set and one full multiplication per coefficient.
+    """
     for x in indices:
         if isinstance(x, bool) or not isinstance(x, int) or not 0 < x < 2**128:
             raise ValueError(f"share index must be an integer in [1, 2^128), got {x!r}")
     if len(set(indices)) != len(indices):
         raise ValueError(f"duplicate share index in {list(indices)}")
-    coefficients = []
-    for j, xj in enumerate(indices):
-        num, den = 1, 1
-        for m, xm in enumerate(indices):
-            if m != j:
-                num = _gf_mul(num, xm)
-                den = _gf_mul(den, xj ^ xm)
-        coefficients.append(_gf_mul(num, _gf_inv(den)))
-    return tuple(coefficients)
+    top = max(indices)
+    if top > _SMALL_INDEX:  # not a neighbourhood position: the formula as it stands
+        return tuple(
+            _gf_mul(
+                _product(x for m, x in enumerate(indices) if m != j),
+                _gf_inv(_product(xj ^ x for m, x in enumerate(indices) if m != j)),
+            )
+            for j, xj in enumerate(indices)
+        )
+    full = _full_coefficients(top)
+    absent = sorted(set(range(1, top + 1)) - set(indices))
+    if not absent:
+        return tuple(full[x] for x in indices)
+    inverse = _gf_inv(_product(absent))
+    return tuple(_gf_mul(_gf_mul(full[xj], _product(xj ^ a for a in absent)), inverse) for xj in indices)
+
+
+def _product(values: Iterable[int]) -> int:
+    out = 1
+    for v in values:
+        out = _gf_mul(out, v)
+    return out
 
 
 def _tables(coefficients: Sequence[int]) -> npt.NDArray[np.uint64]:

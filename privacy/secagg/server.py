@@ -419,10 +419,11 @@ class SecAggPlusServer:
         """Every secret in `wanted`, rebuilt in one batch, then verified one by one.
 
         Each secret is first rebuilt from the shares of its `threshold` lowest-id
-        holders, as `_reconstruct` does; without dropouts those are the same share
-        indices for every owner, so the batch shares one set of Lagrange
-        coefficients. A secret that fails verification goes through
-        `_reconstruct`'s search for a clean subset.
+        holders, as `_reconstruct` does (so the same holders are audited by the
+        verification); without dropouts those are the same share indices for
+        every owner, one set of Lagrange coefficients for the whole batch. A
+        secret that fails verification goes through `_reconstruct`'s search for a
+        clean subset.
         """
         t = self.threshold
         first: list[list[tuple[int, bytes]]] = []

@@ -86,6 +86,31 @@ def test_table_and_direct_paths_agree(copies: int) -> None:
     assert crypto.combine_secret(batch[0]) == secrets[0]
 
 
+@pytest.mark.parametrize("spread", [30, 300, 2**100])
+def test_any_index_set_recovers_the_constant_term(spread: int) -> None:
+    """Lagrange at 0 from a random polynomial evaluated (by pycryptodome's field) at random
+    indices: small ones (neighbourhood positions, coefficients cached per max index, with
+    indices absent below the max) and large ones (the direct formula)."""
+    rng = random.Random(spread)
+    for _ in range(20):
+        degree = rng.randint(0, 12)
+        poly = [_Element(rng.getrandbits(128)) for _ in range(degree + 1)]
+        xs = list({rng.randrange(1, spread) for _ in range(degree + 1 + rng.randint(0, 3))})
+        if len(xs) < degree + 1:  # a collision among the small ones: too few points this time
+            continue
+
+        def at(x: int, poly: list[Any] = poly) -> bytes:
+            y = _Element(0)
+            for c in reversed(poly):
+                y = y * _Element(x) + c
+            return bytes(y.encode())
+
+        secret = bytes(poly[0].encode())
+        points = [(x, at(x)) for x in xs]
+        assert crypto.combine_secrets([points]) == [secret]  # multiplied out directly
+        assert crypto.combine_secrets([points] * 40) == [secret] * 40  # through the tables
+
+
 def test_share_order_does_not_matter_and_too_few_shares_give_garbage() -> None:
     rng = random.Random(5)
     secret, shares = _shared(rng, 32, 5, 9)
