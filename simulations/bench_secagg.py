@@ -1,26 +1,63 @@
-"""Benchmark: a SecAgg+ round against a plain round, measured side by side.
+"""Benchmark: CPU of the SecAgg+ protocol code alone, against a plain upload's serialise-and-sum.
 
-For each client count it runs, in one process, a plain round (each client
-serializes its float32 vector, the server deserializes and sums) and a secure
-round of privacy.secagg (every message serialized with safetensors both ways,
-as the gRPC driver does), and reports per-client CPU, server CPU and bytes on
-the wire, with the secure/plain ratios. `--prg` compares the candidate mask
-generators; `--flower N` also runs Flower's own SecAgg+ (SecAggPlusWorkflow +
-secaggplus_mod in a Flower simulation) with the same n, vector size and
-threshold, and profiles its building blocks.
+What it measures, in one process, on the same inputs: the aggregation protocol's CPU
+and bytes, nothing else. A plain "round" here is each client serialising its float32
+vector (safetensors) and the server deserialising and summing them; a secure one is
+privacy.secagg's four stages (every message serialised with safetensors both ways, as
+the gRPC driver does). There is no model download, no training, no transport and no
+round engine or Flower driver in these figures: they are not round wall times. It
+reports per-client protocol CPU, server protocol CPU (by stage) and bytes on the wire,
+with the secure/plain ratios.
 
-    python -m simulations.bench_secagg --clients 10 50 100 --size 1000000
+`--dropout F` makes a fraction F of the clients drop after key sharing (never more than
+a neighbourhood tolerates), so the server also rebuilds their mask keys.
+`--compare-scalar-unmask` times the server's unmask stage twice on the same round (a
+copy of the server just before it): with the batched Shamir reconstruction
+(crypto.combine_secrets, the default) and with the earlier scalar path (one
+pycryptodome Shamir.combine per secret), and projects both to `--project` clients by
+a power law through the two largest measured n below it. `--prg` compares the candidate mask
+generators; `--flower` also runs Flower's own SecAgg+ (SecAggPlusWorkflow +
+secaggplus_mod, in-process) with the same n, vector size and threshold;
+`--flower-ray N` times a warm round of Flower's Ray simulation (that one is wall time).
+
+Measured on 2 shared cores (others' jobs running; `nice -n 10`), 1,000 floats, 5 %
+dropouts after key sharing; `experiments/privacy/bench_secagg.json` (medians of 3) and
+`experiments/privacy/bench_secagg_10000.json` (one round):
+
+    python -m simulations.bench_secagg --clients 100 1000 --size 1000 --dropout 0.05 \
+        --repeats 3 --compare-scalar-unmask --json experiments/privacy/bench_secagg.json
+    python -m simulations.bench_secagg --clients 10000 --size 1000 --dropout 0.05 \
+        --repeats 1 --compare-scalar-unmask --json experiments/privacy/bench_secagg_10000.json
+
+    server CPU, batched / scalar Shamir     n = 100         n = 1,000       n = 10,000
+    unmask stage                            0.034           0.026           0.020 projected
+                                            (0.011/0.34 s)  (0.16/5.99 s)   (2.1/107 s)
+                                                                            0.020 measured
+                                                                            (2.1/109 s)
+    all server stages of the protocol       0.091           0.065           0.046 projected
+                                            (0.033/0.36 s)  (0.40/6.23 s)   (5.0/109 s)
+                                                                            0.046 measured
+                                                                            (5.2/112 s)
+
+The projection is a power law through n = 100 and 1,000, per figure; the one measured
+round at 10,000 agrees with it. Of the batched unmask stage at n = 1,000, about a third
+is still Shamir (cProfile; with dropouts the secrets fall into ~80 index sets, most too
+small for the tables); the rest is parsing and checking the replies, the dropped
+clients' pairwise key agreements and the self-mask PRG.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import math
 import os
+import random
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Any
 
@@ -32,30 +69,68 @@ from safetensors.numpy import save as st_save
 from privacy.secagg import SecAggConfig, SecAggPlusClient, SecAggPlusServer, Stage, crypto
 from privacy.secagg.messages import Payload
 
+MEASURES = (
+    "CPU of the aggregation protocol code only (serialise, mask, sum, unmask, in one process); "
+    "no model download, training, transport, round engine or Flower driver: not a round's wall time"
+)
+
 
 @dataclass
 class Figures:
-    """One measured configuration."""
+    """One measured configuration: protocol CPU (s) and bytes, plain vs secure."""
 
     clients: int
     size: int
-    plain_client_cpu_s: float
-    plain_server_cpu_s: float
+    dropped: int
+    plain_client_protocol_cpu_s: float
+    plain_server_protocol_cpu_s: float
     plain_bytes: int
-    secure_client_cpu_s: float
-    secure_server_cpu_s: float
+    secure_client_protocol_cpu_s: float
+    secure_server_protocol_cpu_s: float
     secure_bytes: int
-    secure_server_stage_cpu_s: dict[str, float]
-    secure_client_stage_cpu_s: dict[str, float]
+    secure_server_stage_protocol_cpu_s: dict[str, float]
+    secure_client_stage_protocol_cpu_s: dict[str, float]
     max_abs_error: float
     error_bound: float
+    #: the unmask stage on a copy of the same server with the scalar path (--compare-scalar-unmask)
+    scalar_unmask_cpu_s: float | None = None
 
     def ratios(self) -> dict[str, float]:
         return {
-            "client_cpu": self.secure_client_cpu_s / self.plain_client_cpu_s,
-            "server_cpu": self.secure_server_cpu_s / self.plain_server_cpu_s,
+            "client_protocol_cpu": self.secure_client_protocol_cpu_s / self.plain_client_protocol_cpu_s,
+            "server_protocol_cpu": self.secure_server_protocol_cpu_s / self.plain_server_protocol_cpu_s,
             "bytes": self.secure_bytes / self.plain_bytes,
         }
+
+    def unmask(self) -> dict[str, float] | None:
+        """Batched vs scalar reconstruction: the unmask stage and the server's whole protocol CPU."""
+        if self.scalar_unmask_cpu_s is None:
+            return None
+        batched = self.secure_server_stage_protocol_cpu_s["unmask"]
+        scalar = self.scalar_unmask_cpu_s
+        other = self.secure_server_protocol_cpu_s - batched
+        return {
+            "unmask_batched_cpu_s": batched,
+            "unmask_scalar_cpu_s": scalar,
+            "unmask_batched_over_scalar": batched / scalar,
+            "server_batched_cpu_s": other + batched,
+            "server_scalar_cpu_s": other + scalar,
+            "server_batched_over_scalar": (other + batched) / (other + scalar),
+        }
+
+
+@dataclass
+class SecureRun:
+    """What one secure round cost (CPU seconds, bytes) and the server that ran it."""
+
+    client_cpu_s: float
+    server_cpu_s: float
+    bytes: int
+    server_stage_cpu_s: dict[str, float]
+    client_stage_cpu_s: dict[str, float]
+    server: SecAggPlusServer
+    dropped: set[int] = field(default_factory=set)
+    scalar_unmask_cpu_s: float | None = None
 
 
 def _wire(payload: Payload) -> bytes:
@@ -77,7 +152,7 @@ def _server_turn(server: SecAggPlusServer, replies: dict[int, bytes]) -> dict[in
 
 
 def plain_round(inputs: dict[int, npt.NDArray[np.float32]]) -> tuple[float, float, int]:
-    """Mean client CPU, server CPU and bytes of a plain (unmasked) float32 upload round."""
+    """Mean client CPU, server CPU and bytes of a plain (unmasked) float32 upload: serialise, sum."""
     client_cpu, uploads = 0.0, {}
     for cid, vec in inputs.items():
         uploads[cid], t = _cpu(partial(_wire, {"update": vec}))
@@ -93,10 +168,38 @@ def plain_round(inputs: dict[int, npt.NDArray[np.float32]]) -> tuple[float, floa
     return client_cpu / len(inputs), server_cpu, sum(len(b) for b in uploads.values())
 
 
+def pick_dropouts(server: SecAggPlusServer, fraction: float, seed: int) -> set[int]:
+    """About `fraction` of the clients, at random, without any neighbourhood losing more than it tolerates."""
+    want = round(fraction * len(server.client_ids))
+    tolerated = server.neighbourhood_size - server.threshold
+    lost = dict.fromkeys(server.client_ids, 0)  # owner -> dropped members of its neighbourhood
+    order = list(server.client_ids)
+    random.Random(f"dropouts {seed}").shuffle(order)  # not Random(seed): that built the graph's ring
+    dropped: set[int] = set()
+    for cid in order:
+        if len(dropped) >= want:
+            break
+        hood = [cid, *server.neighbours[cid]]  # the graph is symmetric: cid is in these owners' neighbourhoods
+        if all(lost[o] < tolerated for o in hood):
+            dropped.add(cid)
+            for o in hood:
+                lost[o] += 1
+    return dropped
+
+
 def secure_round(
-    inputs: dict[int, npt.NDArray[np.float32]], config: SecAggConfig, seed: int = 0
-) -> tuple[float, float, int, dict[str, float], dict[str, float], SecAggPlusServer]:
-    """Same for a SecAgg+ round; every message goes through safetensors bytes."""
+    inputs: dict[int, npt.NDArray[np.float32]],
+    config: SecAggConfig,
+    seed: int = 0,
+    dropout: float = 0.0,
+    compare_scalar: bool = False,
+) -> SecureRun:
+    """Same for a SecAgg+ round; every message goes through safetensors bytes.
+
+    Clients in the dropout set send no masked input (nor anything after). With
+    `compare_scalar`, the unmask stage also runs on a deep copy of the server
+    with `batch_reconstruction = False`; the two results must be identical.
+    """
     ids = sorted(inputs)
     size = inputs[ids[0]].shape[0]
     clients = {cid: SecAggPlusClient(cid) for cid in ids}
@@ -105,6 +208,8 @@ def secure_round(
     client_stage: dict[str, float] = {}
     nbytes = 0
     server = SecAggPlusServer(config, 1, ids, size, seed=seed)
+    dropped = pick_dropouts(server, dropout, seed) if dropout > 0 else set()
+    scalar_cpu: float | None = None
 
     def server_call(stage: str, fn: Callable[[], dict[int, Payload]]) -> dict[int, bytes]:
         def run() -> dict[int, bytes]:
@@ -115,52 +220,85 @@ def secure_round(
         return out
 
     outgoing = server_call("start", server.start)
+    twin: SecAggPlusServer | None = None
     while not server.done:
         stage = str(server.stage)
         replies: dict[int, bytes] = {}
         for cid, blob in outgoing.items():
             nbytes += len(blob)
+            if stage == Stage.MASKED_INPUT and cid in dropped:
+                continue
             vec = inputs[cid] if stage == Stage.MASKED_INPUT else None
             replies[cid], t = _cpu(partial(_client_turn, clients[cid], blob, vec))
             client_cpu += t
             client_stage[stage] = client_stage.get(stage, 0.0) + t / len(ids)
             nbytes += len(replies[cid])
+        if stage == Stage.UNMASK and compare_scalar:
+            twin = copy.deepcopy(server)
+            twin.batch_reconstruction = False
+            # alternate which path runs first, so neither always inherits a warm or cold cache
+            if seed % 2 == 0:
+                _, scalar_cpu = _cpu(partial(_server_turn, twin, replies))
         outgoing = server_call(stage, partial(_server_turn, server, replies))
-    return (
+        if twin is not None and scalar_cpu is None:
+            _, scalar_cpu = _cpu(partial(_server_turn, twin, replies))
+    if twin is not None and not np.array_equal(twin.result(), server.result()):
+        raise AssertionError("the scalar and batched unmask paths disagree")
+    return SecureRun(
         client_cpu / len(ids),
         sum(server_cpu.values()),
         nbytes,
         server_cpu,
         client_stage,
         server,
+        dropped,
+        scalar_cpu,
     )
 
 
-def measure(n: int, size: int, config: SecAggConfig, repeats: int = 1, seed: int = 0) -> Figures:
+def measure(
+    n: int,
+    size: int,
+    config: SecAggConfig,
+    repeats: int = 1,
+    seed: int = 0,
+    dropout: float = 0.0,
+    compare_scalar: bool = False,
+) -> Figures:
     """Plain and secure rounds on the same inputs; CPU figures are medians over `repeats`."""
     rng = np.random.default_rng(seed)
     c = config.clipping_range
     inputs = {i: rng.uniform(-c, c, size).astype(np.float32) for i in range(n)}
     plains = [plain_round(inputs) for _ in range(repeats)]
-    secures = [secure_round(inputs, config, seed + r) for r in range(repeats)]
-    server = secures[-1][-1]
+    secures = [secure_round(inputs, config, seed + r, dropout, compare_scalar) for r in range(repeats)]
+    server = secures[-1].server
     exact = np.sum([inputs[i].astype(np.float64) for i in server.included_clients], axis=0)
     err = float(np.abs(server.result() - exact).max())
     med = lambda xs: float(np.median(xs))  # noqa: E731
+    scalar = [s.scalar_unmask_cpu_s for s in secures if s.scalar_unmask_cpu_s is not None]
     return Figures(
         n,
         size,
+        len(secures[-1].dropped),
         med([p[0] for p in plains]),
         med([p[1] for p in plains]),
         plains[0][2],
-        med([s[0] for s in secures]),
-        med([s[1] for s in secures]),
-        secures[0][2],
-        {k: med([s[3][k] for s in secures]) for k in secures[0][3]},
-        {k: med([s[4][k] for s in secures]) for k in secures[0][4]},
+        med([s.client_cpu_s for s in secures]),
+        med([s.server_cpu_s for s in secures]),
+        secures[0].bytes,
+        {k: med([s.server_stage_cpu_s[k] for s in secures]) for k in secures[0].server_stage_cpu_s},
+        {k: med([s.client_stage_cpu_s[k] for s in secures]) for k in secures[0].client_stage_cpu_s},
         err,
         server.error_bound,
+        med(scalar) if scalar else None,
     )
+
+
+def project(points: list[tuple[int, float]], target: int) -> float:
+    """Power law through the two largest (n, seconds) points, evaluated at `target`."""
+    (n1, t1), (n2, t2) = sorted(points)[-2:]
+    exponent = math.log(t2 / t1) / math.log(n2 / n1)
+    return t2 * (target / n2) ** exponent
 
 
 # ---------------------------------------------------------------------- Flower's SecAgg+
@@ -385,11 +523,11 @@ def _print_flower(n: int, size: int, clip: float, ours: Figures | None) -> dict[
         extra = {
             "client_cpu": (
                 secure["client_cpu_s"] - plain["client_cpu_s"],
-                ours.secure_client_cpu_s - ours.plain_client_cpu_s,
+                ours.secure_client_protocol_cpu_s - ours.plain_client_protocol_cpu_s,
             ),
             "server_cpu": (
                 secure["server_cpu_s"] - plain["server_cpu_s"],
-                ours.secure_server_cpu_s - ours.plain_server_cpu_s,
+                ours.secure_server_protocol_cpu_s - ours.plain_server_protocol_cpu_s,
             ),
             "bytes": (secure["bytes"] - plain["bytes"], ours.secure_bytes - ours.plain_bytes),
         }
@@ -410,13 +548,23 @@ def _print_flower(n: int, size: int, clip: float, ours: Figures | None) -> dict[
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m simulations.bench_secagg",
-        description="SecAgg+ round vs plain round: client CPU, server CPU, bytes (ratios).",
+        description="CPU of the SecAgg+ protocol code alone vs a plain upload's serialise-and-sum "
+        "(client CPU, server CPU by stage, bytes; ratios). Not round wall time.",
     )
     parser.add_argument("--clients", type=int, nargs="+", default=[10, 50, 100])
     parser.add_argument("--size", type=int, default=1_000_000, help="floats per vector")
     parser.add_argument("--threshold", type=float, default=0.66)
     parser.add_argument("--clip", type=float, default=1.0, help="clipping range c")
     parser.add_argument("--repeats", type=int, default=3, help="report medians over this many")
+    parser.add_argument("--dropout", type=float, default=0.0, help="fraction of clients that drop after key sharing")
+    parser.add_argument(
+        "--compare-scalar-unmask",
+        action="store_true",
+        help="also time the unmask stage with the earlier scalar Shamir path, on a copy of the same server",
+    )
+    parser.add_argument(
+        "--project", type=int, default=10_000, help="project the unmask comparison to this many clients"
+    )
     parser.add_argument("--prg", action="store_true", help="also compare mask generators")
     parser.add_argument(
         "--flower",
@@ -433,8 +581,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", default="", help="write the figures to this JSON file")
     args = parser.parse_args(argv)
+    if not 0.0 <= args.dropout < 1.0:
+        parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
     config = SecAggConfig(clipping_range=args.clip, threshold=args.threshold)
-    report: dict[str, Any] = {"size": args.size, "threshold": args.threshold, "rounds": []}
+    report: dict[str, Any] = {
+        "measures": MEASURES,
+        "size": args.size,
+        "threshold": args.threshold,
+        "dropout": args.dropout,
+        "repeats": args.repeats,
+        "rounds": [],
+    }
 
     if args.prg:
         prg = bench_prg(args.size)
@@ -443,29 +600,62 @@ def main(argv: list[str] | None = None) -> int:
         for name, ms in prg.items():
             print(f"  {name:28s} {ms:8.2f}")
 
+    print(f"SecAgg+ vs plain upload, {MEASURES}; {args.size} floats, medians of {args.repeats}")
     print(
-        f"{'n':>4} {'client s plain/secure':>22} {'x':>6} {'server s plain/secure':>22} "
+        f"{'n':>5} {'client CPU s plain/secure':>26} {'x':>6} {'server CPU s plain/secure':>26} "
         f"{'x':>6} {'MB plain/secure':>18} {'x':>5}  max err / bound"
     )
     figures: dict[int, Figures] = {}
     for n in args.clients:
-        fig = figures[n] = measure(n, args.size, config, args.repeats)
+        fig = figures[n] = measure(
+            n, args.size, config, args.repeats, dropout=args.dropout, compare_scalar=args.compare_scalar_unmask
+        )
         r = fig.ratios()
-        report["rounds"].append({**asdict(fig), "ratios": r})
+        report["rounds"].append({**asdict(fig), "ratios": r, "unmask_comparison": fig.unmask()})
         print(
-            f"{n:>4} {fig.plain_client_cpu_s:10.4f}/{fig.secure_client_cpu_s:<11.4f} "
-            f"{r['client_cpu']:6.1f} {fig.plain_server_cpu_s:10.3f}/"
-            f"{fig.secure_server_cpu_s:<11.3f} {r['server_cpu']:6.1f} "
+            f"{n:>5} {fig.plain_client_protocol_cpu_s:12.4f}/{fig.secure_client_protocol_cpu_s:<13.4f} "
+            f"{r['client_protocol_cpu']:6.1f} {fig.plain_server_protocol_cpu_s:12.3f}/"
+            f"{fig.secure_server_protocol_cpu_s:<13.3f} {r['server_protocol_cpu']:6.1f} "
             f"{fig.plain_bytes / 1e6:8.1f}/{fig.secure_bytes / 1e6:<9.1f} "
             f"{r['bytes']:5.3f}  {fig.max_abs_error:.2e} / {fig.error_bound:.2e}"
         )
         for who, stages in (
-            ("server", fig.secure_server_stage_cpu_s),
-            ("client", fig.secure_client_stage_cpu_s),
+            ("server", fig.secure_server_stage_protocol_cpu_s),
+            ("client", fig.secure_client_stage_protocol_cpu_s),
         ):
             text = ", ".join(f"{k} {v:.4f}" for k, v in stages.items())
             print(f"      {who} CPU by stage (s): {text}")
+        cmp = fig.unmask()
+        if cmp is not None:
+            print(
+                f"      {fig.dropped} dropped; server unmask CPU batched/scalar {cmp['unmask_batched_cpu_s']:.3f}/"
+                f"{cmp['unmask_scalar_cpu_s']:.3f} s (x{cmp['unmask_batched_over_scalar']:.3f}); all server "
+                f"stages {cmp['server_batched_cpu_s']:.3f}/{cmp['server_scalar_cpu_s']:.3f} s "
+                f"(x{cmp['server_batched_over_scalar']:.3f})"
+            )
         sys.stdout.flush()
+
+    compared = {n: f.unmask() for n, f in figures.items() if f.unmask() is not None and n < args.project}
+    if len(compared) >= 2:
+        projected = {
+            key: project([(n, c[key]) for n, c in compared.items() if c is not None], args.project)
+            for key in ("unmask_batched_cpu_s", "unmask_scalar_cpu_s", "server_batched_cpu_s", "server_scalar_cpu_s")
+        }
+        projected["unmask_batched_over_scalar"] = projected["unmask_batched_cpu_s"] / projected["unmask_scalar_cpu_s"]
+        projected["server_batched_over_scalar"] = projected["server_batched_cpu_s"] / projected["server_scalar_cpu_s"]
+        report["projection"] = {
+            "clients": args.project,
+            "method": "per figure, a power law t = a * n^b through the two largest measured n below it",
+            **projected,
+        }
+        print(
+            f"{args.project:>5} projected (power law through the two largest n below): server unmask CPU "
+            f"batched/scalar "
+            f"{projected['unmask_batched_cpu_s']:.2f}/{projected['unmask_scalar_cpu_s']:.2f} s "
+            f"(x{projected['unmask_batched_over_scalar']:.3f}); all server stages "
+            f"{projected['server_batched_cpu_s']:.2f}/{projected['server_scalar_cpu_s']:.2f} s "
+            f"(x{projected['server_batched_over_scalar']:.3f})"
+        )
 
     if args.flower:
         print("Flower SecAgg+ (SecAggPlusWorkflow + secaggplus_mod), same n, size, threshold:")
@@ -483,6 +673,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(report, fh, indent=2)
+            fh.write("\n")
     return 0
 
 
