@@ -47,6 +47,7 @@ from protos.codec import (
     sha256_hex,
 )
 from protos.metadata import RETRY_AFTER_KEY, session_metadata
+from protos.wire import DeclineReason, Stage, refusal
 
 log = logging.getLogger("fedsite.client")
 
@@ -397,18 +398,18 @@ class Agent:
                 reply = runtime.handle(message)
             except Exception as exc:  # report, don't die: the coordinator counts it as a failed client
                 log.exception("task failed")
-                reply = Message(round=message.round, stage="error", config={"reason": str(exc)[:500]})
+                reply = refusal(message.round, DeclineReason.FAILED, str(exc)[:500], stage=Stage.ERROR)
         if not alive.is_set():
             log.warning("round %d: the coordinator stopped waiting for this task; not uploading", task.round)
             return
-        if reply.stage == "error":
+        if reply.stage == Stage.ERROR:
             self.task_errors += 1
         if not self._upload(task.task_id, reply, creds):
             return
-        if reply.stage == "error":
+        if reply.stage == Stage.ERROR:
             log.error("round %d: %s failed here; the coordinator was told (%s)", task.round, label,
                       reply.config.get("reason", ""))
-        elif reply.stage == "declined":
+        elif reply.stage == Stage.DECLINED:
             log.warning("round %d: %s declined (%s)", task.round, label, reply.config.get("reason", ""))
         else:
             log.info("round %d: %s reply accepted", task.round, label)

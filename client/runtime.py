@@ -24,7 +24,6 @@ import numpy as np
 import torch
 
 from client.trainer import PrivatizeFn, TrainSettings, data_generator, is_head_parameter, train_steps
-from coordinator.engine import DECLINED, ERROR, SECAGG, TRAIN
 from emulator.lora import load_trainable_state, trainable_state
 from emulator.package import JobSpec, load_trainable_model
 from emulator.prefix import (
@@ -47,9 +46,21 @@ from privacy.accounting import (
 )
 from privacy.client_dp import ClientDPError, clip_update, distributed_noise_share
 from privacy.local_dp import make_private, unwrap
-from privacy.secagg import SecAggError, SecAggPlusClient, Stage
+from privacy.secagg import SecAggError, SecAggPlusClient
+from privacy.secagg import Stage as SecAggStage
 from privacy.secagg.messages import read_header
 from protos.codec import Message, flatten_state, numpy_to_tensors
+from protos.wire import (
+    VERSION_KEY,
+    WIRE_VERSION,
+    ClientReport,
+    DeclineReason,
+    SecAggInstruction,
+    Stage,
+    TrainInstruction,
+    WireVersionError,
+    refusal,
+)
 
 log = logging.getLogger("fedsite.client")
 
@@ -127,50 +138,53 @@ class ClientRuntime:
         return self._ledger
 
     def handle(self, message: Message) -> Message:
-        if message.stage == TRAIN:
-            return self.train(message)
-        if message.stage == SECAGG:
-            return self.secure_step(message)
+        try:
+            if message.stage == Stage.TRAIN:
+                return self.train(message)
+            if message.stage == Stage.SECAGG:
+                return self.secure_step(message)
+        except WireVersionError as exc:  # another fedsite release: say so, in the reply and here
+            log.error("round %d: cannot read the coordinator's message: %s", message.round, exc)
+            return refusal(message.round, DeclineReason.WIRE_VERSION, str(exc), stage=Stage.ERROR)
         raise ClientError(f"unknown stage {message.stage!r}")
 
     # -- training -------------------------------------------------------------------------
 
     def train(self, message: Message) -> Message:
-        cfg: dict[str, Any] = message.config
+        instruction = TrainInstruction.from_config(message.config)
         settings = TrainSettings(
-            local_steps=int(cfg["local_steps"]), batch_size=int(cfg["batch_size"]), lr=float(cfg["lr"]),
-            weight_decay=float(cfg.get("weight_decay", 0.0)), seed=int(cfg.get("seed", 0)),
-            head_lr=float(cfg.get("head_lr", 0.0)), physical_batch_size=int(cfg.get("physical_batch_size", 0)),
+            local_steps=instruction.local_steps, batch_size=instruction.batch_size, lr=instruction.lr,
+            weight_decay=instruction.weight_decay, seed=instruction.seed, head_lr=instruction.head_lr,
+            physical_batch_size=instruction.physical_batch_size,
         )
         global_state = {k: v for k, v in message.tensors.items() if not k.startswith(SECAGG_PREFIX)}
         load_trainable_state(self.model, global_state)
-        local_dp: dict[str, Any] | None = cfg.get("local_dp")
+        local_dp = instruction.local_dp
         privatize: PrivatizeFn | None = None
         report: dict[str, Any] = {}
         if local_dp:
-            ledger = self.ledger(str(local_dp.get("accountant", "rdp")))
-            delta_dp = float(local_dp["delta"])
-            target = local_dp.get("target_epsilon")
-            rounds_left = max(1, int(local_dp.get("rounds", message.round)) - message.round + 1)
+            ledger = self.ledger(local_dp.accountant)
+            rounds_left = max(1, local_dp.rounds - message.round + 1)
             try:
                 sigma, sample_rate = plan_noise_multiplier(
                     examples=len(self.data), batch_size=settings.batch_size,
-                    steps=rounds_left * settings.local_steps, delta=delta_dp, ledger=ledger,
-                    target_epsilon=float(target) if target is not None else None,
-                    noise_multiplier=float(local_dp["noise_multiplier"]) if target is None else None)
+                    steps=rounds_left * settings.local_steps, delta=local_dp.delta, ledger=ledger,
+                    target_epsilon=local_dp.target_epsilon,
+                    noise_multiplier=local_dp.noise_multiplier if local_dp.target_epsilon is None else None)
                 epsilon_after = check_budget(
                     ledger, noise_multiplier=sigma, sample_rate=sample_rate, steps=settings.local_steps,
-                    delta=delta_dp, max_epsilon=float(local_dp["max_epsilon"]))
+                    delta=local_dp.delta, max_epsilon=local_dp.max_epsilon)
             except PrivacyBudgetExhausted as exc:
                 log.warning("round %d: declining to train: privacy budget exhausted (%s)", message.round, exc)
-                return Message(round=message.round, stage=DECLINED,
-                               config={"reason": str(exc), "epsilon": ledger.epsilon(delta_dp)})
+                return refusal(message.round, DeclineReason.BUDGET_EXHAUSTED, str(exc),
+                               report=ClientReport(epsilon=ledger.epsilon(local_dp.delta)))
             except PrivacyPlanError as exc:
                 log.error("round %d: declining to train: %s", message.round, exc)
-                return Message(round=message.round, stage=DECLINED,
-                               config={"reason": f"DP plan: {exc}", "epsilon": ledger.epsilon(delta_dp)})
+                return refusal(message.round, DeclineReason.DP_PLAN, f"DP plan: {exc}",
+                               report=ClientReport(epsilon=ledger.epsilon(local_dp.delta)))
 
-            head_fraction = float(local_dp.get("head_clip_fraction", 0.0))
+            head_fraction = local_dp.head_clip_fraction
+            max_grad_norm = local_dp.max_grad_norm
 
             def privatize(model, optimizer, loader):
                 groups = None
@@ -178,12 +192,12 @@ class ClientRuntime:
                     head = [p for n, p in model.named_parameters() if p.requires_grad and is_head_parameter(model, n)]
                     groups = (head, head_fraction) if head else None
                 return make_private(model, optimizer, loader, noise_multiplier=sigma,
-                                    max_grad_norm=float(local_dp["max_grad_norm"]), ledger=ledger, clip_groups=groups)
+                                    max_grad_norm=max_grad_norm, ledger=ledger, clip_groups=groups)
 
             report["epsilon_expected"] = epsilon_after
             report["noise_multiplier"] = sigma
         generator = data_generator(settings.seed, message.round, self.data_seed)
-        prefix = self.frozen_prefix() if cfg.get("cache_frozen_prefix") else None
+        prefix = self.frozen_prefix() if instruction.cache_frozen_prefix else None
         try:
             # dropout draws from torch's global RNG: seed it per (job, round, client data) so a round
             # is reproducible whichever process or driver runs it. DP noise has its own OS-seeded generator.
@@ -196,32 +210,28 @@ class ClientRuntime:
                 unwrap(prefix.view if prefix is not None else self.model)
         if local_dp:
             ledger.record(noise_multiplier=sigma, sample_rate=sample_rate, steps=settings.local_steps)
-            report["epsilon"] = ledger.epsilon(float(local_dp["delta"]))
-            report["delta"] = float(local_dp["delta"])
+            report["epsilon"] = ledger.epsilon(local_dp.delta)
+            report["delta"] = local_dp.delta
         new_state = trainable_state(self.model)
         delta = {name: new_state[name] - global_state[name].to(torch.float32) for name in new_state}
         if not all(torch.isfinite(t).all() for t in delta.values()):
-            return Message(round=message.round, stage=DECLINED,
-                           config={"reason": "local training diverged (non-finite update)", **report})
-        client_dp: dict[str, Any] | None = cfg.get("client_dp")
+            return refusal(message.round, DeclineReason.DIVERGED, "local training diverged (non-finite update)",
+                           report=ClientReport(**report))
+        client_dp = instruction.client_dp
         if client_dp:
             try:
-                delta, norm = clip_update(delta, float(client_dp["clip_norm"]))
+                delta, norm = clip_update(delta, client_dp.clip_norm)
             except ClientDPError as exc:
-                return Message(round=message.round, stage=DECLINED, config={"reason": str(exc), **report})
+                return refusal(message.round, DeclineReason.CLIENT_DP, str(exc), report=ClientReport(**report))
             report["update_norm"] = norm
-            if client_dp.get("distributed"):
+            if client_dp.distributed:
                 noise_seed = int.from_bytes(os.urandom(8), "little")  # predictable noise could be subtracted
                 delta = distributed_noise_share(
-                    delta, clip_norm=float(client_dp["clip_norm"]),
-                    noise_multiplier=float(client_dp["noise_multiplier"]),
-                    num_clients=int(client_dp["num_clients"]),
-                    generator=torch.Generator().manual_seed(noise_seed))
-        return Message(
-            round=message.round, stage=TRAIN, tensors=delta,
-            config={"num_examples": len(self.data), "train_loss": result.loss, "steps": result.steps,
-                    "seconds_train": result.seconds, **report},
-        )
+                    delta, clip_norm=client_dp.clip_norm, noise_multiplier=client_dp.noise_multiplier,
+                    num_clients=client_dp.num_clients, generator=torch.Generator().manual_seed(noise_seed))
+        done = ClientReport(num_examples=len(self.data), train_loss=result.loss, steps=result.steps,
+                            seconds_train=result.seconds, **report)
+        return Message(round=message.round, stage=Stage.TRAIN, tensors=delta, config=done.to_config())
 
     # -- secure aggregation ---------------------------------------------------------------
 
@@ -236,27 +246,31 @@ class ClientRuntime:
 
     def secure_step(self, message: Message) -> Message:
         """One SecAgg+ stage; at the masked-input stage, train first and mask the update."""
-        cfg = message.config
         payload = {k[len(SECAGG_PREFIX):]: v.numpy() for k, v in message.tensors.items()
                    if k.startswith(SECAGG_PREFIX)}
         try:
+            instruction = SecAggInstruction.from_config(message.config)
             _, stage, _, _ = read_header(payload, "coordinator message")
-            if stage == Stage.SETUP:
-                self.secagg = SecAggPlusClient(int(cfg["secagg_id"]))
+            if stage == SecAggStage.SETUP:
+                self.secagg = SecAggPlusClient(instruction.client_index)
             if self.secagg is None:
                 raise ClientError(f"secure aggregation stage {stage!r} before setup")
-            vector, report = None, {}
-            if stage == Stage.MASKED_INPUT:
+            vector = None
+            report: dict[str, Any] = {VERSION_KEY: WIRE_VERSION}
+            if stage == SecAggStage.MASKED_INPUT:
                 trained = self.train(message)
-                if trained.stage != TRAIN:
+                if trained.stage != Stage.TRAIN:
                     return trained
-                report = dict(trained.config)
-                weight = 1.0 if cfg.get("client_dp") else min(1.0, len(self.data) / float(cfg["secagg_weight_cap"]))
+                report = dict(trained.config)  # the training report, with the weight this client declares
+                capped = min(1.0, len(self.data) / instruction.weight_cap)
+                weight = 1.0 if instruction.train is not None and instruction.train.client_dp else capped
                 vector = self.masked_input_vector(trained, weight, self.secagg.state.clipping_range)
                 report["secagg_weight"] = weight
             reply = self.secagg.handle(payload, input_vector=vector)
+        except WireVersionError:
+            raise
         except (SecAggError, ClientError, KeyError, ValueError) as exc:
             log.warning("round %d: secure aggregation step refused: %s", message.round, exc)
-            return Message(round=message.round, stage=ERROR, config={"reason": f"secure aggregation: {exc}"})
-        return Message(round=message.round, stage=SECAGG, config=report,
+            return refusal(message.round, DeclineReason.SECAGG, f"secure aggregation: {exc}", stage=Stage.ERROR)
+        return Message(round=message.round, stage=Stage.SECAGG, config=report,
                        tensors=numpy_to_tensors({SECAGG_PREFIX + k: v for k, v in reply.items()}))

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from coordinator.engine import Exchange
 from coordinator.registry import ClientRegistry
 from protos.codec import CodecError, Message, decode_message, encode_message, sha256_hex
+from protos.wire import Stage
 
-REPLY_STAGES_ALWAYS_ALLOWED = ("declined", "error")
+REPLY_STAGES_ALWAYS_ALLOWED = (Stage.DECLINED, Stage.ERROR)
 
 
 class TaskError(Exception):

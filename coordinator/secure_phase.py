@@ -18,30 +18,22 @@ from __future__ import annotations
 import numpy as np
 
 from coordinator.bounds import secure_clipping_range
-from coordinator.engine import (
-    DECLINED,
-    ERROR,
-    SECAGG,
-    Driver,
-    RoundEngine,
-    RoundFailed,
-    RoundOutcome,
-    client_privacy_metrics,
-)
-from coordinator.replies import ClientReport
+from coordinator.rounds import Driver, RoundContext, RoundFailed, RoundOutcome, client_privacy_metrics
 from privacy.secagg import SecAggAborted, SecAggConfig, SecAggPlusServer
 from privacy.secagg.messages import read_header
 from protos.codec import Message, numpy_to_tensors, unflatten_state
+from protos.wire import ClientReport, SecAggInstruction, Stage
 
 PREFIX = "secagg/"
 MASKED_INPUT = "masked_input"
 
 
-def secure_client_phase(engine: RoundEngine, round_id: int, sampled: list[str], driver: Driver) -> RoundOutcome:
+def secure_client_phase(engine: RoundContext, round_id: int, sampled: list[str], driver: Driver) -> RoundOutcome:
     settings = engine.config.privacy.secure_aggregation
     ids = {cid: i for i, cid in enumerate(sorted(sampled))}
     names = {i: cid for cid, i in ids.items()}
     train = engine.train_message(round_id, len(sampled))
+    instruction = engine.train_instruction(len(sampled))
     template = train.tensors
     vector_size = sum(t.numel() for t in template.values()) + 1  # + the weight
     clipping_range = secure_clipping_range(engine.config, template, len(sampled))
@@ -58,18 +50,18 @@ def secure_client_phase(engine: RoundEngine, round_id: int, sampled: list[str], 
         stage = ""
         for i, payload in outgoing.items():
             _, stage, _, _ = read_header(payload, "server message")
-            config = {"secagg_id": i, "secagg_stage": stage, "secagg_weight_cap": settings.weight_cap}
             tensors = numpy_to_tensors({PREFIX + k: v for k, v in payload.items()})
             if stage == MASKED_INPUT:
-                config.update(train.config)
                 tensors.update(template)
-            messages[names[i]] = Message(round_id, SECAGG, config, tensors)
+            config = SecAggInstruction(client_index=i, secagg_stage=stage, weight_cap=settings.weight_cap,
+                                       train=instruction if stage == MASKED_INPUT else None).to_config()
+            messages[names[i]] = Message(round_id, Stage.SECAGG, config, tensors)
         result = engine.exchange(driver, round_id, messages)
         replies = {}
         for cid, reply in result.replies.items():
             report = result.reports[cid]
-            if reply.stage in (DECLINED, ERROR) or reply.stage != SECAGG:
-                engine.round_stats["failures"][cid] = f"{reply.stage}: {report.reason}"
+            if reply.stage != Stage.SECAGG:  # declined, failed, or answered something else
+                engine.round_stats.failures[cid] = f"{reply.stage}: {report.reason}"
                 reports[cid] = report
                 continue
             if stage == MASKED_INPUT:
@@ -83,7 +75,7 @@ def secure_client_phase(engine: RoundEngine, round_id: int, sampled: list[str], 
         except SecAggAborted as exc:
             raise RoundFailed(f"secure aggregation aborted: {exc}") from exc
         for i, reason in server.rejected.items():
-            if names[i] not in engine.round_stats["rejected"]:
+            if names[i] not in engine.round_stats.rejected:
                 engine.reject(names[i], f"secure aggregation: {reason}")
     total = server.result()
     completed = [names[i] for i in server.included_clients]

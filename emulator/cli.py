@@ -39,6 +39,7 @@ from transformers.utils import logging as hf_logging
 
 from emulator import models
 from emulator.architectures import UnsupportedArchitectureError, spec_for
+from emulator.batching import encode
 from emulator.distill import DistillConfig, DistillError, distill, read_text_corpus
 from emulator.evaluation import (
     ALL_ROWS,
@@ -46,7 +47,6 @@ from emulator.evaluation import (
     EXTRA_ROWS,
     EvaluationDataError,
     TrainConfig,
-    encode,
     evaluate_offsite,
     prompt_of,
     read_labelled,

@@ -47,7 +47,8 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from emulator.architectures import transformer_blocks
-from emulator.evaluation import Encoded, _open_text, collate, encode, pad_id_of, shuffled_batches
+from emulator.batching import Encoded, collate, encode, pad_id_of, shuffled_batches
+from emulator.evaluation import _open_text
 from emulator.offsite import EmulatorError, EmulatorLayout
 from emulator.progress import StepProgress
 

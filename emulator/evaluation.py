@@ -33,13 +33,14 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from emulator.architectures import spec_for
+from emulator.batching import Encoded, collate, pad_id_of, shuffled_batches
 from emulator.offsite import (
     EmulatorLayout,
     adapter_lora_config,
@@ -49,9 +50,7 @@ from emulator.offsite import (
     plug_in,
 )
 from emulator.progress import StepProgress
-
-if TYPE_CHECKING:
-    from emulator.refine import RefineConfig  # refine builds on this module
+from emulator.refine import RefineConfig, refine_plug_in
 
 log = logging.getLogger("fedsite.evaluate")
 
@@ -100,48 +99,6 @@ def subsample(n: int, limit: int | None, seed: int) -> list[int]:
     return order if limit is None else order[: min(limit, n)]
 
 
-@dataclass
-class Encoded:
-    """Tokenized examples without padding; batches are padded when drawn."""
-
-    input_ids: list[list[int]]
-    labels: list[int] | None = None
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-
-def encode(
-    tokenizer: PreTrainedTokenizerBase,
-    texts: Sequence[str],
-    max_length: int,
-    labels: Sequence[int] | None = None,
-) -> Encoded:
-    ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
-    return Encoded(input_ids=[list(x) for x in ids], labels=None if labels is None else list(labels))
-
-
-def collate(data: Encoded, index: Sequence[int], pad_id: int) -> dict[str, Tensor]:
-    rows = [data.input_ids[i] for i in index]
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for j, r in enumerate(rows):  # right padding
-        ids[j, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[j, : len(r)] = 1
-    batch = {"input_ids": ids, "attention_mask": mask}
-    if data.labels is not None:
-        batch["labels"] = torch.tensor([data.labels[i] for i in index], dtype=torch.long)
-    return batch
-
-
-def pad_id_of(tokenizer: PreTrainedTokenizerBase) -> int:
-    pad = tokenizer.pad_token_id
-    if pad is None:
-        pad = tokenizer.eos_token_id
-    return int(pad or 0)
-
-
 # ---------------------------------------------------------------------------
 # Training and metrics
 
@@ -158,21 +115,6 @@ class TrainConfig:
     warmup_fraction: float = 0.06
     seed: int = 0
     max_grad_norm: float = 1.0
-
-
-def shuffled_batches(n: int, batch_size: int, seed: int, steps: int | None = None) -> Iterator[list[int]]:
-    """Index batches over ``n`` examples, epoch after reshuffled epoch (a short last batch is dropped),
-    for ``steps`` batches or forever; the order depends only on ``seed``, so a resumed run can skip ahead."""
-    rng = random.Random(seed)
-    done = 0
-    while True:
-        order = list(range(n))
-        rng.shuffle(order)
-        for start in range(0, max(1, n - batch_size + 1), batch_size):
-            if done == steps:
-                return
-            yield order[start : start + batch_size]
-            done += 1
 
 
 def train(
@@ -491,8 +433,6 @@ def evaluate_offsite(
             if "plug_in" in rows and plugged is not None:
                 out["plug_in"] = score(plugged, "plug_in")
             if wants_refined and refine is not None and plugged is not None:
-                from emulator.refine import refine_plug_in  # refine builds on this module
-
                 refined, _ = refine_plug_in(plugged, tuned, layout, tokenizer, public_texts, refine,
                                             progress=progress)
                 out["plug_in_refined"] = score(refined, "plug_in_refined")

@@ -34,8 +34,13 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+from emulator.architectures import UnsupportedArchitectureError, spec_for_config
 from emulator.cache_dir import CACHE_ENV, fedsite_cache_dir
-from emulator.models import ModelLoadError
+from emulator.load_errors import ModelLoadError
 
 log = logging.getLogger("fedsite.gguf")
 
@@ -154,12 +159,6 @@ def _fsync(paths: list[Path]) -> None:
 
 def convert(path: Path, out: Path) -> None:
     """Write ``path`` as a Hugging Face causal-LM folder into ``out`` (fp32 safetensors + tokenizer)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    from emulator.architectures import UnsupportedArchitectureError, spec_for_config
-
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:

@@ -25,17 +25,13 @@ from transformers import (
 )
 
 from emulator.architectures import spec_for_config
+from emulator.gguf import gguf_to_folder, smollm2_gguf
+from emulator.load_errors import ModelLoadError
 from emulator.pooling import POOLINGS, PoolingError, add_mean_pooling_block
-from localio.errors import user_error
 
 EMBEDDED_DEFAULT = "minilm"
 EMBEDDED_SMOLLM2 = "smollm2"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-@user_error
-class ModelLoadError(ValueError):
-    """A model folder that cannot be loaded (missing, incomplete, unsupported)."""
 
 
 def embedded_model_path() -> Path:
@@ -52,15 +48,11 @@ def resolve_model_path(path: str | Path, base_dir: Path | None = None) -> Path:
     if str(path) == EMBEDDED_DEFAULT:
         return embedded_model_path()
     if str(path) == EMBEDDED_SMOLLM2:
-        from emulator.gguf import gguf_to_folder, smollm2_gguf
-
         return gguf_to_folder(smollm2_gguf())
     folder = Path(path).expanduser()
     if not folder.is_absolute() and base_dir is not None:
         folder = base_dir / folder
     if folder.suffix.lower() == ".gguf":
-        from emulator.gguf import gguf_to_folder
-
         return gguf_to_folder(folder)
     if not (folder / "config.json").is_file():
         raise ModelLoadError(

@@ -24,6 +24,7 @@ from peft import PeftModel, get_peft_model
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from emulator.distill import DistillConfig, distill
+from emulator.job_spec import JobSpec, PackageError
 from emulator.lora import freeze_lora_a, load_lora, merged_copy, trainable_state
 from emulator.offsite import (
     EmulatorLayout,
@@ -33,7 +34,6 @@ from emulator.offsite import (
     head_parameter_names,
     save_emulator,
 )
-from emulator.package import JobSpec, PackageError
 from emulator.public_text import read_public_text
 
 ADAPTER_DIR = "adapter"  # the peft adapter (adapter_lora only), as in lora mode's package

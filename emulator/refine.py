@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from emulator.evaluation import collate, encode, pad_id_of, shuffled_batches
+from emulator.batching import collate, encode, pad_id_of, shuffled_batches
 from emulator.offsite import EmulatorLayout, adapter_parameter_names, head_parameter_names
 from emulator.progress import StepProgress
 

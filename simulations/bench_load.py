@@ -49,6 +49,7 @@ from protos.codec import (
     iter_chunks,
     sha256_hex,
 )
+from protos.wire import VERSION_KEY, WIRE_VERSION
 
 REPO = Path(__file__).resolve().parents[1]
 VALIDATION = REPO / "coordinator" / "examples" / "data" / "wordnet_supersense.validation.jsonl.gz"
@@ -201,7 +202,7 @@ class LoadClient:
         delta = {k: 1e-4 * torch.randn(v.shape, generator=gen) for k, v in task.tensors.items()}
         if self.result.role == "reject":  # wrong shapes: the engine's check_update must refuse it
             delta = {k: torch.zeros(v.numel() + 1) for k, v in task.tensors.items()}
-        config = {"num_examples": 8, "train_loss": 1.0, "seconds_train": 0.0}
+        config = {VERSION_KEY: WIRE_VERSION, "num_examples": 8, "train_loss": 1.0, "seconds_train": 0.0}
         return encode_message(Message(task.round, "train", config, delta))
 
     @staticmethod

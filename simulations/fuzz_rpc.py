@@ -64,6 +64,7 @@ from coordinator.server import SERVICE_NAME, RunningServer, start_server
 from coordinator.servicer import CoordinatorServicer, PackageBlob
 from protos import fedsite_pb2 as pb
 from protos.codec import Message, encode_message, encode_tensors, sha256_hex
+from protos.wire import VERSION_KEY, WIRE_VERSION
 
 PRECISE = frozenset({grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED,
                      grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -81,7 +82,8 @@ STREAMING_OUT = {"FetchPackage", "FetchTask"}
 CALL_TIMEOUT_S = 10.0
 UPDATE_BOUND = 10.0  # the fuzz job's [server] max_update_norm: the global model may move at most this per round
 REPORT_KEYS = ("num_examples", "train_loss", "steps", "seconds_train", "epsilon", "epsilon_expected",
-               "noise_multiplier", "delta", "update_norm", "secagg_weight", "reason")
+               "noise_multiplier", "delta", "update_norm", "secagg_weight", "reason", "reason_code", "wire_version")
+CURRENT = {VERSION_KEY: WIRE_VERSION}  # every reply of this release says which wire version it speaks
 
 
 # -- the service under test -----------------------------------------------------------------
@@ -360,7 +362,7 @@ def _rewrite_header(blob: bytes, edit: Any) -> bytes:
 
 
 def reply_blob(round_id: int, kind: tuple[Any, ...]) -> bytes:
-    valid = encode_message(Message(round_id, "train", {"num_examples": 3}, {"w": torch.zeros(4)}))
+    valid = encode_message(Message(round_id, "train", {**CURRENT, "num_examples": 3}, {"w": torch.zeros(4)}))
     tag = kind[0]
     if tag == "valid":
         return valid
@@ -375,7 +377,7 @@ def reply_blob(round_id: int, kind: tuple[Any, ...]) -> bytes:
         return bytes(kind[1])
 
     def with_head(**change: Any) -> bytes:
-        head = {"round": round_id, "stage": "train", "config": {}}
+        head = {"round": round_id, "stage": "train", "config": dict(CURRENT)}
         head.update(change)
         return _rewrite_header(valid, lambda h: {**h, "__metadata__": {"fedsite.message": json.dumps(head)}})
 
@@ -392,11 +394,11 @@ def reply_blob(round_id: int, kind: tuple[Any, ...]) -> bytes:
         return _rewrite_header(valid, lambda h: nested.encode())
     if tag == "report":  # a well-formed reply: the hostile values are in its report and in how far it moves
         _, report, value = kind
-        config = {"num_examples": 3, **report}
+        config = {**CURRENT, "num_examples": 3, **report}
         head = json.dumps({"round": round_id, "stage": "train", "config": config})  # NaN/Infinity as Python writes
         return encode_tensors({"w": torch.full((4,), value)}, metadata={"fedsite.message": head})
     if tag == "tensors":
-        meta = {"fedsite.message": json.dumps({"round": round_id, "stage": "train", "config": {}})}
+        meta = {"fedsite.message": json.dumps({"round": round_id, "stage": "train", "config": CURRENT})}
         if kind[1] == "none":
             return encode_tensors({}, meta)
         if kind[1] == "nan":

@@ -19,7 +19,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from coordinator.checkpoint import Checkpointer
 from coordinator.config import load_job
-from emulator.evaluation import encode, pad_id_of, perplexity
+from emulator.batching import encode, pad_id_of
+from emulator.evaluation import perplexity
 from emulator.offsite import EmulatorLayout
 from simulations.runner import SimulationOptions, run_job
 from tests.e2e.harness import TRAIN, VALIDATION

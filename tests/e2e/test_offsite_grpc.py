@@ -22,7 +22,8 @@ import pytest
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from coordinator.checkpoint import Checkpointer
-from emulator.evaluation import TrainConfig, accuracy, encode, linear_probe, pad_id_of
+from emulator.batching import encode, pad_id_of
+from emulator.evaluation import TrainConfig, accuracy, linear_probe
 from emulator.lora import load_trainable_state
 from emulator.models import embedded_model_path, load_model
 from emulator.package import load_trainable_model

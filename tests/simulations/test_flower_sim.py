@@ -18,9 +18,10 @@ import torch
 from client.runtime import ClientRuntime
 from coordinator.checkpoint import Checkpointer
 from coordinator.config import load_job
-from coordinator.engine import TRAIN, Exchange
+from coordinator.engine import Exchange
 from localio.data import read_examples
 from protos.codec import Message, encode_message
+from protos.wire import Stage
 from simulations.bench_scale import make_tiny_bert, tiny_job
 from simulations.flower_app import (
     _STATE,
@@ -63,7 +64,7 @@ def test_a_simulated_job_writes_every_output(tiny_run: Path) -> None:
               "lr": 1e-3, "weight_decay": 0.0,
               "head_lr": 0.0, "seed": 0}
     for r in records[1:]:
-        blob = encode_message(Message(round=r["round"], stage=TRAIN, config=config, tensors=state))
+        blob = encode_message(Message(round=r["round"], stage=Stage.TRAIN, config=config, tensors=state))
         assert r["bytes_down"] == PER_ROUND * len(blob)
         assert r["bytes_up"] > PER_ROUND * sum(t.numel() * 4 for t in state.values())
     table = json.loads((tiny_run / "partitions.json").read_text())
@@ -81,9 +82,9 @@ def test_a_simulated_job_writes_every_output(tiny_run: Path) -> None:
 def test_driver_maps_errors_deadlines_and_unknown_clients_and_moves_exact_bytes(tiny_run: Path) -> None:
     state = Checkpointer(tiny_run / "checkpoints").latest().global_state  # type: ignore[union-attr]
     config = {"local_steps": 3, "batch_size": 8, "lr": 1e-3, "weight_decay": 0.0, "seed": 5}
-    good = Message(round=1, stage=TRAIN, config=config, tensors=state)
+    good = Message(round=1, stage=Stage.TRAIN, config=config, tensors=state)
     bogus = Message(round=1, stage="no-such-stage")
-    late = Message(round=2, stage=TRAIN, config=config, tensors=state)
+    late = Message(round=2, stage=Stage.TRAIN, config=config, tensors=state)
     seen: dict[str, Any] = {}
 
     def scenario(driver: FlowerDriver) -> None:

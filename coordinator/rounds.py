@@ -1,0 +1,130 @@
+"""What a round's client phase works with: the transport's interface, the round's books, the outcome.
+
+The engine (:mod:`coordinator.engine`) runs rounds; a client phase
+(:mod:`coordinator.plain_phase`, :mod:`coordinator.secure_phase`) turns one
+round's sampled clients into an aggregate through a :class:`Driver`. Both
+sides meet here, so neither imports the other's module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from coordinator.config import JobConfig
+from coordinator.strategy import State
+from protos.codec import Message
+from protos.wire import ClientReport, DeclineReason, TrainInstruction
+
+
+@dataclass
+class Exchange:
+    """What came back from one send-and-collect."""
+
+    replies: dict[str, Message]
+    failures: dict[str, str] = field(default_factory=dict)  # client -> why no reply
+    bytes_down: int = 0
+    bytes_up: int = 0
+    # client -> its reply's checked report (RoundEngine.exchange fills it; replies that fail the check are removed)
+    reports: dict[str, ClientReport] = field(default_factory=dict)
+
+
+class Driver(Protocol):
+    """Transport: the only thing the gRPC coordinator and the Flower ServerApp implement."""
+
+    def wait_for_clients(self, count: int, timeout_s: float) -> list[str]:
+        """Block until at least ``count`` clients are available (or timeout); return them all."""
+        ...
+
+    def exchange(self, round_id: int, messages: dict[str, Message], timeout_s: float) -> Exchange:
+        """Send each client its message; collect replies until all answered, died, or timeout."""
+        ...
+
+
+class GlobalModel(Protocol):
+    """The coordinator's model, seen through its trainable tensors."""
+
+    def trainable_state(self) -> State: ...
+
+    def set_trainable_state(self, state: State) -> None: ...
+
+    def evaluate(self) -> dict[str, float]: ...
+
+
+class RoundFailed(RuntimeError):
+    """A round that produced no update (too few clients, or secure aggregation aborted)."""
+
+
+@dataclass
+class RoundOutcome:
+    """Aggregated result of a round's client phase (plain or secure)."""
+
+    delta: State
+    completed: list[str]
+    train_loss: float | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RoundStats:
+    """One round's books, kept while its exchanges run: bytes, time, and the clients that fell out."""
+
+    bytes_down: int = 0
+    bytes_up: int = 0
+    failures: dict[str, str] = field(default_factory=dict)  # client -> why it counts as dropped
+    rejected: dict[str, str] = field(default_factory=dict)  # client -> why its reply was refused
+    seconds_exchange: float | None = None
+    seconds_train_max: float | None = None  # the slowest client's own training time
+
+    def record_fields(self) -> dict[str, Any]:
+        """The metrics-line fields these books fill (timings only once measured)."""
+        out: dict[str, Any] = {"bytes_down": self.bytes_down, "bytes_up": self.bytes_up}
+        if self.seconds_exchange is not None:
+            out["seconds_exchange"] = self.seconds_exchange
+        if self.seconds_train_max is not None:
+            out["seconds_train_max"] = self.seconds_train_max
+        return out
+
+
+class RoundContext(Protocol):
+    """What a client phase may use of the engine running it."""
+
+    config: JobConfig
+    round_stats: RoundStats
+    client_epsilon: dict[str, float]
+
+    def train_message(self, round_id: int, num_sampled: int) -> Message: ...
+
+    def train_instruction(self, num_sampled: int) -> TrainInstruction: ...
+
+    def exchange(self, driver: Driver, round_id: int, messages: dict[str, Message]) -> Exchange: ...
+
+    def reject(self, client_id: str, reason: str) -> None: ...
+
+
+# The client phase of a round: (engine, round, sampled clients, driver) -> outcome.
+ClientPhase = Callable[[RoundContext, int, list[str], Driver], RoundOutcome]
+
+
+def client_privacy_metrics(engine: RoundContext, reports: dict[str, ClientReport]) -> dict[str, Any]:
+    """ε the clients report after the round (sample-level DP), as the design card names them.
+
+    ``epsilon_local`` is what this round's clients have spent so far; ``epsilon_local_max`` is
+    the largest ε any client of the job has reported, so it never decreases from round to round.
+    """
+    config = engine.config
+    if not config.privacy.local_dp.enabled:
+        return {}
+    spent = {cid: r.epsilon for cid, r in reports.items() if r.epsilon is not None}
+    engine.client_epsilon.update(spent)
+    out: dict[str, Any] = {"epsilon_local": dict(sorted(spent.items())), "delta_local": config.privacy.local_dp.delta}
+    sigmas = {cid: r.noise_multiplier for cid, r in reports.items() if r.noise_multiplier is not None}
+    if sigmas:
+        out["noise_multiplier_local"] = dict(sorted(sigmas.items()))
+    if engine.client_epsilon:
+        out["epsilon_local_max"] = max(engine.client_epsilon.values())
+    declined = sorted(cid for cid, r in reports.items() if r.reason_code == DeclineReason.BUDGET_EXHAUSTED)
+    if declined:
+        out["budget_exhausted_clients"] = declined
+    return out
