@@ -151,8 +151,14 @@ def test_an_actor_reuses_a_nodes_runtime_only_while_nobody_else_served_it(prepar
         handle_message(settings, message, node1)
         handle_message(settings, message, node2)
         assert set(_STATE.runtimes) == {(settings.package_dir, settings.output_dir, p) for p in (1, 2)}
-        with pytest.raises(KeyError):
-            handle_message(settings, Message(round=1, stage="train", config={}), node1)
+        runtime = _STATE.runtimes[(settings.package_dir, settings.output_dir, 1)][1]
+
+        def fail(message: Message) -> Message:
+            raise RuntimeError("training failed")
+
+        runtime.handle = fail
+        with pytest.raises(RuntimeError, match="training failed"):
+            handle_message(settings, message, node1)
         assert (settings.package_dir, settings.output_dir, 1) not in _STATE.runtimes  # dropped with the failure
     finally:
         _STATE.clear()
