@@ -40,7 +40,7 @@ from privacy.secagg.messages import (
     read_header,
     rows,
 )
-from privacy.secagg.quantize import MODULUS, check_vector, quantize
+from privacy.secagg.quantize import MODULUS, check_shape, quantize_masked
 
 IDLE = "idle"  # no round started yet
 
@@ -278,7 +278,7 @@ class SecAggPlusClient:
             )
         if input_vector is None:
             raise QuantizationError(f"{where}: the input vector is required at stage {Stage.MASKED_INPUT}")
-        check_vector(input_vector, st.vector_size)
+        check_shape(input_vector, st.vector_size)  # its values are checked finite while they are quantized
         assert st.enc_key is not None and st.mask_key is not None
         me, r = self.client_id, self._round()
         seed_shares, key_shares = dict(st.seed_shares), dict(st.key_shares)
@@ -286,15 +286,14 @@ class SecAggPlusClient:
             key = crypto.agree(st.enc_key, st.peers[src][1], "share-encryption", r, me, src)
             seed_shares[src], key_shares[src] = crypto.decrypt_shares(key, r, src, me, ct)
 
-        masked = quantize(input_vector, st.clipping_range, st.levels, self._rng)
-        masked += crypto.prg_uint32(st.self_mask_seed, st.vector_size)  # wraps mod 2^32
+        # quantized input + self mask + the pairwise masks (added toward higher ids, subtracted toward lower),
+        # mod 2^32, built block by block in the one output array
+        add: list[bytes] = [st.self_mask_seed]
+        subtract: list[bytes] = []
         for src in sources:
             pair_seed = crypto.agree(st.mask_key, st.peers[src][0], "mask", r, me, src)
-            mask = crypto.prg_uint32(pair_seed, st.vector_size)
-            if me < src:
-                masked += mask
-            else:
-                masked -= mask
+            (add if me < src else subtract).append(pair_seed)
+        masked = quantize_masked(input_vector, st.clipping_range, st.levels, self._rng, add, subtract)
         st.seed_shares, st.key_shares = seed_shares, key_shares
         return {Key.MASKED_INPUT: masked}
 

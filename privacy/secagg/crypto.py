@@ -347,3 +347,25 @@ def prg_uint32(seed: bytes, size: int) -> npt.NDArray[np.uint32]:
     zeros = _ZEROS if len(_ZEROS) == 4 * size else memoryview(_ZEROS)[: 4 * size]
     encryptor = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
     return np.frombuffer(encryptor.update(zeros), dtype=np.uint32)
+
+
+class PrgStream:
+    """The keystream of :func:`prg_uint32` under one seed, handed out a block of words at a time.
+
+    Successive blocks are the successive words of ``prg_uint32(seed, total)``: a caller that
+    consumes a long mask block by block never holds more than one block of it.
+    """
+
+    def __init__(self, seed: bytes) -> None:
+        self._encryptor = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
+        self._zeros = b""
+        self._buffer = bytearray()
+
+    def next_words(self, count: int) -> npt.NDArray[np.uint32]:
+        """The next `count` words: a view of an internal buffer, valid until the next call."""
+        nbytes = 4 * count
+        if len(self._zeros) != nbytes:
+            self._zeros = bytes(nbytes)
+            self._buffer = bytearray(nbytes + 15)  # update_into wants a cipher block's slack
+        written = self._encryptor.update_into(self._zeros, self._buffer)
+        return np.frombuffer(self._buffer, dtype=np.uint32, count=written // 4)

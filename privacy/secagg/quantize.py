@@ -14,10 +14,13 @@ end of the range: a non-finite update is a client bug that must surface.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import numpy as np
 import numpy.typing as npt
 
-from privacy.secagg.crypto import prg_uint32
+from privacy.secagg.crypto import PrgStream
 from privacy.secagg.errors import QuantizationError
 
 MODULUS_BITS = 32
@@ -37,14 +40,20 @@ def check_levels(levels: int, num_clients: int) -> None:
         raise ValueError(f"quantization grid [0, {levels}] for {num_clients} clients wraps modulo 2^32")
 
 
-def check_vector(vector: object, size: int) -> npt.NDArray[np.floating]:
-    """Return `vector` as a 1-D float array of length `size`, or raise QuantizationError."""
+def check_shape(vector: object, size: int) -> npt.NDArray[np.floating]:
+    """Return `vector` if it is a 1-D float array of length `size` (values unchecked), else raise QuantizationError."""
     if not isinstance(vector, np.ndarray):
         raise QuantizationError(f"input vector must be a numpy array, got {type(vector).__name__}")
     if not np.issubdtype(vector.dtype, np.floating):
         raise QuantizationError(f"input vector must have a float dtype, got {vector.dtype}")
     if vector.shape != (size,):
         raise QuantizationError(f"input vector must have shape ({size},), got {vector.shape}")
+    return vector
+
+
+def check_vector(vector: object, size: int) -> npt.NDArray[np.floating]:
+    """Return `vector` as a 1-D float array of length `size` with finite values, or raise QuantizationError."""
+    vector = check_shape(vector, size)
     finite = np.isfinite(vector)
     if not finite.all():
         bad = int(np.flatnonzero(~finite)[0])
@@ -67,20 +76,69 @@ def quantize(
     uniforms from the AES-CTR PRG seeded by `rng` (2x faster than
     `rng.random` for 1M values); the grid is float64 because levels reach 2^31.
     """
+    return quantize_masked(vector, clipping_range, levels, rng)
+
+
+#: values per block of :func:`quantize_masked`: its float64 scratch (256 KiB) stays in a core's L2 cache
+BLOCK = 1 << 15
+
+
+def quantize_masked(
+    vector: npt.NDArray[np.floating],
+    clipping_range: float,
+    levels: int,
+    rng: np.random.Generator,
+    add: Sequence[bytes] = (),
+    subtract: Sequence[bytes] = (),
+) -> npt.NDArray[np.uint32]:
+    """:func:`quantize`, plus the PRG masks of the seeds in `add`, minus those in `subtract` (mod 2^32).
+
+    Bit for bit ``quantize(vector, ...) + sum(prg_uint32(s, n) for s in add) - sum(prg_uint32(s, n)
+    for s in subtract)``, with the same draw from `rng`, but computed block by block into the one
+    output array: every float64 temporary and every mask's keystream is a block that stays in
+    cache, instead of a dozen full-length arrays (8 MB each at 1M values) allocated, written and
+    read again. The finiteness check rides on the block's scaled values (a sum) and only looks
+    closer when that sum is not finite.
+    """
     if not isinstance(vector, np.ndarray) or vector.ndim != 1:
         raise QuantizationError("input vector must be a 1-D numpy array")
-    check_vector(vector, vector.shape[0])
+    size = vector.shape[0]
+    check_shape(vector, size)
     c = float(clipping_range)
     scale = levels / (2.0 * c)
-    scaled = np.multiply(vector, scale, dtype=np.float64)
-    scaled += c * scale
-    np.clip(scaled, 0.0, float(levels), out=scaled)  # = clipping the input to [-c, c]
-    low = np.floor(scaled)
-    scaled -= low  # fractional part in [0, 1); it is 0 where low == levels
-    scaled *= 2.0**32
-    uniform = prg_uint32(rng.bytes(16), vector.shape[0])
-    out = low.astype(np.uint32)
-    out += uniform < scaled  # P(round up) = fraction, up to 2^-32
+    offset = c * scale
+    top = float(levels)
+    streams = [(PrgStream(rng.bytes(16)), 0)]  # the rounding uniforms first: the same rng draw as ever
+    streams += [(PrgStream(seed), 1) for seed in add] + [(PrgStream(seed), -1) for seed in subtract]
+    out = np.empty(size, dtype=np.uint32)
+    block = min(BLOCK, size)
+    scratch = np.empty(block, dtype=np.float64)
+    flags = np.empty(block, dtype=np.bool_)
+    checked = False
+    for start in range(0, size, BLOCK):
+        stop = min(start + BLOCK, size)
+        n = stop - start
+        scaled, up, low = scratch[:n], flags[:n], out[start:stop]
+        with np.errstate(over="ignore", invalid="ignore"):  # a finite overflow is clipped below, as ever
+            np.multiply(vector[start:stop], scale, out=scaled, dtype=np.float64)
+            suspect = not checked and not math.isfinite(float(np.add.reduce(scaled)))
+        if suspect:
+            check_vector(vector, size)  # raises for NaN or an infinity; else it was a finite overflow
+            checked = True
+        scaled += offset
+        np.clip(scaled, 0.0, top, out=scaled)  # = clipping the input to [-c, c]
+        np.copyto(low, scaled, casting="unsafe")  # truncation = floor, as scaled >= 0
+        scaled -= low  # fractional part in [0, 1); it is 0 where low == levels
+        scaled *= 2.0**32
+        for stream, sign in streams:
+            mask = stream.next_words(n)
+            if sign == 0:
+                np.less(mask, scaled, out=up)
+                low += up  # P(round up) = fraction, up to 2^-32
+            elif sign > 0:
+                low += mask  # wraps mod 2^32
+            else:
+                low -= mask
     return out
 
 
