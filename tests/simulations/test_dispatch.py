@@ -22,7 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 from coordinator.checkpoint import Checkpointer
 from coordinator.config import load_job
 from protos.codec import Message
-from protos.wire import Stage
+from protos.wire import Stage, TrainInstruction
 from simulations.bench_scale import make_tiny_bert, tiny_job
 from simulations.flower_app import ClientSettings, make_client_app
 from simulations.flower_driver import FlowerDriver, client_id_for, install_dispatch
@@ -51,7 +51,7 @@ def _settings(run: Path) -> ClientSettings:
 def _train_message(run: Path) -> Message:
     state = Checkpointer(run / "checkpoints").latest().global_state  # type: ignore[union-attr]
     return Message(round=1, stage=Stage.TRAIN, tensors=state,
-                   config={"local_steps": 1, "batch_size": 4, "lr": 1e-3, "weight_decay": 0.0, "seed": 0})
+                   config=TrainInstruction(local_steps=1, batch_size=4, lr=1e-3, weight_decay=0.0, seed=0).to_config())
 
 
 def test_a_job_with_300_enrolled_clients_runs_every_round(run_dir: Path) -> None:

@@ -21,7 +21,7 @@ from coordinator.config import load_job
 from coordinator.engine import Exchange
 from localio.data import read_examples
 from protos.codec import Message, encode_message
-from protos.wire import Stage
+from protos.wire import Stage, TrainInstruction
 from simulations.bench_scale import make_tiny_bert, tiny_job
 from simulations.flower_app import (
     _STATE,
@@ -60,9 +60,8 @@ def test_a_simulated_job_writes_every_output(tiny_run: Path) -> None:
         assert "val_accuracy" in r
     # bytes_down is exactly the gRPC driver's payload: the encoded train message, once per sampled client
     state = Checkpointer(tiny_run / "checkpoints").latest().global_state  # type: ignore[union-attr]
-    config = {"local_steps": 2, "batch_size": 8, "physical_batch_size": 64, "cache_frozen_prefix": True,
-              "lr": 1e-3, "weight_decay": 0.0,
-              "head_lr": 0.0, "seed": 0}
+    config = TrainInstruction(local_steps=2, batch_size=8, physical_batch_size=64, cache_frozen_prefix=True,
+                              lr=1e-3, weight_decay=0.0, head_lr=0.0, seed=0).to_config()
     for r in records[1:]:
         blob = encode_message(Message(round=r["round"], stage=Stage.TRAIN, config=config, tensors=state))
         assert r["bytes_down"] == PER_ROUND * len(blob)
@@ -81,7 +80,7 @@ def test_a_simulated_job_writes_every_output(tiny_run: Path) -> None:
 
 def test_driver_maps_errors_deadlines_and_unknown_clients_and_moves_exact_bytes(tiny_run: Path) -> None:
     state = Checkpointer(tiny_run / "checkpoints").latest().global_state  # type: ignore[union-attr]
-    config = {"local_steps": 3, "batch_size": 8, "lr": 1e-3, "weight_decay": 0.0, "seed": 5}
+    config = TrainInstruction(local_steps=3, batch_size=8, lr=1e-3, weight_decay=0.0, seed=5).to_config()
     good = Message(round=1, stage=Stage.TRAIN, config=config, tensors=state)
     bogus = Message(round=1, stage="no-such-stage")
     late = Message(round=2, stage=Stage.TRAIN, config=config, tensors=state)
