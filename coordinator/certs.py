@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from localio.errors import UserError
+from localio.errors import UserError, run_cli
 
 DEFAULT_HOSTS = ("localhost", "127.0.0.1")
 DEFAULT_DAYS = 365
@@ -192,8 +192,6 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """``fedsite-coordinator certs ...`` (argv excludes the word ``certs``)."""
     args = build_parser().parse_args(list(argv) if argv is not None else None)
-    from localio.errors import run_cli
-
     return run_cli(lambda: run(args), prog="fedsite-coordinator certs")
 
 

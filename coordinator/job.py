@@ -7,6 +7,7 @@ same engine; only the driver differs.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
@@ -22,9 +23,11 @@ from coordinator.checkpoint import Checkpointer
 from coordinator.config import ConfigError, JobConfig
 from coordinator.engine import ClientPhase, RoundEngine
 from coordinator.metrics import MetricsLog
+from coordinator.offsite_model import OffsiteGlobalModel
 from emulator.base_fingerprint import FINGERPRINT_FILE, write_fingerprint, write_slim_package
 from emulator.lora import LoraSettings, add_lora, load_trainable_state, merged_copy, trainable_state
 from emulator.models import load_model_and_new_tensors, load_tokenizer, resolve_model_path
+from emulator.offsite_package import write_offsite_package
 from emulator.package import JobSpec, load_trainable_model, pack
 from emulator.prefix import FrozenPrefix, compute_prefix, cut_index
 from emulator.tasks import EncodedExamples, encode, evaluate
@@ -94,8 +97,6 @@ def build_package(config: JobConfig, output_dir: Path, *, report: Report | None 
         peft_model.save_pretrained(str(folder / "adapter"), safe_serialization=True)
         spec.trainable = {n: list(t.shape) for n, t in trainable_state(peft_model).items()}
     else:
-        from emulator.offsite_package import write_offsite_package
-
         say("building the emulator")
         write_offsite_package(base, tokenizer, spec, folder, base_dir=config.base_dir, report=report)
     say("writing the package")
@@ -237,8 +238,6 @@ def changed_job_keys(config: JobConfig, output_dir: Path) -> list[str]:
     record = output_dir / JOB_RECORD
     if not record.exists():
         return []
-    import json
-
     try:
         old = _flatten(json.loads(record.read_text()))
     except (OSError, ValueError) as exc:
@@ -292,8 +291,6 @@ def prepare_job(config: JobConfig, output_dir: Path, *, resume: bool = False,
     if config.job.mode == "lora":
         model = LoraGlobalModel(package, validation, tokenizer, cache_prefix=config.train.cache_frozen_prefix)
     else:
-        from coordinator.offsite_model import OffsiteGlobalModel
-
         model = OffsiteGlobalModel(config, package, validation, tokenizer)
     engine = RoundEngine(config, model, checkpointer, metrics, client_phase=client_phase)
     if resume:
@@ -302,6 +299,4 @@ def prepare_job(config: JobConfig, output_dir: Path, *, resume: bool = False,
 
 
 def _json(obj: Any) -> str:
-    import json
-
     return json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"

@@ -63,7 +63,10 @@ def robust_mean(updates: Sequence[State], aggregator: str, trim_fraction: float 
     They need each client's plain update, so they exist only with secure
     aggregation off; they bound what a few faulty or hostile clients can do.
     """
-    from flwr.server.strategy.aggregate import aggregate_median, aggregate_trimmed_avg
+    from flwr.server.strategy.aggregate import (  # noqa: PLC0415 - Flower (heavy) only for robust aggregators
+        aggregate_median,
+        aggregate_trimmed_avg,
+    )
 
     names = sorted(updates[0])
     results = [([u[n].numpy() for n in names], 1) for u in updates]

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
+from peft import LoraConfig, get_peft_model
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -238,8 +239,6 @@ def tune_adapter(
     names = adapter_parameter_names(emu, layout, emulator=True)
     heads = [] if causal_lm else head_parameter_names(emu)
     if lora_r > 0:
-        from peft import get_peft_model
-
         wrapped = get_peft_model(emu, adapter_lora_config(emu, layout, r=lora_r,
                                                           target_modules=lora_targets))
         lora = [p for n, p in wrapped.named_parameters() if "lora_" in n]
@@ -259,8 +258,6 @@ def full_lora(
     causal_lm: bool, r: int = 8, progress: bool = True,
 ) -> PreTrainedModel:
     """peft LoRA r on the registry's lora_targets of every block, + head; merged."""
-    from peft import LoraConfig, get_peft_model
-
     model = copy.deepcopy(full)
     spec = spec_for(model)
     lcfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,

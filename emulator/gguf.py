@@ -110,7 +110,7 @@ def inspect_gguf(path: Path) -> GGUFInfo:
     if magic != b"GGUF":
         raise GGUFError(f"{path}: not a GGUF file (it does not start with the GGUF magic)")
     try:
-        from gguf import GGUFReader
+        from gguf import GGUFReader  # noqa: PLC0415 - gguf (optional) only when a .gguf file is read
     except ImportError as exc:  # pragma: no cover - a dependency
         raise GGUFError(f"{path}: reading GGUF files needs the package gguf") from exc
     try:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import LoraConfig
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
@@ -341,8 +342,6 @@ def adapter_lora_config(
     ``modules_to_save``). Merge (``merge_and_unload``) before taking the
     adapter state for plug-in.
     """
-    from peft import LoraConfig
-
     if target_modules is None:
         targets = list(spec_for(emulator).lora_targets)
     elif target_modules == "all-linear":

@@ -18,8 +18,8 @@ PARTITIONS = ("iid", "dirichlet", "shards")
 def partition_indices(labels: Sequence[str | None], num_clients: int, *, partition: str, alpha: float = 0.5,
                       seed: int = 0, shards_per_client: int = 2) -> list[list[int]]:
     """Example indices for each client; every index lands in exactly one client."""
-    from datasets import Dataset
-    from flwr_datasets.partitioner import (
+    from datasets import Dataset  # noqa: PLC0415 - heavy (pyarrow), only when a file is split
+    from flwr_datasets.partitioner import (  # noqa: PLC0415 - heavy, only when a file is split
         DirichletPartitioner,
         IidPartitioner,
         Partitioner,

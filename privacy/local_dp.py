@@ -31,8 +31,13 @@ crashed round that released nothing is not charged.
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import math
 import os
+import sys
+import textwrap
+import types
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +55,9 @@ from torch.optim import Optimizer
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data._utils.collate import default_collate
 from transformers.modeling_outputs import ModelOutput
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.models.bert.modeling_bert import BertLMPredictionHead
+from transformers.models.opt.modeling_opt import OPTDecoderLayer
 from transformers.pytorch_utils import Conv1D
 
 from privacy.accounting import (
@@ -116,8 +124,6 @@ def _hf_rms_norm_grad_sample(
 
 def _hf_rms_norm_classes() -> list[type[nn.Module]]:
     """The RMSNorm classes of the families in emulator/architectures.py that exist here."""
-    import importlib
-
     found: list[type[nn.Module]] = []
     for module_name, class_name in (
         ("transformers.models.llama.modeling_llama", "LlamaRMSNorm"),
@@ -153,8 +159,6 @@ def _lm_prediction_head_grad_sample(
 
 
 def _lm_prediction_head_classes() -> list[type[nn.Module]]:
-    from transformers.models.bert.modeling_bert import BertLMPredictionHead
-
     return [BertLMPredictionHead]
 
 
@@ -176,10 +180,6 @@ _FLATTEN_LINE = "hidden_states = hidden_states.reshape(-1, hidden_states.size(-1
 
 def _batch_first_forward(cls: type[nn.Module]) -> Callable[..., Any] | None:
     """``cls.forward`` with the flattening line removed (None if it has no such line)."""
-    import inspect
-    import sys
-    import textwrap
-
     try:
         source = textwrap.dedent(inspect.getsource(cls.forward))
     except (OSError, TypeError):
@@ -195,16 +195,12 @@ def _batch_first_forward(cls: type[nn.Module]) -> Callable[..., Any] | None:
 
 
 def _flattening_block_classes() -> list[type[nn.Module]]:
-    from transformers.models.opt.modeling_opt import OPTDecoderLayer
-
     return [OPTDecoderLayer]
 
 
 def _patch_flattening_blocks(model: nn.Module) -> list[nn.Module]:
     """Give each flattening block a batch-first forward (instance attribute, so the
     class and the state dict are untouched). Returns the patched modules."""
-    import types
-
     classes = tuple(_flattening_block_classes())
     patched: list[nn.Module] = []
     cache: dict[type[nn.Module], Callable[..., Any] | None] = {}
@@ -242,8 +238,6 @@ def per_sample_causal_lm_loss(logits: Tensor, labels: Tensor, ignore_index: int 
 
 
 def _is_causal_lm(model: nn.Module) -> bool:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
     get_base = getattr(model, "get_base_model", None)
     inner = get_base() if callable(get_base) else model
     return type(inner).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())

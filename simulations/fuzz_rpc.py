@@ -568,7 +568,7 @@ def fuzz(examples: int, seed: int = 0, *, stop_at_first: bool = False) -> FuzzRe
             if finding is not None and stop_at_first:
                 raise AssertionError(finding)
 
-        import hypothesis
+        import hypothesis  # noqa: PLC0415 - a dev dependency, only for the seeded search
 
         hypothesis.seed(seed)(body)()
         report.serving_after = service.serving()

@@ -26,6 +26,7 @@ matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
+from coordinator.dashboard.static import write_static_page
 from coordinator.metrics import MetricsLog
 from localio.atomic import atomic_write_text
 
@@ -274,8 +275,6 @@ def write_report(folders: list[Path], output_dir: Path, *, names: list[str] | No
 def _write_pages(runs: list[Run], output_dir: Path, *, named: bool) -> list[tuple[Run, Path]]:
     """The live dashboard's page as each run ended: report.html for one run, report-<name>.html for several.
     Titled with the job's name unless the caller named the runs."""
-    from coordinator.dashboard.static import write_static_page
-
     pages = []
     for run in runs:
         page = output_dir / ("report.html" if len(runs) == 1 else f"report-{_file_name(run.name)}.html")

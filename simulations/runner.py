@@ -32,10 +32,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from flwr.simulation import run_simulation
+
 from coordinator.config import ConfigError, JobConfig, SimulationSection
+from coordinator.dashboard import JobInfo
+from coordinator.job import prepare_job
 from emulator.cache_dir import fedsite_cache_dir
 from localio.atomic import atomic_write_text
 from localio.data import DataError, check_labels, read_examples
+from localio.partition import partition_indices
+from privacy.accounting import PrivacyBudgetExhausted, PrivacyLedger, PrivacyPlanError, plan_noise_multiplier
+from simulations.flower_app import ClientSettings, make_client_app, make_server_app
+from simulations.report import print_table, write_report
 
 if TYPE_CHECKING:
     from simulations.flower_driver import FlowerDriver
@@ -95,8 +103,6 @@ def apply_overrides(config: JobConfig, options: SimulationOptions) -> JobConfig:
 
 def partition_table(config: JobConfig) -> list[list[int]]:
     """For each client, the row indices of the training file it owns (seeded, every row in one client)."""
-    from localio.partition import partition_indices
-
     sim = config.simulation
     assert sim is not None
     classification = config.model.task == "classification"
@@ -121,8 +127,6 @@ def check_dp_plan(config: JobConfig, sizes: list[int], output_dir: Path) -> None
     The simulator knows every client's data up front, so the check each client makes when its first
     round arrives (client/runtime.py) runs here for all of them, with their ledgers when resuming.
     """
-    from privacy.accounting import PrivacyBudgetExhausted, PrivacyLedger, PrivacyPlanError, plan_noise_multiplier
-
     local_dp = config.privacy.local_dp
     if not local_dp.enabled or local_dp.target_epsilon is None:
         return
@@ -161,10 +165,6 @@ def backend_config(options: SimulationOptions) -> dict[str, Any]:
 
 def run_job(config: JobConfig, output_dir: Path, options: SimulationOptions | None = None) -> SimulationResult:
     """Run ``config`` in simulation into ``output_dir`` (which must not hold a run yet)."""
-    from coordinator.job import prepare_job
-    from simulations.flower_app import ClientSettings, make_client_app
-    from simulations.report import print_table, write_report
-
     options = options or SimulationOptions()
     config = apply_overrides(config, options)
     sim = config.simulation
@@ -177,8 +177,6 @@ def run_job(config: JobConfig, output_dir: Path, options: SimulationOptions | No
     view = options.dashboard
     prepared = prepare_job(config, output_dir, resume=options.resume, report=view.set_preparing if view else None)
     if view is not None:
-        from coordinator.dashboard import JobInfo
-
         view.attach(prepared.engine, JobInfo.from_config(config))  # the settings after --clients/--rounds
     _check_train_labels(config, prepared.package.spec.labels)
     partitions_file = output_dir / "partitions.json"
@@ -226,10 +224,6 @@ def _run_flower(run_engine: Callable[[FlowerDriver], None], client_app: Any, num
     interrupt), the engine would keep waiting for clients that are gone and hold the process open; the
     driver is told the runtime stopped, and this waits (bounded) for the engine to notice.
     """
-    from flwr.simulation import run_simulation
-
-    from simulations.flower_app import make_server_app
-
     runtime_stopped, engine_started, engine_done = threading.Event(), threading.Event(), threading.Event()
 
     def engine(driver: FlowerDriver) -> None:
@@ -266,7 +260,7 @@ RAY_START_ATTEMPTS = 3
 
 def _stop_ray() -> None:
     """Flower shuts Ray down when a run ends normally; not when it fails on the way."""
-    import ray
+    import ray  # noqa: PLC0415 - Ray (heavy) only where a run used it
 
     if ray.is_initialized():
         ray.shutdown()
@@ -280,7 +274,7 @@ def start_ray(init_args: dict[str, Any], attempts: int = RAY_START_ATTEMPTS) -> 
     initialised (and shuts it down at the end), so starting it here with the same arguments changes
     nothing else.
     """
-    import ray
+    import ray  # noqa: PLC0415 - Ray (heavy) only where a run uses it
 
     if ray.is_initialized():
         return
@@ -306,7 +300,7 @@ def _progress(config: JobConfig, enabled: bool, done: int = 0) -> Any:
     if not enabled:
         return None
     try:
-        from tqdm import tqdm
+        from tqdm import tqdm  # noqa: PLC0415 - a progress bar only when asked for
     except ImportError:  # pragma: no cover - tqdm is a dependency
         return None
     return tqdm(total=config.job.rounds, initial=done, desc=config.job.name, unit="round", file=sys.stderr,
