@@ -1,6 +1,6 @@
 """The job file: one TOML file describes a job for the coordinator and the simulator.
 
-The table and key names are a contract (see the design card); each table is a
+The table and key names are a contract (the README's job-file tables); each table is a
 dataclass whose fields carry their help text, and loading validates every key
 with an error that names it and the allowed values. Relative paths are
 resolved against the job file's folder.
@@ -100,7 +100,6 @@ class ModelSection:
 class DataSection:
     validation: str = _help("coordinator-side evaluation file (JSONL/CSV, .gz allowed)", default="")
     validation_max_examples: int = _help("evaluate on this many (seeded sample); 0 = all", default=2000)
-    train: str = _help("training file for the simulator (split among clients)", default="")
 
     def validate(self) -> None:
         if self.validation_max_examples < 0:

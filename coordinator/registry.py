@@ -141,12 +141,6 @@ class ClientRegistry:
         self.last_seen[client_id] = time.monotonic()
         return client_id
 
-    def revoke(self, client_id: str) -> None:
-        with self._lock:
-            if client_id in self._clients:
-                self._clients[client_id].revoked = True
-        self._save()
-
     def enrolled(self) -> int:
         return sum(1 for record in self._clients.values() if not record.revoked)
 

@@ -108,7 +108,7 @@ ClientPhase = Callable[[RoundContext, int, list[str], Driver], RoundOutcome]
 
 
 def client_privacy_metrics(engine: RoundContext, reports: dict[str, ClientReport]) -> dict[str, Any]:
-    """ε the clients report after the round (sample-level DP), as the design card names them.
+    """ε the clients report after the round (sample-level DP), named as in the README's metrics.jsonl fields.
 
     ``epsilon_local`` is what this round's clients have spent so far; ``epsilon_local_max`` is
     the largest ε any client of the job has reported, so it never decreases from round to round.

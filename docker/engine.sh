@@ -6,9 +6,9 @@
 #   bash docker/engine.sh          # engine up, base image local/debian:bookworm present
 #   bash docker/engine.sh stop     # stop the engine this script started
 #
-# Based on ../shared/tools/docker-engine.sh; differences: the Debian mirror is read from apt's active
-# sources (deb lines and deb822 "URIs:" fields, not comments), and a missing /etc/apt/sources.list does
-# not stop the script. Measured on 2 cores: apt ~1 min, debootstrap ~2 min, import ~3 s, engine ~1 s.
+# The Debian mirror is read from apt's active sources (deb lines and deb822 "URIs:" fields, not
+# comments), and a missing /etc/apt/sources.list does not stop the script. Measured on 2 cores: apt
+# ~1 min, debootstrap ~2 min, import ~3 s, engine ~1 s.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 PIDFILE=${DOCKERD_PIDFILE:-/tmp/fedsite-dockerd.pid}

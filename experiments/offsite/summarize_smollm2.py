@@ -4,7 +4,7 @@
 
 Rows: the references (zero-shot, full-model LoRA, full FT) once, then per emulator (keepN.json) the
 emulator before tuning, the tuned emulator alone, the plug-in and, where run, the refined plug-in;
-beside them the three checks of issue 11: plug-in / zero-shot (<= 0.8), plug-in / full-model LoRA
+beside them the three checks of the offsite targets: plug-in / zero-shot (<= 0.8), plug-in / full-model LoRA
 (within 10 %), emulator alone / plug-in (>= 1.15, the protection gap). Then the greedy samples.
 """
 

@@ -1,4 +1,4 @@
-"""Job files: the design card's example loads; every mistake names its key."""
+"""Job files: the full example (every table of the job-file contract) loads; every mistake names its key."""
 
 from __future__ import annotations
 

@@ -263,7 +263,7 @@ def test_values_off_the_quantization_grid_refuse_the_round(base: Path, tmp_path:
 
 def test_the_strongest_consistent_secure_input_moves_each_coordinate_only_within_reach(
         base: Path, tmp_path: Path, tiny_bert_dir: Path, honest: State) -> None:
-    """Every coordinate at +c and weight 8 (the issue's attack) through fedsite's own quantizer, which clips the
+    """Every coordinate at +c and weight 8 (an inflated weight) through fedsite's own quantizer, which clips the
     weight coordinate to c, i.e. weight 1; declared 1: accepted, and bounded by c / W per coordinate."""
     record, before, after = _run(base, tmp_path, tiny_bert_dir, secure=True, tamper=_declare(1.0),
                                  vector=_secure_weight(8.0))

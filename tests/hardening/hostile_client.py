@@ -5,7 +5,7 @@ rewrites what it sends: the n-th round it trains in gets the n-th attack of the 
 ("honest" sends the truth; the last attack repeats). Reply headers are written as raw JSON, so they may carry
 what fedsite's own encoder refuses (NaN, Infinity).
 
-Plain rounds: lots, inf, nan-loss, huge (the num_examples / train_loss attacks of issue 15), scale (an update
+Plain rounds: lots, inf, nan-loss, huge (hostile num_examples / train_loss values), scale (an update
 x 1e30), bound (an update just under the coordinator's norm bound, claiming 10^9 examples).
 Secure rounds: negative (weight -0.9 in the secure sum, 1 declared), declares-less (1 in the sum, 0 declared),
 declare-8 (8 declared), max (every coordinate at the clipping range with weight 8, which fedsite's quantizer
