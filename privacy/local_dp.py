@@ -16,14 +16,15 @@ What this adds on top of ``opacus.PrivacyEngine.make_private`` and why:
   ``model(**batch)`` call cannot take). Here the empty batch is built from the structure
   of ``collate([dataset[0]])`` up front, and the wrapper does not run the model on it:
   it returns a zero loss and empty per-sample gradients, so ``optimizer.step()`` still
-  adds noise (the accountant counts that step too).
+  adds noise (the accountant counts that step too). The loader is in :mod:`privacy.poisson`.
 * **Grad samplers** for modules Opacus does not know: transformers' ``Conv1D`` (GPT-2)
   and the RMSNorms of the Llama family (registered on import of this module). Opacus
   would otherwise fall back to functorch, which also works but re-runs each layer, and
   fails on BERT's LM head (tied bias; a no-op sampler for the head fixes that). Also a
   batch-first patch for OPT's decoder layer and a guard against flattened batches (see
   below). The explicit samplers are checked against one backward pass per sample in
-  tests/privacy/test_local_dp.py.
+  tests/privacy/test_local_dp.py. They live in :mod:`privacy.dp_samplers`; group-wise clipping (the
+  task head's share of the bound) in :mod:`privacy.group_clipping`.
 
 The caller records the round in the ledger after training (``ledger.record``), so a
 crashed round that released nothing is not charged.
@@ -31,34 +32,22 @@ crashed round that released nothing is not charged.
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import math
 import os
-import sys
-import textwrap
-import types
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from opacus.grad_sample import GradSampleModule, register_grad_sampler
+from opacus.grad_sample import GradSampleModule
 from opacus.optimizers import DPOptimizer
-from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
-from opacus.utils.tensor_utils import sum_over_all_but_batch_and_last_n
-from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from opacus.validators import ModuleValidator
 from torch import Tensor, nn
 from torch.optim import Optimizer
-from torch.utils.data import DataLoader, Dataset
-from torch.utils.data._utils.collate import default_collate
+from torch.utils.data import DataLoader
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-from transformers.models.bert.modeling_bert import BertLMPredictionHead
-from transformers.models.opt.modeling_opt import OPTDecoderLayer
-from transformers.pytorch_utils import Conv1D
 
 from privacy.accounting import (
     PrivacyBudgetExhausted,
@@ -66,6 +55,10 @@ from privacy.accounting import (
     check_budget,
     noise_multiplier_for,
 )
+from privacy.dp_errors import LocalDPError
+from privacy.dp_samplers import patch_flattening_blocks
+from privacy.group_clipping import GroupClippedDPOptimizer, split_clipping_bound
+from privacy.poisson import PoissonDataLoader
 
 __all__ = [
     "DPLossAdapter",
@@ -79,142 +72,6 @@ __all__ = [
     "per_sample_causal_lm_loss",
     "unwrap",
 ]
-
-
-class LocalDPError(ValueError):
-    """Bad DP-SGD setup (no trainable parameters, unsupported data loader, bad σ/C)."""
-
-
-# ---------------------------------------------------------------------------------------
-# Per-sample gradient samplers for modules Opacus does not ship one for.
-
-
-@register_grad_sampler(Conv1D)
-def _conv1d_grad_sample(
-    layer: Conv1D, activations: list[Tensor], backprops: Tensor
-) -> dict[nn.Parameter, Tensor]:
-    """GPT-2's Conv1D is ``y = x @ W + b`` with W of shape (nx, nf) (a transposed Linear)."""
-    x = activations[0]  # (B, ..., nx)
-    ret: dict[nn.Parameter, Tensor] = {}
-    if layer.weight.requires_grad:
-        ret[layer.weight] = torch.einsum("n...i,n...j->nij", x, backprops)  # (B, nx, nf)
-    if layer.bias is not None and layer.bias.requires_grad:
-        ret[layer.bias] = torch.einsum("n...k->nk", backprops)  # (B, nf)
-    return ret
-
-
-def _hf_rms_norm_grad_sample(
-    layer: nn.Module, activations: list[Tensor], backprops: Tensor
-) -> dict[nn.Parameter, Tensor]:
-    """Llama-style RMSNorm: ``y = w * (x / sqrt(mean(x²) + eps))`` with the normalisation
-    in float32 and cast back to the input dtype, exactly as the module's forward does."""
-    x = activations[0]
-    weight = layer.weight
-    eps = float(layer.variance_epsilon)  # type: ignore[arg-type]
-    assert isinstance(weight, nn.Parameter)
-    ret: dict[nn.Parameter, Tensor] = {}
-    if weight.requires_grad:
-        x32 = x.to(torch.float32)
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-        ret[weight] = sum_over_all_but_batch_and_last_n(
-            normed.to(x.dtype) * backprops, weight.dim()
-        )
-    return ret
-
-
-def _hf_rms_norm_classes() -> list[type[nn.Module]]:
-    """The RMSNorm classes of the families in emulator/architectures.py that exist here."""
-    found: list[type[nn.Module]] = []
-    for module_name, class_name in (
-        ("transformers.models.llama.modeling_llama", "LlamaRMSNorm"),
-        ("transformers.models.mistral.modeling_mistral", "MistralRMSNorm"),
-        ("transformers.models.qwen2.modeling_qwen2", "Qwen2RMSNorm"),
-        ("transformers.models.qwen3.modeling_qwen3", "Qwen3RMSNorm"),
-    ):
-        try:
-            cls = getattr(importlib.import_module(module_name), class_name)
-        except (ImportError, AttributeError):
-            continue
-        found.append(cls)
-    return found
-
-
-register_grad_sampler(_hf_rms_norm_classes())(_hf_rms_norm_grad_sample)
-
-
-def _lm_prediction_head_grad_sample(
-    layer: nn.Module, activations: list[Tensor], backprops: Tensor
-) -> dict[nn.Parameter, Tensor]:
-    """BERT's LM head owns a ``bias`` next to its children. Registering a sampler for the
-    head makes Opacus recurse into the children (each has its own sampler) instead of
-    running functorch on the whole head, which breaks on the tied ``decoder.bias``.
-    The tied bias gets its per-sample gradient from the ``decoder`` Linear. An untied
-    bias is not used by the forward (``decoder(x)``): its per-sample gradient is zero.
-    """
-    bias = layer.bias
-    decoder_bias = getattr(layer.decoder, "bias", None)
-    if not isinstance(bias, nn.Parameter) or bias is decoder_bias or not bias.requires_grad:
-        return {}
-    return {bias: torch.zeros((backprops.shape[0], *bias.shape), dtype=bias.dtype)}
-
-
-def _lm_prediction_head_classes() -> list[type[nn.Module]]:
-    return [BertLMPredictionHead]
-
-
-register_grad_sampler(_lm_prediction_head_classes())(_lm_prediction_head_grad_sample)
-
-
-# ---------------------------------------------------------------------------------------
-# Models that flatten (batch, seq) into one dimension inside a block.
-#
-# Opacus takes dimension 0 of a layer's input as the batch. OPT's decoder layer runs its
-# MLP (final_layer_norm, fc1, fc2) on ``hidden_states.reshape(-1, hidden)``, so those
-# layers see batch*seq rows: their "per-sample" gradients would be per token, and
-# clipping per token does not bound one sample's influence. The fix keeps the
-# (batch, seq, hidden) shape (the MLP is token-wise, so the result is identical); the
-# guard below refuses any other model that does the same.
-
-_FLATTEN_LINE = "hidden_states = hidden_states.reshape(-1, hidden_states.size(-1))"
-
-
-def _batch_first_forward(cls: type[nn.Module]) -> Callable[..., Any] | None:
-    """``cls.forward`` with the flattening line removed (None if it has no such line)."""
-    try:
-        source = textwrap.dedent(inspect.getsource(cls.forward))
-    except (OSError, TypeError):
-        return None
-    if source.count(_FLATTEN_LINE) != 1:
-        return None
-    source = source.replace(_FLATTEN_LINE, "pass  # fedsite: keep (batch, seq, hidden)")
-    namespace: dict[str, Any] = {}
-    module_globals = vars(sys.modules[cls.__module__])
-    exec(compile(source, inspect.getfile(cls), "exec"), module_globals, namespace)
-    forward: Callable[..., Any] = namespace["forward"]
-    return forward
-
-
-def _flattening_block_classes() -> list[type[nn.Module]]:
-    return [OPTDecoderLayer]
-
-
-def _patch_flattening_blocks(model: nn.Module) -> list[nn.Module]:
-    """Give each flattening block a batch-first forward (instance attribute, so the
-    class and the state dict are untouched). Returns the patched modules."""
-    classes = tuple(_flattening_block_classes())
-    patched: list[nn.Module] = []
-    cache: dict[type[nn.Module], Callable[..., Any] | None] = {}
-    for module in model.modules():
-        if isinstance(module, classes) and any(p.requires_grad for p in module.parameters()):
-            cls = type(module)
-            if cls not in cache:
-                cache[cls] = _batch_first_forward(cls)
-            forward = cache[cls]
-            if forward is None:
-                continue  # the guard will refuse it if it still flattens
-            module.forward = types.MethodType(forward, module)
-            patched.append(module)
-    return patched
 
 
 # ---------------------------------------------------------------------------------------
@@ -375,111 +232,6 @@ def _install_batch_guard(adapter: DPLossAdapter) -> list[torch.utils.hooks.Remov
 
 
 # ---------------------------------------------------------------------------------------
-# Poisson-sampled data loader whose empty batch has the right structure.
-
-
-def _empty_like_batch(template: Any) -> Any:
-    if isinstance(template, Tensor):
-        return template.new_empty((0, *template.shape[1:]))
-    if isinstance(template, Mapping):
-        return {k: _empty_like_batch(v) for k, v in template.items()}
-    if isinstance(template, list | tuple):
-        return type(template)(_empty_like_batch(v) for v in template)
-    raise LocalDPError(
-        f"cannot build an empty Poisson batch containing {type(template).__name__}; "
-        "collate to tensors, dicts, lists or tuples"
-    )
-
-
-class _EmptySafeCollate:
-    """Collate that maps an empty sample list to an empty batch of the right structure."""
-
-    def __init__(self, collate_fn: Callable[[list[Any]], Any], dataset: Dataset[Any]) -> None:
-        self.collate_fn = collate_fn
-        # Only shapes beyond the batch dimension and dtypes are kept: no data.
-        self.empty = _empty_like_batch(collate_fn([dataset[0]]))
-
-    def __call__(self, samples: list[Any]) -> Any:
-        if len(samples) == 0:
-            return _empty_like_batch(self.empty)
-        return self.collate_fn(samples)
-
-
-class PoissonDataLoader(DataLoader[Any]):
-    """Each example joins each batch independently with probability ``sample_rate``."""
-
-    sample_rate: float
-
-    def __init__(
-        self,
-        dataset: Dataset[Any],
-        *,
-        sample_rate: float,
-        collate_fn: Callable[[list[Any]], Any] | None,
-        generator: torch.Generator,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-    ) -> None:
-        n = len(dataset)  # type: ignore[arg-type]
-        sampler = UniformWithReplacementSampler(
-            num_samples=n, sample_rate=sample_rate, generator=generator
-        )
-        super().__init__(
-            dataset,
-            batch_sampler=sampler,
-            collate_fn=_EmptySafeCollate(collate_fn or default_collate, dataset),
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-        )
-        self.sample_rate = sample_rate
-
-
-# ---------------------------------------------------------------------------------------
-# Group-wise clipping.
-
-
-class GroupClippedDPOptimizer(DPOptimizer):
-    """DP-SGD whose per-sample clipping bound is split between groups of parameters.
-
-    Each sample's gradient restricted to group g is clipped to ``bounds[g]`` on its own, so
-    its whole clipped gradient has norm at most ``sqrt(sum(bounds²))``, which is the
-    ``max_grad_norm`` the noise is calibrated to: the privacy guarantee is that of flat
-    clipping at that bound. What changes is who gets the budget. With one flat clip, a
-    group whose gradients are an order of magnitude larger (a freshly initialised task
-    head, next to LoRA factors that start at zero) takes almost all of every sample's norm,
-    and the other group's update is left below the noise.
-    """
-
-    def __init__(self, optimizer: Optimizer, *, group_of: dict[int, int], bounds: Sequence[float],
-                 **kwargs: Any) -> None:
-        super().__init__(optimizer, max_grad_norm=math.sqrt(sum(b * b for b in bounds)), **kwargs)
-        self.group_of = group_of  # id(parameter) -> index into bounds
-        self.bounds = [float(b) for b in bounds]
-
-    def clip_and_accumulate(self) -> None:
-        params = self.params
-        samples = [self._get_flat_grad_sample(p) for p in params]
-        rows = len(samples[0]) if samples else 0
-        squared = torch.zeros((len(self.bounds), rows), device=samples[0].device if samples else None)
-        for p, g in zip(params, samples, strict=True):
-            if rows:
-                squared[self.group_of[id(p)]] += g.reshape(rows, -1).pow(2).sum(dim=1)
-        bounds = torch.tensor(self.bounds, device=squared.device).unsqueeze(1)
-        factors = (bounds / (squared.sqrt() + 1e-6)).clamp(max=1.0)  # (groups, rows)
-        for p, g in zip(params, samples, strict=True):
-            _check_processed_flag(p.grad_sample)
-            g = g.to(p.dtype)
-            grad = torch.einsum("i,i...", factors[self.group_of[id(p)]].to(p.dtype), g)
-            p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
-            _mark_as_processed(p.grad_sample)
-
-
-def split_clipping_bound(max_grad_norm: float, fraction: float) -> tuple[float, float]:
-    """(bound of the group given ``fraction`` of the squared bound, bound of the rest)."""
-    return max_grad_norm * math.sqrt(fraction), max_grad_norm * math.sqrt(1.0 - fraction)
-
-
-# ---------------------------------------------------------------------------------------
 # Public entry points.
 
 
@@ -549,7 +301,7 @@ def make_private(
     sample_rate = min(1.0, data_loader.batch_size / n)
     generator = _generator(seed)
     unwrap(module)  # a model made private before (last round) loses its old hooks first
-    patched = _patch_flattening_blocks(module)
+    patched = patch_flattening_blocks(module)
     adapter = DPLossAdapter(module)
     model = GradSampleModule(adapter, batch_first=True, loss_reduction="mean", strict=True)
     vars(module)[_ATTACHMENT_ATTR] = _Attachment(model, _install_batch_guard(adapter), patched)

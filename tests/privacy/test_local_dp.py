@@ -205,9 +205,10 @@ def test_hf_token_mean_loss_would_be_wrong_for_padded_lm_batches() -> None:
 def test_flattening_model_is_refused_without_its_patch(monkeypatch: pytest.MonkeyPatch) -> None:
     """OPT runs its MLP on (batch*seq, hidden): without the batch-first patch Opacus would
     clip per token. The guard must refuse that instead of training silently."""
+    import privacy.dp_samplers as dp_samplers
     import privacy.local_dp as local_dp
 
-    monkeypatch.setattr(local_dp, "_flattening_block_classes", lambda: [])
+    monkeypatch.setattr(dp_samplers, "_flattening_block_classes", lambda: [])
     model = offsite_model("opt", "classification")
     with pytest.raises(local_dp.LocalDPError, match="flattens the batch"):
         opacus_per_sample_grads(model, padded_batch(model, "classification"))
