@@ -42,4 +42,5 @@ $E evaluate $COMMON --emulator "$EMU6" --rows emulator_alone plug_in --adapter-l
 # the chosen settings at seed 1: a training order and 200 validation glosses the selection never saw
 S1="$COMMON --seed 1"
 $E evaluate $S1 --emulator "$EMU8" --rows zero_shot full_lora --lora-lr 1e-2 --json "$OUT/seed1-references.json"
+$E evaluate $S1 --emulator "$EMU8" --rows full_lora --lora-lr 3e-3 --json "$OUT/seed1-lora-3e-3.json"
 $E evaluate $S1 --emulator "$EMU8" --rows emulator_untuned emulator_alone plug_in --adapter-lr 1e-3 --json "$OUT/seed1-keep8.json"
