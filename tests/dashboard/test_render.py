@@ -93,5 +93,8 @@ def test_ticks_cover_the_range_in_a_few_round_steps(low: float, span: float) -> 
     slack = 1e-9 * max(1.0, abs(low), abs(low + span))  # below what an axis can show
     assert ticks[0] <= low + slack and ticks[-1] >= low + span - slack
     assert 2 <= len(ticks) <= 12
-    steps = {round(b - a, 6) for a, b in itertools.pairwise(ticks)}
-    assert len(steps) == 1 or max(steps) - min(steps) < 1e-6 * max(1.0, max(steps))
+    # evenly spaced: compared relative to the step (tiny ranges have tiny steps: 0.5 .. 0.500001 steps by
+    # 5e-7), allowing the ticks' rounding to 12 decimals and float resolution at the range's magnitude
+    steps = [b - a for a, b in itertools.pairwise(ticks)]
+    tolerance = 1e-6 * max(steps) + 2e-12 + 1e-15 * max(1.0, abs(low), abs(low + span))
+    assert max(steps) - min(steps) <= tolerance
