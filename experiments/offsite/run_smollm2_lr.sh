@@ -38,6 +38,12 @@ for lr in 1e-4 3e-4 1e-3 3e-3; do
   $E evaluate $COMMON --emulator "$EMU8" --rows emulator_alone plug_in --adapter-lr $lr --json "$OUT/keep8-$lr.json"
 done
 $E evaluate $COMMON --emulator "$EMU6" --rows emulator_alone plug_in --adapter-lr 1e-3 --json "$OUT/keep6-nodistill-1e-3.json"
+EMU13="$CACHE/emu-keep13-d300"
+[ -f "$EMU13/config.json" ] || \
+  $E build --model smollm2 --output-dir "$EMU13" --adapter-layers 2 --keep 13 --distill-data bbcnews \
+    --distill-steps 300 --distill-lr 3e-4 --distill-batch-size 8 --max-length 64 --threads 1 \
+    --checkpoint-dir "$CACHE/ckpt-keep13-d300"
+$E evaluate $COMMON --emulator "$EMU13" --rows emulator_untuned emulator_alone plug_in --adapter-lr 1e-3 --json "$OUT/keep13-1e-3.json"
 
 # the chosen settings at seed 1: a training order and 200 validation glosses the selection never saw
 S1="$COMMON --seed 1"
