@@ -38,6 +38,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,8 +49,9 @@ TRAIN_ROWS = 94_448  # rows of the WordNet training split; every client gets TRA
 EXAMPLES_PER_CLIENT = 90  # part 2 (overhead), at its 100 clients
 
 
-def make_tiny_bert(folder: Path, *, layers: int = 2, hidden: int = 32, seed: int = 0, dropout: float = 0.0) -> Path:
-    """A tiny random BERT (hidden 32) with the MiniLM tokenizer, saved as a Hugging Face folder."""
+def make_tiny_bert(folder: Path, *, layers: int = 2, hidden: int = 32, seed: int = 0, dropout: float = 0.0,
+                   intermediate: int | None = None, max_positions: int = 128) -> Path:
+    """A tiny random BERT (hidden 32 unless told) with the MiniLM tokenizer, saved as a Hugging Face folder."""
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
@@ -59,7 +61,8 @@ def make_tiny_bert(folder: Path, *, layers: int = 2, hidden: int = 32, seed: int
         return folder
     tokenizer = AutoTokenizer.from_pretrained(str(embedded_model_path()))
     config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=hidden, num_hidden_layers=layers,
-                        num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=128,
+                        num_attention_heads=2, intermediate_size=intermediate or 2 * hidden,
+                        max_position_embeddings=max_positions,
                         hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     torch.manual_seed(seed)
     model = BertModel(config)
@@ -156,7 +159,7 @@ class PeakSampler:
         self.peak = max(self.peak, _tree_rss_mb())
 
 
-def _child_env(tree: Path) -> dict[str, str]:
+def child_env(tree: Path) -> dict[str, str]:
     """Environment of a measured subprocess: one thread, offline, and ``tree``'s code first on the path."""
     return dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                 PYTHONPATH=os.pathsep.join([str(tree), *filter(None, [os.environ.get("PYTHONPATH")])]))
@@ -178,7 +181,7 @@ def scale_run(work: Path, model_dir: Path, clients: int, per_round: int, rounds:
     cmd = [sys.executable, "-m", "simulations.bench_scale", "--child", str(job), str(out), str(num_cpus), loop]
     start = time.monotonic()
     with PeakSampler() as sampler:
-        proc = subprocess.run(cmd, env=_child_env(tree), capture_output=True, text=True, cwd=str(tree))
+        proc = subprocess.run(cmd, env=child_env(tree), capture_output=True, text=True, cwd=str(tree))
     if proc.returncode != 0:
         raise RuntimeError(f"simulation with {clients} clients failed:\n{proc.stderr[-3000:]}")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -252,7 +255,7 @@ def direct_run(work: Path, model_dir: Path, per_round: int, clients: int, tree: 
             "int(sys.argv[4]))))")
     work.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run([sys.executable, "-c", code, str(work), str(model_dir), str(per_round), str(clients)],
-                          env=_child_env(tree), capture_output=True, text=True, cwd=str(tree))
+                          env=child_env(tree), capture_output=True, text=True, cwd=str(tree))
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"direct loop failed:\n{proc.stderr[-3000:]}")
@@ -279,19 +282,13 @@ def overhead_pairs(work: Path, model_dir: Path, *, per_round: int, rounds: int, 
     summary: dict[str, Any] = {}
     for arm, mine in pairs.items():
         ratios = [p["ratio"] for p in mine]
-        summary[arm] = {"tree": str(trees[arm]), "pairs": mine, "ratio_median": _median(ratios),
+        summary[arm] = {"tree": str(trees[arm]), "pairs": mine, "ratio_median": median(ratios),
                         "ratio_min": min(ratios), "ratio_max": max(ratios),
-                        "direct_per_client_s": _median([p["direct_per_client_s"] for p in mine]),
-                        "simulated_per_client_s": _median([p["simulated_per_client_s"] for p in mine])}
+                        "direct_per_client_s": median([p["direct_per_client_s"] for p in mine]),
+                        "simulated_per_client_s": median([p["simulated_per_client_s"] for p in mine])}
         summary[arm]["overhead_per_client_s"] = (summary[arm]["simulated_per_client_s"]
                                                  - summary[arm]["direct_per_client_s"])
     return summary
-
-
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -335,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
                 mine = [r for r in all_runs if r["loop"] == loop and r["clients"] == n]
                 runs.append({"loop": loop, "clients": n, "per_round": args.per_round, "repeats": len(mine),
                              "examples_per_client": per_client,
-                             **{key: _median([r[key] for r in mine]) for key in
+                             **{key: median([r[key] for r in mine]) for key in
                                 ("round_s", "first_round_s", "client_phase_s", "peak_rss_mb", "wall_s")}})
         for run in runs:
             base = next(r for r in runs if r["loop"] == run["loop"] and r["clients"] == args.clients[0])

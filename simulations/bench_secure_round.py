@@ -63,7 +63,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 from typing import Any
+
+from simulations.bench_scale import child_env, make_tiny_bert
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "coordinator" / "examples" / "data"
@@ -76,19 +79,8 @@ MEASURES = ("warm round wall time (client phase + aggregation; Flower: its fit r
             "updates, Flower's Ray simulation with 2 actors; fedsite through simulations.runner.run_job")
 
 
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
-
-
 def _spread(values: list[float]) -> dict[str, Any]:
-    return {"median": _median(values), "min": min(values), "max": max(values), "samples": len(values)}
-
-
-def _child_env(tree: Path) -> dict[str, str]:
-    return dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-                PYTHONPATH=os.pathsep.join([str(tree), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    return {"median": median(values), "min": min(values), "max": max(values), "samples": len(values)}
 
 
 def _load() -> float:
@@ -96,26 +88,6 @@ def _load() -> float:
 
 
 # -- the fedsite arms ------------------------------------------------------------------------------
-
-def make_model(folder: Path) -> Path:
-    """A random BERT (hidden 128, 2 blocks) with the MiniLM tokenizer: small compute, big LoRA at r = 200."""
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from emulator.models import embedded_model_path
-
-    if (folder / "config.json").exists():
-        return folder
-    tokenizer = AutoTokenizer.from_pretrained(str(embedded_model_path()))
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=512, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0)
-    torch.manual_seed(0)
-    folder.mkdir(parents=True, exist_ok=True)
-    BertModel(config).save_pretrained(str(folder), safe_serialization=True)
-    tokenizer.save_pretrained(str(folder))
-    return folder
-
 
 def job_file(folder: Path, model_dir: Path, *, clients: int, rounds: int, secure: bool, name: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
@@ -235,7 +207,7 @@ def fedsite_run(work: Path, model_dir: Path, clients: int, rounds: int, secure: 
     began = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "simulations.bench_secure_round", "--child-fedsite", str(job),
                            str(out), str(timings)], capture_output=True, text=True, cwd=str(tree),
-                          env=_child_env(tree) | ({PULL_ENV: str(pull_s)} if pull_s else {}))
+                          env=child_env(tree) | ({PULL_ENV: str(pull_s)} if pull_s else {}))
     if proc.returncode != 0:
         raise RuntimeError(f"fedsite {tag} failed:\n{proc.stderr[-3000:]}")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -359,7 +331,7 @@ def flower_run(work: Path, clients: int, rounds: int, secure: bool, tag: str, si
     load = _load()
     began = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "simulations.bench_secure_round", "--child-flower", str(clients),
-                           str(rounds), "1" if secure else "0", str(size), str(timings)], env=_child_env(REPO),
+                           str(rounds), "1" if secure else "0", str(size), str(timings)], env=child_env(REPO),
                           capture_output=True, text=True, cwd=str(REPO))
     if proc.returncode != 0 or not timings.exists():
         raise RuntimeError(f"flower {tag} failed:\n{proc.stderr[-3000:]}")
@@ -420,14 +392,14 @@ def client_masking(clients: int, size: int, repeat: int) -> dict[str, Any]:
     return {"clients": clients, "neighbours": neighbours, "vector_size": vector_size, "repeat": repeat,
             "build_vector_s": _spread(build_s), "masked_input_stage_s": _spread(handle_s),
             "quantize_s": _spread(quantize_s),
-            "total_s": _median([b + h for b, h in zip(build_s, handle_s, strict=True)])}
+            "total_s": median([b + h for b, h in zip(build_s, handle_s, strict=True)])}
 
 
 def client_masking_run(clients: int, size: int, repeat: int, tree: Path) -> dict[str, Any]:
     code = ("import json, sys; from simulations.bench_secure_round import client_masking; "
             "print('RESULT ' + json.dumps(client_masking(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))))")
     # the benchmark module comes from this checkout; privacy/ and client/ from ``tree``
-    env = _child_env(tree)
+    env = child_env(tree)
     env["PYTHONPATH"] = os.pathsep.join([str(tree), str(REPO)])
     proc = subprocess.run([sys.executable, "-c", code, str(clients), str(size), str(repeat)], env=env,
                           capture_output=True, text=True, cwd=str(tree))
@@ -455,7 +427,7 @@ def summarize(runs: list[dict[str, Any]], clients: list[int]) -> list[dict[str, 
                 if "train_max_s" in record and record["train_max_s"] is not None:
                     parts.setdefault(name, {}).setdefault("client_train_max", []).append(record["train_max_s"])
         row: dict[str, Any] = {"clients": n, "arms": {k: _spread(v) for k, v in arms.items()},
-                               "parts_median_s": {a: {k: _median(v) for k, v in p.items()} for a, p in parts.items()}}
+                               "parts_median_s": {a: {k: median(v) for k, v in p.items()} for a, p in parts.items()}}
         med = {k: v["median"] for k, v in row["arms"].items()}
         ratios = {}
         if "fedsite-secure" in med and "fedsite-plain" in med:
@@ -520,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
             args.out.write_text(json.dumps(result, indent=1) + "\n")
         return 0
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="fedsite-bench-secure-"))
-    model_dir = make_model(work / "model")
+    model_dir = make_tiny_bert(work / "model", hidden=128, intermediate=512, max_positions=64, seed=0)
     runs: list[dict[str, Any]] = []
     arms = list(args.arms) + (["fedsite-secure@baseline"] if args.baseline_tree else [])
     if args.what_if_pull_ms:
