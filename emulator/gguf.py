@@ -41,6 +41,7 @@ from transformers.utils import logging as hf_logging
 from emulator.architectures import UnsupportedArchitectureError, spec_for_config
 from emulator.cache_dir import CACHE_ENV, fedsite_cache_dir
 from emulator.load_errors import ModelLoadError
+from localio.atomic import fsync_path
 
 log = logging.getLogger("fedsite.gguf")
 
@@ -142,21 +143,6 @@ def _complete(folder: Path, sha256: str) -> bool:
     return isinstance(marker, dict) and marker.get("format") == MARKER_FORMAT and marker.get("sha256") == sha256
 
 
-def _fsync(paths: list[Path]) -> None:
-    """Persist files and folders (a no-op where a folder cannot be opened)."""
-    for path in paths:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.fsync(fd)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-
-
 def convert(path: Path, out: Path) -> None:
     """Write ``path`` as a Hugging Face causal-LM folder into ``out`` (fp32 safetensors + tokenizer)."""
     verbosity = hf_logging.get_verbosity()
@@ -219,7 +205,8 @@ def gguf_to_folder(path: str | Path, cache: Path | None = None) -> Path:
         marker = {"format": MARKER_FORMAT, "sha256": sha256, "source": str(source), "size": info.size,
                   "architecture": info.architecture}
         (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        _fsync([*tmp.rglob("*"), tmp])
+        for written in [*tmp.rglob("*"), tmp]:
+            fsync_path(written)
         if target.exists() and not _complete(target, sha256):
             shutil.rmtree(target, ignore_errors=True)  # a stale folder without its marker (a crash before rename)
         try:
@@ -227,7 +214,7 @@ def gguf_to_folder(path: str | Path, cache: Path | None = None) -> Path:
         except OSError:
             if not _complete(target, sha256):  # someone else finished the same conversion first: use theirs
                 raise
-        _fsync([root])
+        fsync_path(root)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("converted %s -> %s", source, target)

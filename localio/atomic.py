@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import IO, Any
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Persist a rename; a no-op where directories cannot be opened (Windows)."""
+def fsync_path(path: Path) -> None:
+    """Persist a file, or a folder's entries after a rename; a no-op where it cannot be opened (folders on Windows)."""
     try:
-        fd = os.open(folder, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
         return
     try:
@@ -58,7 +58,7 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[A
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
-    _fsync_dir(target.parent)
+    fsync_path(target.parent)
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
