@@ -16,21 +16,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from transformers import PreTrainedTokenizerBase
 
 from coordinator.checkpoint import Checkpointer
 from coordinator.config import ConfigError, JobConfig
 from coordinator.engine import ClientPhase, RoundEngine
+from coordinator.lora_model import LoraGlobalModel
 from coordinator.metrics import MetricsLog
 from coordinator.offsite_model import OffsiteGlobalModel
 from emulator.base_fingerprint import FINGERPRINT_FILE, write_fingerprint, write_slim_package
-from emulator.lora import LoraSettings, add_lora, load_trainable_state, merged_copy, trainable_state
+from emulator.lora import LoraSettings, add_lora, trainable_state
 from emulator.models import load_model_and_new_tensors, load_tokenizer, resolve_model_path
 from emulator.offsite_package import write_offsite_package
-from emulator.package import JobSpec, load_trainable_model, pack
-from emulator.prefix import FrozenPrefix, compute_prefix, cut_index
-from emulator.tasks import EncodedExamples, encode, evaluate
+from emulator.package import JobSpec, pack
+from emulator.tasks import EncodedExamples, encode
 from localio.atomic import atomic_write_bytes, atomic_write_text
 from localio.data import DataError, label_set, read_examples, sample
 from protos.codec import sha256_hex
@@ -118,61 +117,6 @@ def _with_slim(package: Package, output_dir: Path) -> Package:
     package.slim = slim_path.read_bytes()
     package.slim_sha256 = sha256_hex(package.slim)
     return package
-
-
-class LoraGlobalModel:
-    """The coordinator's copy of the trainable model (lora mode), rebuilt from the package."""
-
-    def __init__(self, package: Package, validation: EncodedExamples | None, tokenizer: PreTrainedTokenizerBase,
-                 eval_batch_size: int = 64, cache_prefix: bool = False) -> None:
-        self.model, _, self.spec = load_trainable_model(package.folder)
-        self.validation = validation
-        self.tokenizer = tokenizer
-        self.eval_batch_size = eval_batch_size
-        self.cache_prefix = cache_prefix
-        self._validation_prefix: FrozenPrefix | None = None
-
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        return trainable_state(self.model)
-
-    def set_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
-        load_trainable_state(self.model, state)
-
-    def evaluate(self) -> dict[str, float]:
-        if self.validation is None:
-            return {}
-        return evaluate(self.model, self.validation, batch_size=self.eval_batch_size, prefix=self._prefix())
-
-    def _prefix(self) -> FrozenPrefix | None:
-        """The validation examples' frozen-prefix states when only the model's top trains (computed once:
-        rounds change only trainable tensors), so each round's evaluation runs just the top."""
-        if not self.cache_prefix or self.validation is None:
-            return None
-        if self._validation_prefix is None:
-            cut = cut_index(self.model)
-            if cut is None or cut == 0:
-                self.cache_prefix = False
-                return None
-            self._validation_prefix = compute_prefix(self.model, self.validation, cut)
-        return self._validation_prefix
-
-    def export(self, folder: Path) -> None:
-        """final/: merged model + tokenizer that plain transformers loads; final/adapter/: peft adapter.
-
-        Written beside ``folder`` and renamed into place; a failure (a full disk) leaves no partial folder.
-        """
-        tmp = folder.with_name(folder.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            merged = merged_copy(self.model)  # type: ignore[arg-type]
-            merged.save_pretrained(str(tmp), safe_serialization=True)
-            self.tokenizer.save_pretrained(str(tmp))
-            self.model.save_pretrained(str(tmp / "adapter"), safe_serialization=True)  # type: ignore[operator]
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
 
 
 @dataclass
