@@ -22,9 +22,11 @@ from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from coordinator.config import JobConfig
+from emulator.adapter import plug_in
+from emulator.layout import EmulatorError, EmulatorLayout
 from emulator.lora import MergeError, load_trainable_state, merged_copy, trainable_state
 from emulator.models import load_model, resolve_model_path
-from emulator.offsite import EmulatorError, EmulatorLayout, plug_in, save_emulator
+from emulator.offsite import save_emulator
 from emulator.offsite_package import adapter_state_for_plug_in
 from emulator.package import load_trainable_model
 from emulator.public_text import read_public_text

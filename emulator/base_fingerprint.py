@@ -28,8 +28,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
+from emulator.exposure import state_digests
 from emulator.models import load_model, resolve_model_path
-from emulator.offsite import state_digests
 from emulator.package import JobSpec, PackageError
 
 FINGERPRINT_FILE = "base-fingerprint.json"

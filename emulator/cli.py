@@ -52,13 +52,9 @@ from emulator.evaluation import (
     read_labelled,
     subsample,
 )
-from emulator.offsite import (
-    EmulatorError,
-    build_emulator,
-    exposure,
-    load_layout_checked,
-    save_emulator,
-)
+from emulator.exposure import exposure
+from emulator.layout import EmulatorError, load_layout_checked
+from emulator.offsite import build_emulator, save_emulator
 from emulator.public_text import read_public_text
 from emulator.refine import RefineConfig
 from localio.atomic import atomic_write_json

@@ -49,7 +49,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from emulator.architectures import transformer_blocks
 from emulator.batching import Encoded, collate, encode, pad_id_of, shuffled_batches
 from emulator.evaluation import _open_text
-from emulator.offsite import EmulatorError, EmulatorLayout
+from emulator.layout import EmulatorError, EmulatorLayout
 from emulator.progress import StepProgress
 
 STATE_FILE = "distill_state.safetensors"

@@ -13,7 +13,7 @@ For a causal LM (a JSONL or text file of ``{"text"}``) the same rows report
 perplexity (no head, so no probe). Beside the quality numbers the table
 reports what leaves the coordinator: the emulator's size and the fraction of
 the full model's parameters it carries byte-identical (see
-:func:`emulator.offsite.exposure`).
+:func:`emulator.exposure.exposure`).
 
 The training loop here is a small, deterministic reference trainer (AdamW,
 linear warm-up and decay, a separate learning rate for the fresh head); it is
@@ -40,16 +40,11 @@ from peft import LoraConfig, get_peft_model
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from emulator.adapter import adapter_lora_config, adapter_parameter_names, head_parameter_names, plug_in
 from emulator.architectures import spec_for
 from emulator.batching import Encoded, collate, pad_id_of, shuffled_batches
-from emulator.offsite import (
-    EmulatorLayout,
-    adapter_lora_config,
-    adapter_parameter_names,
-    exposure,
-    head_parameter_names,
-    plug_in,
-)
+from emulator.exposure import exposure
+from emulator.layout import EmulatorLayout
 from emulator.progress import StepProgress
 from emulator.refine import RefineConfig, refine_plug_in
 

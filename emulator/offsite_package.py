@@ -4,7 +4,7 @@ The package's ``model/`` folder is the emulator (embeddings, adapter blocks,
 the compressed middle, final norm and head) saved as a normal Hugging Face
 model with its layout JSON; the trainable tensors are the adapter blocks'
 parameters and the task head, named as in the emulator. The coordinator maps
-them back onto the full model with :func:`emulator.offsite.plug_in`.
+them back onto the full model with :func:`emulator.adapter.plug_in`.
 
 With ``[offsite] adapter_lora`` the clients train LoRA factors on the adapter
 blocks instead (the ``[lora]`` table's r, alpha, dropout, targets and
@@ -23,17 +23,12 @@ import torch
 from peft import PeftModel, get_peft_model
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from emulator.adapter import adapter_lora_config, adapter_parameter_names, head_parameter_names
 from emulator.distill import DistillConfig, distill
 from emulator.job_spec import JobSpec, PackageError
+from emulator.layout import EmulatorLayout
 from emulator.lora import freeze_lora_a, load_lora, merged_copy, trainable_state
-from emulator.offsite import (
-    EmulatorLayout,
-    adapter_lora_config,
-    adapter_parameter_names,
-    build_emulator,
-    head_parameter_names,
-    save_emulator,
-)
+from emulator.offsite import build_emulator, save_emulator
 from emulator.public_text import read_public_text
 
 ADAPTER_DIR = "adapter"  # the peft adapter (adapter_lora only), as in lora mode's package

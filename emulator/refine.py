@@ -24,8 +24,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from emulator.adapter import adapter_parameter_names, head_parameter_names
 from emulator.batching import collate, encode, pad_id_of, shuffled_batches
-from emulator.offsite import EmulatorLayout, adapter_parameter_names, head_parameter_names
+from emulator.layout import EmulatorLayout
 from emulator.progress import StepProgress
 
 log = logging.getLogger("fedsite.refine")

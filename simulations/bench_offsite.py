@@ -89,7 +89,8 @@ def _bare_worker(method: str, folder: str, data: str, batch: int, steps: int, la
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from emulator.offsite import EmulatorLayout, adapter_parameter_names
+    from emulator.adapter import adapter_parameter_names
+    from emulator.layout import EmulatorLayout
     from emulator.tasks import encode
 
     torch.set_num_threads(1)
@@ -179,7 +180,7 @@ def ideals(config: Any, emulator_blocks: int) -> dict[str, float]:
 def run(repeats: int, steps: int, batch: int, keep: int, data: str, methods: tuple[str, ...]) -> dict[str, Any]:
     from transformers import AutoConfig
 
-    from emulator.offsite import EmulatorLayout
+    from emulator.layout import EmulatorLayout
 
     floor_mb = _spawn(_floor)
     with tempfile.TemporaryDirectory() as tmp:

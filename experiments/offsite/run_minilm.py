@@ -32,10 +32,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
+from emulator.adapter import plug_in
 from emulator.batching import encode, pad_id_of
 from emulator.distill import DistillConfig, distill, hidden_distance
 from emulator.evaluation import TrainConfig, accuracy, evaluate_offsite, read_labelled, subsample, tune_adapter
-from emulator.offsite import build_emulator, plug_in, save_emulator
+from emulator.offsite import build_emulator, save_emulator
 from emulator.refine import RefineConfig, refine_plug_in
 
 HERE = Path(__file__).resolve().parent

@@ -24,8 +24,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from coordinator.checkpoint import Checkpointer
+from emulator.exposure import state_digests
+from emulator.layout import EmulatorLayout
 from emulator.models import resolve_model_path
-from emulator.offsite import EmulatorLayout, state_digests
 from localio.data import read_examples
 from tests.e2e.harness import TOKENS, TRAIN, VALIDATION, start_client, start_coordinator, tail, wait_all
 from tests.emulator.tiny_gguf import tiny_llama, write_tiny_gguf

@@ -21,7 +21,7 @@ from coordinator.checkpoint import Checkpointer
 from coordinator.config import load_job
 from emulator.batching import encode, pad_id_of
 from emulator.evaluation import perplexity
-from emulator.offsite import EmulatorLayout
+from emulator.layout import EmulatorLayout
 from simulations.runner import SimulationOptions, run_job
 from tests.e2e.harness import TRAIN, VALIDATION
 from tests.emulator.tiny_gguf import tiny_llama, write_tiny_gguf

@@ -27,7 +27,9 @@ from emulator.distill import (
     read_text_corpus,
     targets,
 )
-from emulator.offsite import EmulatorLayout, build_emulator, plan_layout, tensor_digest
+from emulator.exposure import tensor_digest
+from emulator.layout import EmulatorLayout, plan_layout
+from emulator.offsite import build_emulator
 from tests.tiny_models import VOCAB, tiny_model
 
 

@@ -12,25 +12,25 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedModel
 
-from emulator.architectures import blocks_prefix, num_blocks, transformer_blocks
-from emulator.offsite import (
-    LAYOUT_FILENAME,
-    EmulatorError,
-    EmulatorLayout,
+from emulator.adapter import (
     adapter_lora_config,
     adapter_parameter_names,
     block_index,
-    build_emulator,
     emulator_to_full_state,
-    exposure,
     head_parameter_names,
+    plug_in,
+)
+from emulator.architectures import blocks_prefix, num_blocks, transformer_blocks
+from emulator.exposure import exposure, tensor_digest
+from emulator.layout import (
+    LAYOUT_FILENAME,
+    EmulatorError,
+    EmulatorLayout,
     load_layout_checked,
     plan_layout,
-    plug_in,
-    save_emulator,
-    tensor_digest,
     uniform_keep,
 )
+from emulator.offsite import build_emulator, save_emulator
 from tests.tiny_models import FAMILIES, tiny_batch, tiny_model
 
 CASES = [(f, t) for f, t in itertools.product(FAMILIES, ("classification", "causal-lm"))

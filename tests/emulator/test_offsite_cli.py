@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from emulator.architectures import num_blocks
 from emulator.cli import main
-from emulator.offsite import LAYOUT_FILENAME, EmulatorLayout
+from emulator.layout import LAYOUT_FILENAME, EmulatorLayout
 from tests.emulator.test_distill import word_texts, word_tokenizer
 from tests.tiny_models import tiny_model
 

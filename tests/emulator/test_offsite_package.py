@@ -18,8 +18,9 @@ from safetensors.torch import load as load_safetensors
 
 from coordinator.config import parse_job
 from coordinator.job import prepare_job
+from emulator.exposure import tensor_digest
+from emulator.layout import EmulatorLayout
 from emulator.models import load_model
-from emulator.offsite import EmulatorLayout, tensor_digest
 from localio.data import read_examples, write_jsonl
 from protos.codec import decode_message, encode_message
 

@@ -7,15 +7,11 @@ import pytest
 import torch
 from transformers import PreTrainedModel
 
+from emulator.adapter import adapter_parameter_names, head_parameter_names, plug_in
 from emulator.batching import collate, encode, pad_id_of
-from emulator.offsite import (
-    EmulatorLayout,
-    adapter_parameter_names,
-    build_emulator,
-    head_parameter_names,
-    plug_in,
-    tensor_digest,
-)
+from emulator.exposure import tensor_digest
+from emulator.layout import EmulatorLayout
+from emulator.offsite import build_emulator
 from emulator.refine import RefineConfig, _kl, refine_plug_in
 from tests.emulator.test_distill import word_texts, word_tokenizer
 from tests.tiny_models import tiny_model

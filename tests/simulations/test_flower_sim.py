@@ -238,7 +238,7 @@ def test_offsite_mode_simulates_and_exports_the_full_model_with_the_adapter_plug
     emulator, and final/ is the full 4-block model whose middle blocks are the original ones."""
     from transformers import AutoModelForSequenceClassification
 
-    from emulator.offsite import EmulatorLayout
+    from emulator.layout import EmulatorLayout
 
     model = make_tiny_bert(tmp_path / "tiny-bert", layers=4)
     job = tiny_job(tmp_path, model, clients=4, per_round=2, rounds=2, max_train_examples=200, name="offsite")
