@@ -14,6 +14,10 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from coordinator.rounds import GlobalModel
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -156,7 +160,7 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def export(model: object, output_dir: Path, completed_rounds: int) -> None:
+def export(model: GlobalModel, output_dir: Path, completed_rounds: int) -> None:
     """Write final/; a failure (a full disk) ends in one line saying that the checkpoints are intact and how to
     export again, and leaves no partial folder."""
     import shutil
@@ -168,7 +172,7 @@ def export(model: object, output_dir: Path, completed_rounds: int) -> None:
 
     final = output_dir / "final"
     try:
-        model.export(final)  # type: ignore[attr-defined]
+        model.export(final)
     except (OSError, SafetensorError, MergeError) as exc:
         logging.getLogger("fedsite.coordinator").debug("export failed", exc_info=True)
         shutil.rmtree(final.with_name(final.name + ".partial"), ignore_errors=True)

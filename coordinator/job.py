@@ -24,6 +24,7 @@ from coordinator.engine import ClientPhase, RoundEngine
 from coordinator.lora_model import LoraGlobalModel
 from coordinator.metrics import MetricsLog
 from coordinator.offsite_model import OffsiteGlobalModel
+from coordinator.rounds import GlobalModel
 from emulator.base_fingerprint import FINGERPRINT_FILE, write_fingerprint, write_slim_package
 from emulator.lora import LoraSettings, add_lora, trainable_state
 from emulator.models import load_model_and_new_tensors, load_tokenizer, resolve_model_path
@@ -124,7 +125,7 @@ class PreparedJob:
     config: JobConfig
     output_dir: Path
     package: Package
-    model: Any  # LoraGlobalModel | OffsiteGlobalModel
+    model: GlobalModel
     engine: RoundEngine
 
 
@@ -231,7 +232,7 @@ def prepare_job(config: JobConfig, output_dir: Path, *, resume: bool = False,
         report("loading the validation data and the global model")
     tokenizer = load_tokenizer(package.folder / "model")
     validation = load_validation(config, tokenizer, package.spec.labels)
-    model: Any
+    model: GlobalModel
     if config.job.mode == "lora":
         model = LoraGlobalModel(package, validation, tokenizer, cache_prefix=config.train.cache_frozen_prefix)
     else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from coordinator.config import JobConfig
@@ -43,13 +44,19 @@ class Driver(Protocol):
 
 
 class GlobalModel(Protocol):
-    """The coordinator's model, seen through its trainable tensors."""
+    """The coordinator's model, seen through its trainable tensors; one per mode
+    (:mod:`coordinator.lora_model`, :mod:`coordinator.offsite_model`), so the engine and the CLIs never ask which."""
 
     def trainable_state(self) -> State: ...
 
     def set_trainable_state(self, state: State) -> None: ...
 
     def evaluate(self) -> dict[str, float]: ...
+
+    def export(self, folder: Path) -> None:
+        """Write the tuned model to ``folder`` (what plain transformers loads), built beside it and renamed into
+        place, so a failure leaves the folder as it was and at most a ``<folder>.partial`` to remove."""
+        ...
 
 
 class RoundFailed(RuntimeError):

@@ -116,6 +116,10 @@ class FuzzModel:
     def evaluate(self) -> dict[str, float]:
         return {}
 
+    def export(self, folder: Path) -> None:
+        """Never called: the fuzz job runs until it is stopped; present because every global model can export."""
+        raise NotImplementedError("the fuzz job is never exported")
+
 
 def _engine_for(folder: Path, round_timeout_s: float) -> tuple[RoundEngine, FuzzModel]:
     table = {"job": {"name": "fuzz", "rounds": 10**9, "clients_per_round": 2, "min_clients": 1,

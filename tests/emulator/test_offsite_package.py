@@ -204,8 +204,8 @@ def test_export_refines_the_plug_in_on_public_text_and_leaves_the_clients_adapte
     assert summary["steps"] == 20 and summary["kl_first"] >= 0 and summary["kl_last"] >= 0
     assert summary["validation_plug_in"] == model.evaluate()
     final = AutoModelForSequenceClassification.from_pretrained(tmp_path / "final").eval()
-    assert job.model.validation is not None
-    assert evaluate(final, job.model.validation)["val_accuracy"] == pytest.approx(
+    assert model.validation is not None
+    assert evaluate(final, model.validation)["val_accuracy"] == pytest.approx(
         summary["validation_refined"]["val_accuracy"], abs=1e-9)
     layout = EmulatorLayout.load(job.package.folder / "model")
     adapter_blocks = tuple(f"bert.encoder.layer.{i}." for i in layout.adapter_full_indices)
