@@ -20,7 +20,7 @@ from typing import Any
 from coordinator.checkpoint import Checkpoint, Checkpointer
 from coordinator.config import JobConfig
 from coordinator.job_privacy import JobPrivacy
-from coordinator.metrics import MetricsLog
+from coordinator.metrics import MetricsLog, clean_record
 from coordinator.plain_phase import plain_client_phase
 from coordinator.rounds import (  # the engine's vocabulary, importable from here as before
     ClientPhase,
@@ -85,12 +85,17 @@ class RoundEngine:
     def resume(self) -> int:
         """Load the newest checkpoint if any; return the last completed round (0 = fresh)."""
         checkpoint = self.checkpointer.latest()
-        if checkpoint is None:
+        if checkpoint is None:  # killed before round 1 was saved: start again, round 0's record included
+            self.metrics.truncate_after(-1)
             return 0
         self.model.set_trainable_state(checkpoint.global_state)
         self.optimizer.load_state_dict(checkpoint.optimizer_state)
         self.completed_rounds = checkpoint.round
         self.metrics.truncate_after(checkpoint.round)
+        saved_record = checkpoint.info.get("record")
+        if saved_record and not any(r.get("round") == checkpoint.round for r in self.metrics.read()):
+            # killed between the checkpoint and the metrics append: the checkpoint carries the record
+            self.metrics.append(saved_record)
         for record in self.metrics.read():
             self.client_epsilon.update(record.get("epsilon_local") or {})
         log.info("resumed after round %d from %s", checkpoint.round, self.checkpointer.folder)
@@ -197,12 +202,14 @@ class RoundEngine:
         for hook in self.round_hooks:
             hook(round_id, record)
         self.stage = "checkpointing"
+        record["seconds"] = time.monotonic() - start
+        # the record rides in the checkpoint, so a crash before the append below loses nothing
         self.checkpointer.save(
             Checkpoint(round=round_id, global_state=self.model.trainable_state(),
-                       optimizer_state=self.optimizer.state_dict(), info={"status": record["status"]})
+                       optimizer_state=self.optimizer.state_dict(),
+                       info={"status": record["status"], "record": clean_record(record)})
         )
         self.completed_rounds = round_id
-        record["seconds"] = time.monotonic() - start
         self.metrics.append(record)
         self._announce(round_id, record)
         return record

@@ -17,13 +17,20 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def clean_record(record: dict[str, Any]) -> dict[str, Any]:
+    """The record as it is logged: non-finite numbers become null (JSON has no NaN)."""
+    return {k: _clean(v) for k, v in record.items()}
+
+
 class MetricsLog:
+    """The job's per-round log; a crash can tear only its last line, which :meth:`read` drops."""
+
     def __init__(self, path: Path) -> None:
         self.path = path
 
     def append(self, record: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        line = json.dumps({k: _clean(v) for k, v in record.items()}, sort_keys=True)
+        line = json.dumps(clean_record(record), sort_keys=True)
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(line + "\n")
             handle.flush()
