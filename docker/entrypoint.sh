@@ -81,6 +81,11 @@ JOB
     if [ -n "${FEDSITE_METRICS_PORT:-}" ] && "$PYTHON" -m coordinator serve --help 2>/dev/null | grep -q -- --metrics-port; then
         set -- "$@" --metrics-port "$FEDSITE_METRICS_PORT" --metrics-host "${FEDSITE_METRICS_HOST:-0.0.0.0}"
     fi
+    if [ -n "${FEDSITE_DASHBOARD_PORT:-}" ]; then
+        # off loopback the dashboard needs a token; the CLI reads it from FEDSITE_DASHBOARD_TOKEN (kept out of ps)
+        [ -n "${FEDSITE_DASHBOARD_TOKEN:-}" ] || die "FEDSITE_DASHBOARD_PORT is set but FEDSITE_DASHBOARD_TOKEN is empty: set a dashboard token in .env (or unset the port)"
+        set -- "$@" --dashboard-port "$FEDSITE_DASHBOARD_PORT" --dashboard-host "${FEDSITE_DASHBOARD_HOST:-0.0.0.0}"
+    fi
     exec "$PYTHON" -m coordinator "$@"
     ;;
 client)

@@ -65,6 +65,8 @@ prepare_stack() {  # $1 = job file name under docker/smoke/
 FEDSITE_IMAGE_TAG=$SMOKE_IMAGE_TAG
 FEDSITE_PORT=$(free_port)
 FEDSITE_METRICS_PORT=$(free_port)
+FEDSITE_DASHBOARD_PORT=$(free_port)
+FEDSITE_DASHBOARD_TOKEN=smoke-dashboard-token
 FEDSITE_BIND=127.0.0.1
 FEDSITE_MTLS=1
 FEDSITE_TOKEN_1=smoke-token-1
@@ -169,5 +171,31 @@ with torch.no_grad():
     label = model.config.id2label[int(model(**batch).logits.argmax())]
 PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained("/data/run/final"), "/data/run/final/adapter")
 print(len(model.config.id2label), sum(p.numel() for p in model.parameters()), label)
+PY
+}
+
+# the coordinator's dashboard from this host, as a viewer reaches it: HTTPS on the published port, the dev CA,
+# refused without the token, /api/status with it; prints "dashboard OK over HTTPS (<what the job is doing>)"
+check_dashboard() {
+  local id port token
+  id=$(container_of coordinator)
+  docker cp "$id:/certs/ca.pem" "$WORK/ca.pem" >/dev/null 2>&1 || { echo "no ca.pem in the coordinator"; return 1; }
+  port=$(sed -n 's/^FEDSITE_DASHBOARD_PORT=//p' "$WORK/smoke.env")
+  token=$(sed -n 's/^FEDSITE_DASHBOARD_TOKEN=//p' "$WORK/smoke.env")
+  python3 - "$WORK/ca.pem" "$port" "$token" <<'PY'
+import json, ssl, sys, urllib.error, urllib.request
+ca, port, token = sys.argv[1:]
+context = ssl.create_default_context(cafile=ca)
+url = f"https://127.0.0.1:{port}/api/status"
+try:
+    urllib.request.urlopen(url, context=context, timeout=60)
+    sys.exit("answered without the token")
+except urllib.error.HTTPError as exc:
+    if exc.code != 401:
+        sys.exit(f"without the token: HTTP {exc.code}, not 401")
+request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+with urllib.request.urlopen(request, context=context, timeout=60) as response:
+    status = json.loads(response.read())
+print(f"dashboard OK over HTTPS ({status.get('status_text')})")
 PY
 }

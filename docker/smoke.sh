@@ -2,7 +2,8 @@
 # The deployment, end to end, from a checkout: build the image, bring up the compose stack (certificates
 # job, coordinator, three clients over mutual TLS) on a short job on the embedded MiniLM
 # (docker/smoke/job.toml), wait for it to finish, check that every round ran once with all three clients
-# and that final/ loads with plain transformers (and final/adapter/ with peft), print one summary line,
+# and that final/ loads with plain transformers (and final/adapter/ with peft) and that the live dashboard
+# answers over HTTPS behind its token while the job runs, print one summary line,
 # tear everything down (containers, network, volumes). Exit 0 only if all of that held.
 #
 #   bash docker/smoke.sh
@@ -20,6 +21,9 @@ set -euo pipefail
 prepare_stack job.toml
 say "starting project $PROJECT (certs, coordinator, client-1..3; mutual TLS)"
 compose up -d --no-build >"$WORK/up.log" 2>&1 || { cat "$WORK/up.log" >&2; fail "docker-compose up failed"; }
+# while the job runs: the dashboard answers over HTTPS (the dev CA's server certificate) behind its token
+wait_for_round 0 "${SMOKE_TIMEOUT_S:-1800}"
+dashboard=$(check_dashboard) || fail "dashboard: $dashboard"
 wait_for_coordinator_exit "${SMOKE_TIMEOUT_S:-1800}"
 summary=$(check_metrics 3 3) || fail "$summary"
 read -r rounds first_acc last_acc <<<"$summary"
@@ -36,5 +40,5 @@ loaded=$(check_final) || fail "final/ did not load: $(tail -n 3 "$WORK/final.err
 read -r labels params label <<<"$loaded"
 [ -n "${label:-}" ] || fail "final/ did not load: $(tail -n 3 "$WORK/final.err")"
 echo "smoke: OK: image fedsite:$SMOKE_IMAGE_TAG ${IMAGE_MB} MB; $rounds rounds x 3 clients over mutual TLS;" \
-  "val_accuracy $first_acc -> $last_acc; final/ loads ($labels labels, $params parameters, adapter via peft);" \
+  "val_accuracy $first_acc -> $last_acc; $dashboard; final/ loads ($labels labels, $params parameters, adapter via peft);" \
   "$(( $(date +%s) - START ))s"

@@ -15,9 +15,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import ssl
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +65,8 @@ def test_compose_file_is_valid_and_wires_tls_volumes_ports_and_tokens(tmp_path: 
     ports = [str(p["published"]) + ":" + str(p["target"]) if isinstance(p, dict) else str(p).split("/")[0]
              for p in coordinator["ports"]]  # compose v1 prints "host:published:target/tcp", v2 a mapping
     assert any(p.endswith("6000:6000") for p in ports) and any(p.endswith("9100:9100") for p in ports)
+    assert any(p.endswith("8443:8443") for p in ports)  # the dashboard, behind a token
+    assert coordinator["environment"]["FEDSITE_DASHBOARD_TOKEN"] == "change-me-dashboard-token"
     assert all(p.startswith("127.0.0.1:") for p in ports if isinstance(p, str) and p.count(":") == 2)
     assert coordinator["healthcheck"]["test"][-1] == "/usr/local/bin/fedsite-healthcheck"
     assert coordinator["build"]["args"] == {"BASE_IMAGE": "python:3.11-slim", "OFFLINE": "0", "TORCH_VARIANT": "cpu"}
@@ -147,6 +152,10 @@ def test_entrypoint_refuses_clearly_without_certs_or_token(tmp_path: Path) -> No
     env.pop("FEDSITE_TOKEN", None)
     done = subprocess.run(["sh", str(ENTRYPOINT), "client"], env=env, capture_output=True, text=True, check=False)
     assert done.returncode == 2 and "FEDSITE_TOKEN is empty" in done.stderr
+    open_dashboard = {**env, "FEDSITE_DATA_DIR": str(tmp_path / "data"), "FEDSITE_DASHBOARD_PORT": "8443"}
+    done = subprocess.run(["sh", str(ENTRYPOINT), "coordinator"], env=open_dashboard, capture_output=True, text=True,
+                          check=False)
+    assert done.returncode == 2 and "FEDSITE_DASHBOARD_TOKEN is empty" in done.stderr
 
 
 @pytest.mark.slow
@@ -164,10 +173,12 @@ def test_the_container_commands_run_a_mutual_tls_round(tiny_bert_dir: Path, tmp_
                  "FEDSITE_MODEL": str(tiny_bert_dir), "FEDSITE_ROUNDS": "1", "FEDSITE_CLIENTS_PER_ROUND": "3",
                  "FEDSITE_MIN_CLIENTS": "3", "FEDSITE_LOCAL_STEPS": "2", "FEDSITE_BATCH_SIZE": "4",
                  "FEDSITE_MAX_LENGTH": "32", "FEDSITE_VALIDATION_MAX": "100", "FEDSITE_ADDRESS": f"127.0.0.1:{port}",
-                 "FEDSITE_METRICS_PORT": str(free_port())}
+                 "FEDSITE_METRICS_PORT": str(free_port()), "FEDSITE_DASHBOARD_PORT": str(free_port()),
+                 "FEDSITE_DASHBOARD_TOKEN": "dash-token"}
     coordinator = _entry("coordinator", coord_env, tmp_path / "coordinator.log", "--linger-s", "2")
     run_dir = tmp_path / "coordinator" / "run"
     assert wait_for_text(run_dir / "address", str(port), timeout_s=300), tail(tmp_path / "coordinator.log")
+    _check_dashboard(run_dir, tmp_path / "certs" / "ca.pem", coord_env["FEDSITE_DASHBOARD_PORT"], "dash-token")
     # as Docker does: run the healthcheck until it passes (NOT_SERVING while the job package is built)
     deadline = time.monotonic() + 300
     while True:
@@ -196,6 +207,22 @@ def test_the_container_commands_run_a_mutual_tls_round(tiny_bert_dir: Path, tmp_
     assert (run_dir / "final" / "config.json").exists()
     for name, text in logs.items():
         assert "Traceback" not in text and "WITHOUT TLS" not in text, (name, text)
+
+
+def _check_dashboard(run_dir: Path, ca: Path, port: str, token: str) -> None:
+    """As the compose stack serves it: HTTPS with the job's server certificate, on every interface, behind
+    the token (a request without it is refused)."""
+    assert wait_for_text(run_dir / "dashboard", "https://", timeout_s=300)
+    assert (run_dir / "dashboard").read_text().strip().endswith(f":{port}/")
+    context = ssl.create_default_context(cafile=str(ca))
+    url = f"https://127.0.0.1:{port}/api/status"
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(url, context=context, timeout=60)
+    assert refused.value.code == 401
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, context=context, timeout=60) as response:
+        status = json.loads(response.read())
+    assert status["job"] == "compose-demo", status
 
 
 # -- with a Docker engine ----------------------------------------------------------------------------
