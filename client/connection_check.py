@@ -95,4 +95,3 @@ def probe(address: str, ca_cert: Path | None, cert: Path | None = None, key: Pat
                     "the coordinator's client CA")
         return f"the coordinator refused this client's certificate {cert} (not signed by its client CA?)"
     return None
-    return None

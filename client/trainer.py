@@ -56,7 +56,6 @@ class TrainResult:
     loss: float
     steps: int
     seconds: float
-    examples_seen: int
 
 
 # (model, optimizer, loader) -> private (model, optimizer, loader); the DP hook.
@@ -136,7 +135,7 @@ def train_steps(
         model, optimizer, loader = privatize(model, optimizer, loader)
     lengths = prefix.lengths() if prefix is not None else [len(ids) for ids in data.input_ids]
     private = isinstance(optimizer, DPOptimizer)
-    total_loss, counted, seen = 0.0, 0, 0
+    total_loss, counted = 0.0, 0
     batches = _logical_batches(loader)
     for _ in range(settings.local_steps):
         logical = next(batches)
@@ -164,7 +163,6 @@ def train_steps(
             if part and math.isfinite(value):
                 total_loss += value * len(part)
                 counted += len(part)
-            seen += len(part)
     model.eval()
     return TrainResult(loss=total_loss / max(counted, 1), steps=settings.local_steps,
-                       seconds=time.monotonic() - start, examples_seen=seen)
+                       seconds=time.monotonic() - start)

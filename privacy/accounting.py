@@ -181,10 +181,6 @@ class PrivacyLedger:
         """Every recorded (noise_multiplier, sample_rate, steps), oldest first (a copy)."""
         return list(self._history)
 
-    @property
-    def total_steps(self) -> int:
-        return sum(steps for _, _, steps in self._history)
-
     def epsilon(self, delta: float) -> float:
         """ε spent so far at ``delta``; 0.0 with an empty history."""
         return epsilon_for_history(self._history, delta=delta, accountant=self.accountant)
@@ -228,26 +224,6 @@ def check_budget(
     if after > max_epsilon:
         raise PrivacyBudgetExhausted(after, max_epsilon, ledger.epsilon(delta))
     return after
-
-
-def job_epsilon(
-    *,
-    noise_multiplier: float,
-    sample_rate: float,
-    rounds: int,
-    delta: float,
-    accountant: str = "rdp",
-) -> float:
-    """Client-level ε of a DP-FedAvg job: one Gaussian release per round, clients sampled at
-    ``sample_rate`` (clients per round / clients).
-
-    The analysis assumes Poisson sampling of clients; sampling exactly K of N is the usual
-    approximation (McMahan et al., 2018). With distributed noise, pass the *effective*
-    noise multiplier of each round (see ``privacy.client_dp.effective_noise_multiplier``)
-    to a PrivacyLedger instead when not every sampled client completes.
-    """
-    entry = _check_entry(noise_multiplier, sample_rate, rounds)
-    return epsilon_for_history([entry], delta=delta, accountant=accountant)
 
 
 def noise_multiplier_for(

@@ -13,8 +13,7 @@ Two ways to add that noise:
   masking; under secure aggregation nobody ever sees the un-noised sum. If only m < n
   clients complete, the sum carries only m/n of the variance: the round's effective
   noise multiplier is σ·sqrt(m/n) (``effective_noise_multiplier``), and that, not σ, is
-  what the coordinator must record in the ledger. ``distributed_noise_topup`` gives the
-  coordinator the missing N(0, (σS)²(n-m)/n) when it is trusted to add it instead.
+  what the coordinator must record in the ledger.
 
 Clipping and noising run on the client before masking: under secure aggregation the
 server cannot check one update.
@@ -149,29 +148,3 @@ def effective_noise_multiplier(
             f"got {completed_clients} of {num_clients}"
         )
     return noise_multiplier * math.sqrt(completed_clients / num_clients)
-
-
-def distributed_noise_topup(
-    summed_update: dict[str, Tensor],
-    *,
-    clip_norm: float,
-    noise_multiplier: float,
-    num_clients: int,
-    completed_clients: int,
-    generator: torch.Generator,
-) -> dict[str, Tensor]:
-    """Restore the full N(0, (σS)²) after dropouts: add N(0, (σS)²(n-m)/n) to the sum.
-
-    Only for a coordinator trusted with the (partially noised) sum; otherwise record the
-    effective noise multiplier instead.
-    """
-    effective_noise_multiplier(
-        noise_multiplier, num_clients=num_clients, completed_clients=completed_clients
-    )
-    missing = num_clients - completed_clients
-    if missing == 0:
-        return {name: t.detach().clone() for name, t in summed_update.items()}
-    std = noise_std(clip_norm=clip_norm, noise_multiplier=noise_multiplier) * math.sqrt(
-        missing / num_clients
-    )
-    return _add_noise(summed_update, std, generator)

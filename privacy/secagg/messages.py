@@ -106,11 +106,6 @@ def make(round_id: int, stage: Stage, sender: int, recipient: int, **fields: npt
     return payload
 
 
-def payload_nbytes(payload: Payload) -> int:
-    """Bytes of the arrays of a payload (the wire format adds a small header)."""
-    return sum(int(a.nbytes) for a in payload.values())
-
-
 def _scalar(payload: Payload, key: str, where: str) -> int:
     arr = payload[key]
     if arr.dtype != np.int64 or arr.shape != (1,):

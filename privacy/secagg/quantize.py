@@ -34,12 +34,6 @@ def levels_for(num_clients: int) -> int:
     return (MODULUS - 1) // num_clients
 
 
-def check_levels(levels: int, num_clients: int) -> None:
-    """Raise ValueError unless summing num_clients vectors on grid [0, levels] cannot wrap."""
-    if levels < 1 or num_clients < 1 or levels * num_clients >= MODULUS:
-        raise ValueError(f"quantization grid [0, {levels}] for {num_clients} clients wraps modulo 2^32")
-
-
 def check_shape(vector: object, size: int) -> npt.NDArray[np.floating]:
     """Return `vector` if it is a 1-D float array of length `size` (values unchecked), else raise QuantizationError."""
     if not isinstance(vector, np.ndarray):

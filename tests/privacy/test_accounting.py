@@ -20,7 +20,6 @@ from privacy.accounting import (
     PrivacyLedger,
     check_budget,
     epsilon_for_history,
-    job_epsilon,
 )
 
 DELTA = 1e-5
@@ -33,7 +32,7 @@ def _dp_accounting_event(q: float, sigma: float, steps: int) -> dp_accounting.Dp
 
 
 def test_rdp_epsilon_pinned() -> None:
-    eps = job_epsilon(noise_multiplier=1.5, sample_rate=0.04, rounds=2250, delta=DELTA)
+    eps = epsilon_for_history([(1.5, 0.04, 2250)], delta=DELTA)
     assert eps == pytest.approx(7.32911117143, abs=1e-6)
 
 
@@ -42,7 +41,7 @@ def test_rdp_agrees_with_dp_accounting() -> None:
     relative tolerance 1e-6. (Both use the same RDP→(ε,δ) conversion; the RDP of the
     subsampled Gaussian is computed independently.)"""
     q, sigma, steps = 0.01, 1.1, 1000
-    ours = job_epsilon(noise_multiplier=sigma, sample_rate=q, rounds=steps, delta=DELTA)
+    ours = epsilon_for_history([(sigma, q, steps)], delta=DELTA)
     ref = RdpAccountant(orders=RDPAccountant.DEFAULT_ALPHAS)
     ref.compose(_dp_accounting_event(q, sigma, steps))
     assert ours == pytest.approx(ref.get_epsilon(DELTA), rel=1e-6)
@@ -54,14 +53,13 @@ def test_prv_agrees_with_dp_accounting_pld() -> None:
     near-exact numerical accountants; they must agree within 0.05 in ε and PRV must not
     be below PLD by more than its stated error."""
     q, sigma, steps = 0.04, 1.5, 500
-    prv = job_epsilon(noise_multiplier=sigma, sample_rate=q, rounds=steps, delta=DELTA,
-                      accountant="prv")
+    prv = epsilon_for_history([(sigma, q, steps)], delta=DELTA, accountant="prv")
     pld = PLDAccountant()
     pld.compose(_dp_accounting_event(q, sigma, steps))
     ref = pld.get_epsilon(DELTA)
     assert abs(prv - ref) < 0.05
     assert prv > ref - 0.01
-    rdp = job_epsilon(noise_multiplier=sigma, sample_rate=q, rounds=steps, delta=DELTA)
+    rdp = epsilon_for_history([(sigma, q, steps)], delta=DELTA)
     assert prv < rdp  # RDP is the looser bound
 
 
