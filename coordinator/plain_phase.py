@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
+
+import torch
 
 from coordinator.bounds import plain_update_bound
 from coordinator.rounds import Driver, RoundContext, RoundFailed, RoundOutcome, client_privacy_metrics
-from coordinator.strategy import State, UpdateRejected, check_update, robust_mean, update_norm, weighted_mean
+from coordinator.strategy import State, UpdateRejected, check_update, robust_mean, weighted_mean
 from protos.wire import Stage
 
 
@@ -37,8 +40,7 @@ def plain_client_phase(engine: RoundContext, round_id: int, sampled: list[str], 
         try:
             if reply.stage != Stage.TRAIN or reply.round != round_id:
                 raise UpdateRejected(f"reply for round {reply.round} stage {reply.stage!r}")
-            check_update(reply.tensors, expected)
-            norm = update_norm(reply.tensors)
+            norm = check_update(reply.tensors, expected)
             if norm > bound:
                 raise UpdateRejected(f"update norm {norm:.4g} exceeds this round's bound {bound:.4g}")
             if report.num_examples is None:
@@ -59,9 +61,7 @@ def plain_client_phase(engine: RoundContext, round_id: int, sampled: list[str], 
         raise RoundFailed(
             f"{len(updates)} of {len(sampled)} clients completed, min_clients is {engine.config.job.min_clients}"
         )
-    # sum in an order fixed by the updates' content, not by client ids, so that drivers that
-    # name clients differently (gRPC, Flower) aggregate bit for bit the same way
-    order = sorted(range(len(updates)), key=lambda i: (weights[i], _digest(updates[i])))
+    order = aggregation_order(updates, weights)
     updates, weights, losses = [updates[i] for i in order], [weights[i] for i in order], [losses[i] for i in order]
     aggregator = engine.config.server.aggregator
     if aggregator == "mean":
@@ -77,8 +77,32 @@ def plain_client_phase(engine: RoundContext, round_id: int, sampled: list[str], 
     return RoundOutcome(delta=delta, completed=completed, train_loss=loss, extra=extra)
 
 
+def aggregation_order(updates: list[State], weights: list[float]) -> list[int]:
+    """The order to sum updates in, fixed by their weights and content, not by client ids, so that drivers that
+    name clients differently (gRPC, Flower) aggregate bit for bit the same way.
+
+    By weight, then by the first bytes of the update, then by a digest of all its bytes; the digest is computed
+    only for updates that share weight and first bytes with another (identical updates), since it orders nothing
+    else.
+    """
+    heads = [_head(u) for u in updates]
+    shared = {key for key, n in Counter(zip(weights, heads, strict=True)).items() if n > 1}
+    return sorted(range(len(updates)), key=lambda i: (
+        weights[i], heads[i], _digest(updates[i]) if (weights[i], heads[i]) in shared else ""))
+
+
+def _raw(tensor: torch.Tensor) -> memoryview:
+    return tensor.detach().contiguous().numpy().data.cast("B")
+
+
+def _head(state: State, size: int = 256) -> bytes:
+    """The first ``size`` bytes of the first tensor by name (an update's first values, as stored)."""
+    return bytes(_raw(state[min(state)])[:size]) if state else b""
+
+
 def _digest(state: State) -> str:
+    """SHA-256 of the tensors' raw memory in name order (what ``tobytes`` would copy, hashed in place)."""
     hasher = hashlib.sha256()
     for name in sorted(state):
-        hasher.update(state[name].numpy().tobytes())
+        hasher.update(_raw(state[name]))
     return hasher.hexdigest()

@@ -20,8 +20,12 @@ class UpdateRejected(ValueError):
     """One client's update that cannot enter the aggregate (wrong names, shapes or values)."""
 
 
-def check_update(update: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> None:
-    """Names, shapes, dtype and finiteness, checked before an update is used."""
+def check_update(update: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> float:
+    """Names, shapes, dtype and finiteness, checked before an update is used; returns the update's L2 norm.
+
+    Finiteness follows from the norm (summed in float64, which no finite float32 update can overflow): a NaN or
+    infinite norm means a non-finite value, and only then are the tensors searched for the one to name.
+    """
     missing = sorted(set(expected) - set(update))
     extra = sorted(set(update) - set(expected))
     if missing or extra:
@@ -32,12 +36,18 @@ def check_update(update: Mapping[str, torch.Tensor], expected: Mapping[str, torc
             raise UpdateRejected(f"{name}: dtype {value.dtype}, expected float32")
         if tuple(value.shape) != tuple(ref.shape):
             raise UpdateRejected(f"{name}: shape {tuple(value.shape)}, expected {tuple(ref.shape)}")
-        if not torch.isfinite(value).all():
-            raise UpdateRejected(f"{name}: non-finite values")
+    norm = update_norm(update)
+    if not math.isfinite(norm):
+        culprit = next((name for name in sorted(update) if not torch.isfinite(update[name]).all()), "?")
+        raise UpdateRejected(f"{culprit}: non-finite values")
+    return norm
 
 
 def update_norm(update: Mapping[str, torch.Tensor]) -> float:
-    """L2 norm of a whole update (all tensors as one vector), summed in float64 so it cannot overflow."""
+    """L2 norm of a whole update (all tensors as one vector), summed in float64 so it cannot overflow.
+
+    NaN or infinite exactly when some value is: the squares of float32 values stay far below float64's range.
+    """
     return math.sqrt(sum(float(t.detach().to(torch.float64).square().sum()) for t in update.values()))
 
 
