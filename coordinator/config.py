@@ -17,14 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from coordinator.strategy import AGGREGATORS
 from localio.errors import user_error
+from localio.partition import PARTITIONS
+from privacy.accounting import ACCOUNTANTS
+from privacy.secagg.config import THRESHOLD_RANGE, valid_threshold
 
 MODES = ("lora", "offsite")
 TASKS = ("classification", "causal-lm")
 OPTIMIZERS = ("fedavg", "fedadam")
-ACCOUNTANTS = ("rdp", "prv", "gdp")
-PARTITIONS = ("iid", "dirichlet", "shards")
-AGGREGATORS = ("mean", "median", "trimmed_mean")
 POOLINGS = ("cls", "mean")
 MIN_HEARTBEAT_TIMEOUT_S = 3.0
 
@@ -302,8 +303,9 @@ class SecureAggregationSection:
         default=10000.0)
 
     def validate(self) -> None:
-        if not 0.5 < self.threshold <= 1.0:
-            raise ConfigError(f"privacy.secure_aggregation.threshold must be in (0.5, 1], got {self.threshold}")
+        if not valid_threshold(self.threshold):
+            raise ConfigError(
+                f"privacy.secure_aggregation.threshold must be in {THRESHOLD_RANGE}, got {self.threshold}")
         _non_negative("privacy.secure_aggregation.clipping_range", self.clipping_range)
         _positive("privacy.secure_aggregation.weight_cap", self.weight_cap)
 

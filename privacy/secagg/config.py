@@ -5,6 +5,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+THRESHOLD_RANGE = "(0.5, 1]"
+
+
+def valid_threshold(fraction: float) -> bool:
+    """The unmasking threshold rule: more than half of each neighbourhood (see :class:`SecAggConfig`), at most all."""
+    return 0.5 < fraction <= 1.0
+
 
 @dataclass(frozen=True)
 class SecAggConfig:
@@ -38,8 +45,8 @@ class SecAggConfig:
         if isinstance(c, bool) or not isinstance(c, int | float) or not math.isfinite(c) or c <= 0:
             raise ValueError(f"SecAggConfig.clipping_range must be a finite number > 0, got {c!r}")
         t = self.threshold
-        if isinstance(t, bool) or not isinstance(t, int | float) or not 0.5 < t <= 1.0:
-            raise ValueError(f"SecAggConfig.threshold must be a fraction in (0.5, 1], got {t!r}")
+        if isinstance(t, bool) or not isinstance(t, int | float) or not valid_threshold(t):
+            raise ValueError(f"SecAggConfig.threshold must be a fraction in {THRESHOLD_RANGE}, got {t!r}")
         k = self.neighbourhood_size
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 3 or k % 2 == 0):
             raise ValueError(
