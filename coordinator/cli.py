@@ -113,7 +113,7 @@ def serve(args: argparse.Namespace) -> int:
     log.info("listening on %s:%d; preparing job %r (%s mode) in %s", host, server.port, config.job.name,
              config.job.mode, output_dir)
     metrics = None
-    # the dashboard reads what the job keeps (metrics.jsonl, the registry, the engine's stage); never blocks it
+    # the dashboard reads what the job keeps (metrics.jsonl, the registry, the engine's activity); never blocks it
     view = JobView(JobInfo.from_config(config), output_dir / "metrics.jsonl", registry=registry)
     dashboard = None
 

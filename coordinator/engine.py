@@ -76,9 +76,10 @@ class RoundEngine:
         self.round_stats = RoundStats()
         self.client_epsilon: dict[str, float] = {}  # latest ε each client reported (sample-level DP)
         # what the engine is doing now, for watchers that must not block it (the dashboard reads these two
-        # plain attributes from another thread; only the engine writes them)
+        # plain attributes from another thread; only the engine writes them). Not a wire Stage: while it
+        # exchanges, the activity is named after the stage it sends, otherwise "aggregating", "evaluating"...
         self.current_round = 0
-        self.stage = "starting"
+        self.activity = "starting"
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -108,12 +109,12 @@ class RoundEngine:
             records.append(self._record_round_zero())
         for round_id in range(self.completed_rounds + 1, self.config.job.rounds + 1):
             records.append(self.run_round(round_id, driver))
-        self.stage = "done"
+        self.activity = "done"
         return records
 
     def _record_round_zero(self) -> dict[str, Any]:
         start = time.monotonic()
-        self.current_round, self.stage = 0, "evaluating"
+        self.current_round, self.activity = 0, "evaluating"
         record: dict[str, Any] = {"round": 0, "sampled_clients": 0, "completed_clients": 0,
                                   "dropped_clients": 0, "bytes_down": 0, "bytes_up": 0}
         record.update(self.model.evaluate())
@@ -159,7 +160,7 @@ class RoundEngine:
     def run_round(self, round_id: int, driver: Driver) -> dict[str, Any]:
         job = self.config.job
         start = time.monotonic()
-        self.current_round, self.stage = round_id, "waiting for clients"
+        self.current_round, self.activity = round_id, "waiting for clients"
         available = driver.wait_for_clients(job.min_clients, job.wait_for_clients_s)
         if len(available) < job.clients_per_round:  # a quorum is here; give the rest a moment
             available = driver.wait_for_clients(job.clients_per_round, job.sample_grace_s)
@@ -172,7 +173,7 @@ class RoundEngine:
                 raise RoundFailed(f"only {len(sampled)} clients available, min_clients is {job.min_clients}")
             outcome = self._client_phase(round_id, sampled, driver)
             agg_start = time.monotonic()
-            self.stage = "aggregating"
+            self.activity = "aggregating"
             outcome.delta = self.privacy.finish_aggregate(outcome, len(sampled), len(available), record)
             new_state = self.optimizer.step(self.model.trainable_state(), outcome.delta)
             self.model.set_trainable_state(new_state)
@@ -196,12 +197,12 @@ class RoundEngine:
             record["reject_reasons"] = dict(sorted(stats.rejected.items()))
         record.update(stats.record_fields())
         eval_start = time.monotonic()
-        self.stage = "evaluating"
+        self.activity = "evaluating"
         record.update(self.model.evaluate())
         record["seconds_eval"] = time.monotonic() - eval_start
         for hook in self.round_hooks:
             hook(round_id, record)
-        self.stage = "checkpointing"
+        self.activity = "checkpointing"
         record["seconds"] = time.monotonic() - start
         # the record rides in the checkpoint, so a crash before the append below loses nothing
         self.checkpointer.save(
@@ -252,8 +253,8 @@ class RoundEngine:
         """driver.exchange plus the round's byte, time and failure bookkeeping."""
         start = time.monotonic()
         first = next(iter(messages.values()), None)
-        if first is not None:  # "train", or the SecAgg+ stage ("masked_input" is where clients train)
-            self.stage = str(first.config.get("secagg_stage", first.stage))
+        if first is not None:  # the wire stage it exchanges: "train", or a SecAgg+ stage ("masked_input" trains)
+            self.activity = str(first.config.get("secagg_stage", first.stage))
         try:
             result = driver.exchange(round_id, messages, self.config.job.round_timeout_s)
         except Exception as exc:

@@ -6,7 +6,7 @@
 Everything shown is read from state the job keeps anyway: ``metrics.jsonl``
 (round records, ε, bytes, times, drops), the client registry (who is enrolled
 and when each was last heard from) and two attributes of the round engine
-(the round in progress and its stage). Nothing here writes to the job or
+(the round in progress and what the engine is doing). Nothing here writes to the job or
 waits on the engine; the HTTP server runs in its own daemon threads.
 
 One module per job:

@@ -20,14 +20,14 @@ if TYPE_CHECKING:
     from coordinator.config import JobConfig
     from coordinator.registry import ClientSeen
 
-SCHEMA = 1
+SCHEMA = 2  # 2: the engine's activity is "activity" (was "stage", which the wire uses for a message's kind)
 METRIC_KEYS = ("val_accuracy", "val_perplexity")
 TERMINAL = ("done", "failed", "stopped")
 BUDGET_REASON = "privacy budget"  # what a client that declines for its ε budget says (client/runtime.py)
 _STEP = re.compile(r"^(?P<what>.*?):\s*step\s+(?P<step>\d+)\s*/\s*(?P<steps>\d+)")
 
-# engine.stage -> what a person reads; SecAgg+ stages not listed read "secure aggregation: <stage>"
-STAGE_LABELS = {
+# engine.activity -> what a person reads; SecAgg+ stages not listed read "secure aggregation: <stage>"
+ACTIVITY_LABELS = {
     "starting": "starting",
     "waiting for clients": "waiting for clients",
     "train": "training",
@@ -99,7 +99,7 @@ class Phase:
     status: str  # preparing | distilling | waiting_for_clients | running | done | failed | stopped
     text: str
     round: int | None = None  # the round in progress (None before the first)
-    stage: str | None = None  # engine.stage while running
+    activity: str | None = None  # engine.activity while running
     step: int | None = None  # preparation progress (distillation)
     steps: int | None = None
 
@@ -114,22 +114,23 @@ def preparing_phase(text: str) -> Phase:
     return Phase(status, f"{match['what']}: step {step} of {steps}", step=step, steps=steps)
 
 
-def stage_label(stage: str) -> str:
-    return STAGE_LABELS.get(stage, f"secure aggregation: {stage.replace('_', ' ')}")
+def activity_label(activity: str) -> str:
+    return ACTIVITY_LABELS.get(activity, f"secure aggregation: {activity.replace('_', ' ')}")
 
 
-def engine_phase(info: JobInfo, round_id: int, stage: str, *, online: int | None = None) -> Phase:
+def engine_phase(info: JobInfo, round_id: int, activity: str, *, online: int | None = None) -> Phase:
     """A running engine: "round 3 of 5: training", or "waiting for clients" while it waits for a quorum."""
-    if stage == "waiting for clients":
+    if activity == "waiting for clients":
         need = f"{online} online, {info.min_clients} needed" if online is not None else ""
         text = f"round {round_id} of {info.rounds}: waiting for clients" + (f" ({need})" if need else "")
-        return Phase("waiting_for_clients", text, round=round_id, stage=stage)
+        return Phase("waiting_for_clients", text, round=round_id, activity=activity)
     if round_id == 0:
-        return Phase("running", "evaluating the initial model", round=0, stage=stage)
-    if stage == "done":
+        return Phase("running", "evaluating the initial model", round=0, activity=activity)
+    if activity == "done":
         return Phase("running", f"all {info.rounds} rounds run: exporting the final model", round=round_id,
-                     stage=stage)
-    return Phase("running", f"round {round_id} of {info.rounds}: {stage_label(stage)}", round=round_id, stage=stage)
+                     activity=activity)
+    return Phase("running", f"round {round_id} of {info.rounds}: {activity_label(activity)}", round=round_id,
+                 activity=activity)
 
 
 def finished_phase(info: JobInfo, records: list[dict[str, Any]], *, failure: str | None = None) -> Phase:
@@ -243,7 +244,7 @@ def build_status(info: JobInfo, phase: Phase, records: list[dict[str, Any]], *,
         "status": phase.status,
         "status_text": phase.text,
         "final": phase.status in TERMINAL,
-        "stage": phase.stage,
+        "activity": phase.activity,
         "progress": {"step": phase.step, "steps": phase.steps} if phase.steps else None,
         "round": round_now,
         "rounds": info.rounds,

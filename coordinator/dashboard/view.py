@@ -4,7 +4,7 @@ The job's code tells the view four things, each a plain attribute write that
 never waits: what the preparation is doing (the same text waiting clients
 are told), the engine once it exists, and at the end whether the job is done
 or failed and why. Everything else is read when a page asks: the engine's
-``current_round`` and ``stage`` attributes, the registry's display-safe copy
+``current_round`` and ``activity`` attributes, the registry's display-safe copy
 of its clients, and ``metrics.jsonl`` (re-read only when its size or mtime
 changed). No lock is shared with the engine, so a slow or hostile page
 cannot slow a round.
@@ -35,7 +35,7 @@ class EngineState(Protocol):
     """The two attributes of :class:`coordinator.engine.RoundEngine` the dashboard reads."""
 
     current_round: int
-    stage: str
+    activity: str
 
 
 class JobView:
@@ -94,7 +94,7 @@ class JobView:
             return finished_phase(self.info, records, failure=outcome[1] if outcome[0] == "failed" else None)
         if engine is None:
             return preparing_phase(self._preparing)
-        return engine_phase(self.info, engine.current_round, engine.stage, online=online)
+        return engine_phase(self.info, engine.current_round, engine.activity, online=online)
 
     def status(self) -> dict[str, Any]:
         """The document, built at most once per ``refresh_s`` however many pages poll: ten viewers cost

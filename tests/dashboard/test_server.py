@@ -32,10 +32,10 @@ INFO = JobInfo(name="api-test", mode="lora", rounds=2, clients_per_round=2, min_
 
 @dataclass
 class EngineAttributes:
-    """What RoundEngine exposes to watchers (current_round, stage); the engine itself is tested elsewhere."""
+    """What RoundEngine exposes to watchers (current_round, activity); the engine itself is tested elsewhere."""
 
     current_round: int = 0
-    stage: str = "starting"
+    activity: str = "starting"
 
 
 @dataclass
@@ -108,15 +108,16 @@ def test_status_follows_the_job_and_matches_metrics_jsonl(open_dashboard: Live) 
     doc = json.loads(body)
     assert (doc["status"], doc["progress"], doc["metrics"]) == ("distilling", {"step": 3, "steps": 10}, [])
     live.view.attach(engine)
-    engine.current_round, engine.stage = 1, "waiting for clients"
+    engine.current_round, engine.activity = 1, "waiting for clients"
     doc = json.loads(_reply(live.server, "GET", "/api/status")[2])
     assert doc["status"] == "waiting_for_clients" and "(2 online, 1 needed)" in doc["status_text"]
     _round(live, 0)
-    engine.stage = "train"
-    assert json.loads(_reply(live.server, "GET", "/api/status")[2])["status_text"] == "round 1 of 2: training"
+    engine.activity = "train"
+    doc = json.loads(_reply(live.server, "GET", "/api/status")[2])
+    assert (doc["status_text"], doc["activity"], doc["schema"]) == ("round 1 of 2: training", "train", 2)
     _round(live, 1)
     _round(live, 2)
-    engine.current_round, engine.stage = 2, "done"
+    engine.current_round, engine.activity = 2, "done"
     live.view.finish()
     doc = json.loads(_reply(live.server, "GET", "/api/status")[2])
     assert doc["metrics"] == live.metrics.read()  # row for row, NaN written as null by MetricsLog
@@ -242,7 +243,7 @@ def test_many_viewers_cost_one_build_a_second_but_the_end_shows_at_once(tmp_path
     engine = EngineAttributes(1, "train")
     view.attach(engine)
     first = view.status()
-    engine.stage = "evaluating"
+    engine.activity = "evaluating"
     assert view.status() is first  # within refresh_s: the same document, not rebuilt
     server = DashboardServer(view, port=0)
     server.start()

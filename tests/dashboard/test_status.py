@@ -49,7 +49,7 @@ def test_preparation_text_becomes_a_phase_with_progress() -> None:
     assert preparing_phase("").text == "preparing"
 
 
-@pytest.mark.parametrize(("round_id", "stage", "status", "text"), [
+@pytest.mark.parametrize(("round_id", "activity", "status", "text"), [
     (2, "waiting for clients", "waiting_for_clients", "round 2 of 3: waiting for clients (1 online, 2 needed)"),
     (2, "train", "running", "round 2 of 3: training"),
     (2, "masked_input", "running", "round 2 of 3: training (secure aggregation)"),
@@ -58,9 +58,9 @@ def test_preparation_text_becomes_a_phase_with_progress() -> None:
     (0, "evaluating", "running", "evaluating the initial model"),
     (3, "done", "running", "all 3 rounds run: exporting the final model"),
 ])
-def test_engine_stages_read_as_sentences(round_id: int, stage: str, status: str, text: str) -> None:
-    phase = engine_phase(INFO, round_id, stage, online=1)
-    assert (phase.status, phase.text, phase.round) == (status, text, round_id)
+def test_engine_activities_read_as_sentences(round_id: int, activity: str, status: str, text: str) -> None:
+    phase = engine_phase(INFO, round_id, activity, online=1)
+    assert (phase.status, phase.text, phase.round, phase.activity) == (status, text, round_id, activity)
 
 
 def test_finished_phases_say_done_stopped_or_failed_with_the_reason() -> None:
