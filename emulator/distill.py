@@ -51,6 +51,7 @@ from emulator.batching import Encoded, collate, encode, pad_id_of, shuffled_batc
 from emulator.evaluation import _open_text
 from emulator.layout import EmulatorError, EmulatorLayout
 from emulator.progress import StepProgress
+from emulator.settings import OffsiteSettings
 
 STATE_FILE = "distill_state.safetensors"
 META_FILE = "distill_state.json"
@@ -88,15 +89,17 @@ def read_text_corpus(path: str | Path, limit: int | None = None) -> list[str]:
 
 @dataclass
 class DistillConfig:
+    """One distillation run; what the job file sets (``[offsite] distill_*``) defaults as it does there."""
+
     steps: int = 600
-    batch_size: int = 32
-    lr: float = 1e-4
+    batch_size: int = OffsiteSettings.distill_batch_size
+    lr: float = OffsiteSettings.distill_lr
     warmup_fraction: float = 0.05
     max_length: int = 64
     hidden_weight: float = 1.0  # λ
     lm_weight: float = 0.0  # causal LMs only
     objective: str = "middle"  # "middle" | "segments"
-    input_noise: float = 0.0  # relative std of the perturbation of the middle's input (0 = none)
+    input_noise: float = OffsiteSettings.distill_input_noise  # relative std of the middle's input perturbation
     seed: int = 0
     checkpoint_every: int = 100
     max_grad_norm: float = 1.0

@@ -1,13 +1,18 @@
-"""The job spec: what every party of a job must agree on (the job.json of its package); nothing here is private."""
+"""The job spec: what every party of a job must agree on (the job.json of its package); nothing here is private.
+
+The LoRA and offsite settings travel as their typed, validated dataclasses (:mod:`emulator.settings`) and are
+stored as plain JSON objects of their fields, the form every earlier version wrote too: a package written before a
+setting existed loads with that setting's default, and one written by a later version with a setting this one does
+not know is refused by name.
+"""
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
-from emulator.lora import LoraSettings
+from emulator.settings import LoraSettings, OffsiteSettings, SettingsError, settings_from_dict
 from localio.errors import user_error
 
 SPEC_FILE = "job.json"
@@ -29,16 +34,11 @@ class JobSpec:
     max_length: int
     labels: list[str]
     seed: int
-    lora: dict[str, Any] = field(default_factory=dict)
+    lora: LoraSettings = field(default_factory=LoraSettings)
     pooling: str = "cls"  # "mean": the model carries the frozen mean-pooling block (emulator/pooling.py)
-    offsite: dict[str, Any] = field(default_factory=dict)
+    offsite: OffsiteSettings = field(default_factory=OffsiteSettings)
     trainable: dict[str, list[int]] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
-
-    def lora_settings(self) -> LoraSettings:
-        values = dict(self.lora)
-        values["target_modules"] = tuple(values.get("target_modules", ()))
-        return LoraSettings(**values)
 
     def save(self, folder: Path) -> None:
         (folder / SPEC_FILE).write_text(json.dumps(asdict(self), indent=2, sort_keys=True))
@@ -47,9 +47,16 @@ class JobSpec:
     def load(cls, folder: Path) -> JobSpec:
         try:
             raw = json.loads((folder / SPEC_FILE).read_text())
-            spec = cls(**raw)
-        except (OSError, json.JSONDecodeError, TypeError) as exc:
+        except (OSError, json.JSONDecodeError) as exc:
             raise PackageError(f"{folder}: no valid {SPEC_FILE}: {exc}") from exc
-        if spec.format_version != FORMAT_VERSION:
-            raise PackageError(f"package format {spec.format_version} is not {FORMAT_VERSION}")
-        return spec
+        if not isinstance(raw, dict):
+            raise PackageError(f"{folder}: no valid {SPEC_FILE}: not a JSON object")
+        version = raw.get("format_version", FORMAT_VERSION)
+        if version != FORMAT_VERSION:
+            raise PackageError(f"package format {version} is not {FORMAT_VERSION}")
+        try:
+            raw["lora"] = settings_from_dict(LoraSettings, raw.get("lora", {}), f"{SPEC_FILE} lora")
+            raw["offsite"] = settings_from_dict(OffsiteSettings, raw.get("offsite", {}), f"{SPEC_FILE} offsite")
+            return cls(**raw)
+        except (SettingsError, TypeError) as exc:
+            raise PackageError(f"{folder}: no valid {SPEC_FILE}: {exc}") from exc

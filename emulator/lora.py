@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,22 +21,13 @@ from transformers import PreTrainedModel
 
 from emulator.architectures import blocks_prefix, num_blocks, spec_for
 from emulator.pooling import trainable_block_indices
+from emulator.settings import LoraSettings
 from localio.errors import user_error
 
 
 @user_error
 class MergeError(ValueError):
     """A merge that would write non-finite weights."""
-
-
-@dataclass(frozen=True)
-class LoraSettings:
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
-    freeze_a: bool = False
-    target_modules: tuple[str, ...] = ()
-    top_blocks: int = 0  # wrap only the top N blocks (0 = all)
 
 
 def lora_config_for(model: PreTrainedModel, settings: LoraSettings, *, task: str) -> LoraConfig:

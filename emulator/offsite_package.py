@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 from peft import PeftModel, get_peft_model
@@ -30,6 +29,7 @@ from emulator.layout import EmulatorLayout
 from emulator.lora import freeze_lora_a, load_lora, merged_copy, trainable_state
 from emulator.offsite import build_emulator, save_emulator
 from emulator.public_text import read_public_text
+from emulator.settings import OffsiteSettings
 
 ADAPTER_DIR = "adapter"  # the peft adapter (adapter_lora only), as in lora mode's package
 
@@ -41,28 +41,21 @@ def trainable_names(emulator: PreTrainedModel, layout: EmulatorLayout) -> list[s
     return [n for n in names if n in params]
 
 
-def build_offsite_emulator(full: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, offsite: dict[str, Any],
+def build_offsite_emulator(full: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, offsite: OffsiteSettings,
                            *, base_dir: Path, work_dir: Path, seed: int, max_length: int = 64,
                            report: Callable[[str], None] | None = None) -> tuple[PreTrainedModel, EmulatorLayout]:
     """Layer drop, then (if asked) distillation of the kept middle blocks on the owner's public text.
 
     ``report`` gets a one-line status after every distillation step.
     """
-    emulator, layout = build_emulator(
-        full,
-        adapter_layers=offsite.get("adapter_layers") or None,
-        keep=offsite.get("keep") or None,
-        keep_ratio=None if offsite.get("keep") else offsite.get("keep_ratio"),
-    )
-    steps = int(offsite.get("distill_steps") or 0)
-    if steps > 0:
-        source = offsite.get("distill_data") or ""
-        if not source:
+    emulator, layout = build_emulator(full, **offsite.layer_drop())
+    if offsite.distill_steps > 0:
+        if not offsite.distill_data:
             raise PackageError("offsite.distill_steps > 0 needs offsite.distill_data (a public text file)")
-        texts = read_public_text(source, base_dir)  # a file, or "bbcnews" (emulator/public_text.py)
-        config = DistillConfig(steps=steps, seed=seed, lr=float(offsite.get("distill_lr") or 1e-4),
-                               batch_size=int(offsite.get("distill_batch_size") or 32), max_length=max_length,
-                               input_noise=float(offsite.get("distill_input_noise") or 0.0))
+        texts = read_public_text(offsite.distill_data, base_dir)  # a file, or "bbcnews" (emulator/public_text.py)
+        config = DistillConfig(steps=offsite.distill_steps, seed=seed, lr=offsite.distill_lr,
+                               batch_size=offsite.distill_batch_size, max_length=max_length,
+                               input_noise=offsite.distill_input_noise)
         distill(full, emulator, layout, tokenizer, texts, config, checkpoint_dir=work_dir / "distill", report=report)
     return emulator, layout
 
@@ -76,7 +69,7 @@ def write_offsite_package(full: PreTrainedModel, tokenizer: PreTrainedTokenizerB
         param.requires_grad_(False)
     save_emulator(emulator, layout, folder / "model")
     tokenizer.save_pretrained(str(folder / "model"))
-    if spec.offsite.get("adapter_lora"):
+    if spec.offsite.adapter_lora:
         wrapped = add_adapter_lora(emulator, layout, spec)
         wrapped.save_pretrained(str(folder / ADAPTER_DIR), safe_serialization=True)
         spec.trainable = {name: list(t.shape) for name, t in trainable_state(wrapped).items()}
@@ -91,12 +84,11 @@ def add_adapter_lora(emulator: PreTrainedModel, layout: EmulatorLayout, spec: Jo
     lora = spec.lora
     torch.manual_seed(spec.seed)
     config = adapter_lora_config(
-        emulator, layout, r=int(lora.get("r", 8)), alpha=lora.get("alpha"),
-        target_modules=list(lora.get("target_modules") or []) or None, dropout=float(lora.get("dropout", 0.0)),
-        train_head=spec.task == "classification",
+        emulator, layout, r=lora.r, alpha=lora.alpha, target_modules=list(lora.target_modules) or None,
+        dropout=lora.dropout, train_head=spec.task == "classification",
     )
     wrapped = get_peft_model(emulator, config)
-    if lora.get("freeze_a"):
+    if lora.freeze_a:
         freeze_lora_a(wrapped)
     return wrapped
 
@@ -114,8 +106,8 @@ def adapter_state_for_plug_in(model: torch.nn.Module, layout: EmulatorLayout) ->
 
 def prepare_offsite_trainable(emulator: PreTrainedModel, folder: Path, spec: JobSpec) -> torch.nn.Module:
     """Freeze the emulator but for the tensors the spec names (adapter blocks and head, or LoRA on them)."""
-    if spec.offsite.get("adapter_lora"):
-        return load_lora(emulator, folder / ADAPTER_DIR, freeze_a=bool(spec.lora.get("freeze_a")))
+    if spec.offsite.adapter_lora:
+        return load_lora(emulator, folder / ADAPTER_DIR, freeze_a=spec.lora.freeze_a)
     params = dict(emulator.named_parameters())
     missing = sorted(set(spec.trainable) - set(params))
     if missing:

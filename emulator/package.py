@@ -78,7 +78,7 @@ def load_trainable_model(folder: Path) -> tuple[torch.nn.Module, Any, JobSpec]:
     base = load_base(folder, spec)
     model: torch.nn.Module
     if spec.mode == "lora":
-        model = load_lora(base, folder / "adapter", freeze_a=bool(spec.lora.get("freeze_a")))
+        model = load_lora(base, folder / "adapter", freeze_a=spec.lora.freeze_a)
     else:
         model = prepare_offsite_trainable(base, folder, spec)
     shapes = {name: list(shape) for name, shape in trainable_shapes(model).items()}

@@ -28,16 +28,19 @@ from emulator.adapter import adapter_parameter_names, head_parameter_names
 from emulator.batching import collate, encode, pad_id_of, shuffled_batches
 from emulator.layout import EmulatorLayout
 from emulator.progress import StepProgress
+from emulator.settings import OffsiteSettings
 
 log = logging.getLogger("fedsite.refine")
 
 
 @dataclass
 class RefineConfig:
+    """One refinement run; what the job file sets (``[offsite] refine_*``) defaults as it does there."""
+
     steps: int = 300
     batch_size: int = 32
-    lr: float = 1e-4
-    temperature: float = 2.0
+    lr: float = OffsiteSettings.refine_lr
+    temperature: float = OffsiteSettings.refine_temperature
     max_length: int = 64
     seed: int = 0
     max_grad_norm: float = 1.0

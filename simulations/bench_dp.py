@@ -37,8 +37,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from client.trainer import TrainSettings, train_steps
-from emulator.lora import LoraSettings, add_lora
+from emulator.lora import add_lora
 from emulator.models import embedded_model_path, load_model, load_tokenizer
+from emulator.settings import LoraSettings
 from emulator.tasks import EncodedExamples, encode
 from localio.data import read_examples
 from privacy.accounting import PrivacyLedger, plan_noise_multiplier

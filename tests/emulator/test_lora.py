@@ -16,13 +16,13 @@ from emulator.architectures import (
     supported_model_types,
 )
 from emulator.lora import (
-    LoraSettings,
     MergeError,
     add_lora,
     load_trainable_state,
     merged_copy,
     trainable_state,
 )
+from emulator.settings import LoraSettings
 from tests.tiny_models import FAMILIES, tiny_batch, tiny_model
 
 # fp32 merge of a rank-8 update into 32x32 weights: differences are rounding only

@@ -11,9 +11,10 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from emulator.lora import LoraSettings, add_lora, merged_copy, trainable_shapes
+from emulator.lora import add_lora, merged_copy, trainable_shapes
 from emulator.models import ModelLoadError, load_model
 from emulator.pooling import pooling_block_index
+from emulator.settings import LoraSettings
 from tests.tiny_models import tiny_model
 
 TEXTS = ["dog: a member of the genus Canis", "run: move fast by using one's feet", "red: a colour"]

@@ -13,10 +13,11 @@ import torch
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
 from client.trainer import TrainSettings, train_steps
-from emulator.lora import LoraSettings, add_lora, trainable_state
+from emulator.lora import add_lora, trainable_state
 from emulator.models import embedded_model_path
 from emulator.pooling import add_mean_pooling_block
 from emulator.prefix import PREFIX_FILE, compute_prefix, cut_index, load_prefix, prefix_fingerprint, store_prefix
+from emulator.settings import LoraSettings
 from emulator.tasks import EncodedExamples, encode
 from localio.data import read_examples
 from privacy.accounting import PrivacyLedger

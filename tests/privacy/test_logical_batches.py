@@ -18,8 +18,9 @@ import torch
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
 from client.trainer import TrainSettings, chunks_by_length, train_steps
-from emulator.lora import LoraSettings, add_lora, trainable_state
+from emulator.lora import add_lora, trainable_state
 from emulator.models import embedded_model_path
+from emulator.settings import LoraSettings
 from emulator.tasks import EncodedExamples, encode
 from localio.data import read_examples
 from privacy.accounting import PrivacyLedger
