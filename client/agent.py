@@ -73,6 +73,7 @@ def _package_not_ready(exc: grpc.RpcError) -> bool:
 
 @dataclass
 class AgentOptions:
+    """Everything ``fedsite-client run`` was told; the agent reads nothing else from the command line."""
     coordinator: str
     token: str
     data: Path
@@ -111,6 +112,10 @@ def _retry_after(exc: grpc.RpcError) -> float:
 
 
 class Agent:
+    """One client's life against one coordinator: enrol, fetch and verify the package, then poll, train and
+    upload until the job is done. The client opens every connection (pull), so it works behind NAT and
+    firewalls, and what it must keep across restarts (session, package, privacy ledger) is in ``state_dir``.
+    """
     def __init__(self, options: AgentOptions) -> None:
         self.options = options
         self.state_dir = options.state_dir
@@ -206,6 +211,9 @@ class Agent:
         return self.state_dir / "credentials.json"
 
     def enrol(self, *, force: bool = False) -> None:
+        """Reuse the saved session for this coordinator, or trade the token for a new one (``force``: the
+        coordinator refused the saved one). The session is saved so a restarted client keeps its identity.
+        """
         path = self._credentials_path()
         if not force and path.exists():
             saved = json.loads(path.read_text())
@@ -310,6 +318,10 @@ class Agent:
         return None
 
     def fetch_package(self) -> Path:
+        """The job package's folder: the one already unpacked if it is this job's, else downloaded (resumable),
+        checked against its sha256 and unpacked; with ``--base-model`` the base weights come from that local copy
+        and must match the job's fingerprint.
+        """
         marker = self.state_dir / "package.json"
         own = self.options.base_model
         slim = bool(own)
@@ -341,6 +353,10 @@ class Agent:
     # -- the loop -------------------------------------------------------------------------
 
     def run(self) -> int:
+        """Take part until the coordinator says the job is done: exit status 0, or 1 if any task failed here.
+
+        A bad data file fails first, before anything is downloaded; a refused session enrols again.
+        """
         # a bad data file fails here, in one line, before enrolling and downloading the package
         examples = read_examples(self.options.data, need_label=False)
         log.info("%s: %d examples", self.options.data, len(examples))

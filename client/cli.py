@@ -20,6 +20,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """``run`` (take part in a job) and ``split`` (one data file into per-client files, to try a job on one host)."""
     parser = argparse.ArgumentParser(prog="fedsite-client", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="enrol with a coordinator and train until the job is done")
@@ -79,6 +80,7 @@ def _split(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``fedsite-client``: a user error ends in one line and exit status 2 (:func:`localio.errors.run_cli`)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

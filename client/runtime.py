@@ -75,6 +75,9 @@ class ClientError(RuntimeError):
 
 @dataclass
 class ClientRuntime:
+    """What a client does with one message, without any transport: the gRPC agent and the Flower client
+    both call :meth:`handle`, so the two drivers train the same way.
+    """
     model: torch.nn.Module
     spec: JobSpec
     data: EncodedExamples
@@ -87,6 +90,7 @@ class ClientRuntime:
     @classmethod
     def from_package(cls, package_dir: Path, examples: Sequence[Example], *, state_dir: Path | None,
                      source: str = "local data") -> ClientRuntime:
+        """A runtime for an unpacked job package and this client's examples (labels checked against the job's)."""
         model, tokenizer, spec = load_trainable_model(package_dir)
         if spec.task == "classification":
             check_labels(examples, spec.labels, source)
@@ -132,12 +136,16 @@ class ClientRuntime:
         return prefix
 
     def ledger(self, accountant: str) -> PrivacyLedger:
+        """This client's privacy ledger, loaded once: ε must compose across rounds and restarts."""
         path = self.state_dir / LEDGER_FILE if self.state_dir is not None else None
         if not hasattr(self, "_ledger"):
             self._ledger = PrivacyLedger(path, accountant=accountant)
         return self._ledger
 
     def handle(self, message: Message) -> Message:
+        """The reply to one coordinator message (train, or a SecAgg+ stage). A message from another wire
+        version is answered with a refusal that says so, rather than failing on a missing key.
+        """
         try:
             if message.stage == Stage.TRAIN:
                 return self.train(message)
@@ -151,6 +159,11 @@ class ClientRuntime:
     # -- training -------------------------------------------------------------------------
 
     def train(self, message: Message) -> Message:
+        """Train on the round's global state and reply with the update (``new - old``) and a report.
+
+        Every check on a single update runs here, before anything leaves the client: the DP budget first
+        (a refused round spends nothing), then finite values and client-level clipping and noise.
+        """
         instruction = TrainInstruction.from_config(message.config)
         settings = TrainSettings(
             local_steps=instruction.local_steps, batch_size=instruction.batch_size, lr=instruction.lr,

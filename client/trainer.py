@@ -38,6 +38,7 @@ from emulator.tasks import EncodedExamples
 
 @dataclass(frozen=True)
 class TrainSettings:
+    """One round's local training, as the coordinator's instruction gives it."""
     local_steps: int
     batch_size: int  # logical batch: examples per optimizer step (the expected size under Poisson sampling)
     lr: float
@@ -48,11 +49,13 @@ class TrainSettings:
 
     @property
     def chunk(self) -> int:
+        """Rows computed at once: memory is bounded by this, not by the logical batch size."""
         return self.physical_batch_size if self.physical_batch_size > 0 else sys.maxsize
 
 
 @dataclass
 class TrainResult:
+    """What the round's training reports: the mean loss (over batches whose loss was finite), steps, wall seconds."""
     loss: float
     steps: int
     seconds: float
@@ -66,6 +69,9 @@ PrivatizeFn = Callable[
 
 
 def data_generator(seed: int, round_id: int, data_seed: int) -> torch.Generator:
+    """The round's batch order: from the job seed, the round and the client's data, never from a driver's
+    client id, so the gRPC and Flower runs of a job draw the same batches.
+    """
     return torch.Generator().manual_seed((seed * 1_000_003 + round_id * 10_007 + data_seed) % (2**63))
 
 
@@ -80,6 +86,7 @@ def is_head_parameter(model: torch.nn.Module, name: str) -> bool:
 
 
 def param_groups(model: torch.nn.Module, settings: TrainSettings) -> list[dict]:
+    """The optimizer's groups: the task head gets its own learning rate when ``head_lr`` > 0 (it starts from random)."""
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if settings.head_lr <= 0:
         return [{"params": [p for _, p in trainable], "lr": settings.lr}]

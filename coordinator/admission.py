@@ -62,6 +62,11 @@ def peer_address(context: grpc.ServicerContext) -> str:
 
 @dataclass
 class AdmissionLimits:
+    """How many calls of each kind may wait or run, per address and per client.
+
+    Counted per address and per client so that one peer cannot take what the others need; one
+    field per limit, so a test or a large deployment moves it without touching the interceptor.
+    """
     first_message_s: float = 10.0  # a call must send its first message within this
     idle_s: float = 120.0  # a request stream must send its next message within this
     per_peer_method: int = 8  # calls without a session waiting for their first message, per address and method
@@ -87,6 +92,7 @@ class Watchdog:
         self._thread.start()
 
     def arm(self, context: grpc.ServicerContext, seconds: float, why: str) -> int:
+        """Cancel ``context`` after ``seconds`` unless disarmed; the ticket disarms it (``why`` is counted)."""
         ticket = next(self._tickets)
         with self._cond:
             self._armed[ticket] = (context, why)
@@ -95,10 +101,12 @@ class Watchdog:
         return ticket
 
     def disarm(self, ticket: int) -> None:
+        """The call got what it was waiting for in time: forget its deadline."""
         with self._cond:
             self._armed.pop(ticket, None)
 
     def close(self) -> None:
+        """Stop the thread; armed calls are no longer cancelled (the server is stopping them anyway)."""
         with self._cond:
             self._closed = True
             self._cond.notify()
@@ -160,6 +168,10 @@ class _Slot:
 
 
 class Admission(grpc.ServerInterceptor):
+    """The gRPC interceptor that applies the module's rules: sessions first, quotas for the rest.
+
+    One instance per server; :meth:`close` releases its pools and watchdog when the server stops.
+    """
     def __init__(self, authenticate: Authenticate, limits: AdmissionLimits | None = None) -> None:
         self.authenticate = authenticate
         self.limits = limits or AdmissionLimits()
@@ -175,6 +187,7 @@ class Admission(grpc.ServerInterceptor):
         self.health_pool = futures.ThreadPoolExecutor(self.limits.health_workers, thread_name_prefix="fedsite-health")
 
     def close(self) -> None:
+        """Stop the watchdog and the extra pools without waiting: the server is going away."""
         self.watchdog.close()
         self.anonymous_pool.shutdown(wait=False, cancel_futures=True)
         self.health_pool.shutdown(wait=False, cancel_futures=True)
@@ -183,6 +196,11 @@ class Admission(grpc.ServerInterceptor):
 
     def intercept_service(self, continuation: Callable[[Any], grpc.RpcMethodHandler | None],
                           handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        """gRPC's hook: wrap the method's handler so admission runs in the call's own thread.
+
+        It runs on gRPC's polling thread, so it only looks at metadata and picks a pool; the
+        waiting for the first message happens later, where a slow peer holds only its own worker.
+        """
         handler = continuation(handler_call_details)
         if handler is None:
             return None

@@ -30,6 +30,8 @@ class CheckpointError(RuntimeError):
 
 @dataclass
 class Checkpoint:
+    """One round's resumable state: the global trainable tensors, the server optimizer's, and ``info`` (the round's
+    status and metrics record, so a resumed job can write a record it lost)."""
     round: int
     global_state: dict[str, torch.Tensor]
     optimizer_state: dict[str, torch.Tensor]
@@ -37,11 +39,17 @@ class Checkpoint:
 
 
 class Checkpointer:
+    """Writes and finds checkpoints in one folder, keeping the newest ``keep``.
+
+    Two by default: if the newest cannot be read back (a damaged disk), :meth:`latest` falls back
+    to the one before.
+    """
     def __init__(self, folder: Path, keep: int = 2) -> None:
         self.folder = folder
         self.keep = keep
 
     def save(self, checkpoint: Checkpoint) -> Path:
+        """Write ``checkpoint`` atomically, then drop all but the newest ``keep``; CheckpointError on a full disk."""
         tensors = {f"global/{k}": v for k, v in checkpoint.global_state.items()}
         tensors.update({f"optimizer/{k}": v for k, v in checkpoint.optimizer_state.items()})
         meta = {"round": str(checkpoint.round), "info": json.dumps(checkpoint.info, sort_keys=True)}

@@ -26,6 +26,7 @@ DEFAULT_ADDRESS = "0.0.0.0:50051"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """``serve`` and ``certs``; the dashboard's flags come from its own module, which the simulator shares."""
     parser = argparse.ArgumentParser(prog="fedsite-coordinator", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run a job: serve clients until the last round is done")
@@ -57,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def setup_logging(output_dir: Path | None) -> None:
+    """Log to stderr and, when there is a run folder, to ``coordinator.log`` in it, so a run keeps its own history."""
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if output_dir is not None:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -68,6 +70,9 @@ def setup_logging(output_dir: Path | None) -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
+    """Run one job to the end: start the gRPC server before the job is prepared (clients may enrol while
+    an offsite job distils its emulator), run every round, export, then keep answering "done" a moment.
+    """
     from coordinator.config import load_job
     from coordinator.dashboard import JobInfo, JobView
     from coordinator.dashboard.options import start_dashboard
@@ -183,6 +188,7 @@ def export(model: GlobalModel, output_dir: Path, completed_rounds: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``fedsite-coordinator``: a user error ends in one line and exit status 2 (:func:`localio.errors.run_cli`)."""
     args = build_parser().parse_args(argv)
     from localio.errors import run_cli
 

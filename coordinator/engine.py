@@ -45,6 +45,11 @@ _FROM_DRIVER = "_fedsite_from_driver"  # marks exceptions raised by Driver.excha
 
 
 class RoundEngine:
+    """Runs a job's rounds against any :class:`Driver`: sample, client phase, aggregate, evaluate, checkpoint.
+
+    Written once for both drivers (gRPC mailbox, Flower), so the two give the same rounds;
+    the client phase (plain or secure) is chosen once, at construction.
+    """
     def __init__(
         self,
         config: JobConfig,
@@ -158,6 +163,11 @@ class RoundEngine:
         )
 
     def run_round(self, round_id: int, driver: Driver) -> dict[str, Any]:
+        """One round from sampling to checkpoint; returns its metrics record.
+
+        A round that cannot finish (too few clients, SecAgg+ aborted) is recorded as failed and the
+        model keeps its weights: the job goes on with the next round.
+        """
         job = self.config.job
         start = time.monotonic()
         self.current_round, self.activity = round_id, "waiting for clients"

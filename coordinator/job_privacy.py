@@ -24,6 +24,11 @@ class JobPrivacy:
 
     def finish_aggregate(self, outcome: RoundOutcome, sampled: int, enrolled: int,
                          record: dict[str, Any]) -> State:
+        """The round's aggregate as the optimizer may use it: under client-level DP, with the coordinator's
+        noise in central mode, and the round recorded in the job's ledger (ε goes into ``record``).
+
+        Distributed noise is recorded at its effective σ, since dropped clients took their shares with them.
+        """
         if not self.config.enabled:
             return outcome.delta
         completed = len(outcome.completed)

@@ -41,12 +41,15 @@ class LoraGlobalModel:
         self._validation_prefix: FrozenPrefix | None = None
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The LoRA factors and head: what travels each round."""
         return trainable_state(self.model)
 
     def set_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Take the round's new trainable tensors in place (the frozen base is never touched)."""
         load_trainable_state(self.model, state)
 
     def evaluate(self) -> dict[str, float]:
+        """Validation metrics of the current model; empty without a validation file."""
         if self.validation is None:
             return {}
         return evaluate(self.model, self.validation, batch_size=self.eval_batch_size, prefix=self._prefix())

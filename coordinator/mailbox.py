@@ -33,6 +33,7 @@ class ReplyInvalid(ValueError):
 
 @dataclass
 class Task:
+    """One client's work for one round: the encoded message, its deadline, and the reply once it arrives."""
     task_id: str
     client_id: str
     round: int
@@ -47,6 +48,9 @@ class Task:
 
 
 class Mailbox:
+    """The gRPC :class:`Driver`: the engine posts tasks and waits, the servicer hands them out and
+    delivers replies. One lock and condition guard the open tasks, so both sides may block on it.
+    """
     def __init__(self, registry: ClientRegistry, *, heartbeat_timeout_s: float,
                  min_reply_limit: int = 16 * 1024 * 1024) -> None:
         self.registry = registry
@@ -59,6 +63,7 @@ class Mailbox:
     # -- engine side (Driver) -------------------------------------------------------------
 
     def wait_for_clients(self, count: int, timeout_s: float) -> list[str]:
+        """Clients heard from within the heartbeat timeout, once ``count`` are (or at ``timeout_s``)."""
         deadline = time.monotonic() + timeout_s
         while True:
             active = self.registry.active(self.heartbeat_timeout_s)
@@ -67,6 +72,11 @@ class Mailbox:
             time.sleep(0.2)
 
     def exchange(self, round_id: int, messages: dict[str, Message], timeout_s: float) -> Exchange:
+        """Post each client its message and wait for replies until all answered, went silent, or the deadline.
+
+        Identical messages are encoded once. Every task is closed on return, so a late reply is refused
+        rather than counted in the next round.
+        """
         deadline = time.monotonic() + timeout_s
         tasks: dict[str, Task] = {}
         encoded: dict[int, bytes] = {}  # one encoding per distinct message (often all clients share one)
@@ -123,11 +133,13 @@ class Mailbox:
     # -- servicer side --------------------------------------------------------------------
 
     def open_task(self, client_id: str) -> Task | None:
+        """The client's unanswered task, if any (what its next poll is told)."""
         with self._cond:
             task = self._open.get(client_id)
             return task if task is not None and task.reply is None else None
 
     def task(self, client_id: str, task_id: str) -> Task:
+        """The open task ``task_id`` of ``client_id``, or TaskError: ids are compared in constant time."""
         with self._cond:
             task = self._open.get(client_id)
         if task is None or not secrets.compare_digest(task.task_id.encode(), task_id.encode()):
@@ -135,10 +147,12 @@ class Mailbox:
         return task
 
     def count_sent(self, task: Task, n: int) -> None:
+        """Count bytes streamed for ``task``: the round's bytes down include resumed and repeated downloads."""
         with self._cond:
             task.bytes_sent += n
 
     def deliver(self, client_id: str, task_id: str, blob: bytes) -> None:
+        """Accept a reply for an open task after checking its round and stage; a second reply is refused."""
         task = self.task(client_id, task_id)
         if task.reply is not None:
             raise TaskError("this task was already answered (replayed upload?)")

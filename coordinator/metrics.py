@@ -29,6 +29,7 @@ class MetricsLog:
         self.path = path
 
     def append(self, record: dict[str, Any]) -> None:
+        """Append one round's record and fsync, so a crash loses at most the round in progress."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         line = json.dumps(clean_record(record), sort_keys=True)
         with open(self.path, "a", encoding="utf-8") as handle:
@@ -37,6 +38,7 @@ class MetricsLog:
             os.fsync(handle.fileno())
 
     def read(self) -> list[dict[str, Any]]:
+        """Every whole record in order; a torn last line (a crash mid-write) is skipped."""
         if not self.path.exists():
             return []
         records = []

@@ -39,6 +39,9 @@ EMULATOR_DIR = "emulator"  # final/emulator/: the tuned emulator, with its offsi
 
 
 class OffsiteGlobalModel:
+    """The coordinator's model in offsite mode (see the module): the full model stays here, only the
+    adapter's state is exchanged.
+    """
     def __init__(self, config: JobConfig, package: Any, validation: EncodedExamples | None,
                  tokenizer: PreTrainedTokenizerBase, eval_batch_size: int = 64) -> None:
         model_dir = resolve_model_path(config.model.path, config.base_dir)
@@ -61,9 +64,11 @@ class OffsiteGlobalModel:
         self.base_dir = config.base_dir
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
+        """A copy of the adapter blocks and head (or LoRA on them), in the emulator's names."""
         return {name: t.clone() for name, t in self.state.items()}
 
     def set_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Plug the new state into the full model; a state that cannot be plugged in changes nothing."""
         if set(state) != set(self.state):
             raise KeyError("offsite state names differ from the package's trainable tensors")
         self.plugged = self._plug(state)  # refuses non-finite values, and then nothing has changed
@@ -81,6 +86,7 @@ class OffsiteGlobalModel:
             raise
 
     def evaluate(self) -> dict[str, float]:
+        """Validation metrics of the full model with the adapter plugged in: what the job delivers."""
         if self.validation is None:
             return {}
         return evaluate(self.plugged, self.validation, batch_size=self.eval_batch_size)

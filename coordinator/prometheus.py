@@ -239,9 +239,11 @@ class CoordinatorMetrics:
 
     @property
     def port(self) -> int | None:
+        """The port bound (None before :meth:`serve` or after :meth:`close`)."""
         return int(self._server.server_address[1]) if self._server is not None else None
 
     def close(self) -> None:
+        """Stop serving and wait briefly for the HTTP thread; safe to call twice."""
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()

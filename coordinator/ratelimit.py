@@ -21,6 +21,7 @@ class _Bucket:
 
 
 class RateLimiter:
+    """Token buckets per key (see the module); thread-safe, memory bounded by ``max_keys``."""
     def __init__(self, rate: float, burst: float, *, max_keys: int = 100_000) -> None:
         if rate <= 0 or burst < 1:
             raise ValueError(f"rate > 0 and burst >= 1 are required, got rate={rate}, burst={burst}")

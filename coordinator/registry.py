@@ -60,6 +60,7 @@ def read_tokens(path: Path) -> list[str]:
 
 @dataclass
 class ClientRecord:
+    """An enrolled client as saved in ``clients.json``: hashes only, so a leaked file reveals no token or session."""
     client_id: str
     token_hash: str
     session_hash: str
@@ -79,6 +80,10 @@ class ClientSeen:
 
 
 class ClientRegistry:
+    """Who may take part: enrolment tokens (hashed) to clients and their session keys.
+
+    Saved after each enrolment, so a restarted coordinator still knows its clients' sessions.
+    """
     def __init__(self, token_hashes: list[str], path: Path | None = None, *,
                  takeover_after_s: float | None = None) -> None:
         """``takeover_after_s``: silence after which another enrolment may take a client's token (None: at once,
@@ -99,6 +104,7 @@ class ClientRegistry:
     @classmethod
     def from_tokens(cls, tokens: list[str], path: Path | None = None, *,
                     takeover_after_s: float | None = None) -> ClientRegistry:
+        """A registry for these plain tokens (hashed at once; only the hashes are kept)."""
         return cls([_hash(t) for t in tokens], path, takeover_after_s=takeover_after_s)
 
     def enroll(self, token: str, name: str = "") -> tuple[str, str]:
@@ -133,6 +139,7 @@ class ClientRegistry:
             f"taken over once that client has been silent for {self.takeover_after_s:.0f}s", retry_after_s=wait)
 
     def authenticate(self, client_id: str, session_key: str) -> str:
+        """The client id if its session key is current (and mark it seen); AuthError otherwise."""
         record = self._clients.get(client_id)
         if record is None or record.revoked:
             raise AuthError(f"unknown or revoked client {client_id[:40]!r}; enrol again")
@@ -142,6 +149,7 @@ class ClientRegistry:
         return client_id
 
     def enrolled(self) -> int:
+        """How many clients hold a session (the dashboard's and metrics' count)."""
         return sum(1 for record in self._clients.values() if not record.revoked)
 
     def active(self, within_s: float) -> list[str]:

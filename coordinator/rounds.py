@@ -47,11 +47,17 @@ class GlobalModel(Protocol):
     """The coordinator's model, seen through its trainable tensors; one per mode
     (:mod:`coordinator.lora_model`, :mod:`coordinator.offsite_model`), so the engine and the CLIs never ask which."""
 
-    def trainable_state(self) -> State: ...
+    def trainable_state(self) -> State:
+        """The tensors clients train and the aggregate updates: all that travels, and all a checkpoint holds."""
+        ...
 
-    def set_trainable_state(self, state: State) -> None: ...
+    def set_trainable_state(self, state: State) -> None:
+        """Take the optimizer's new state (or a checkpoint's); the frozen rest of the model never changes."""
+        ...
 
-    def evaluate(self) -> dict[str, float]: ...
+    def evaluate(self) -> dict[str, float]:
+        """Validation metrics for the round's record (``val_accuracy`` or ``val_perplexity``); empty without data."""
+        ...
 
     def export(self, folder: Path) -> None:
         """Write the tuned model to ``folder`` (what plain transformers loads), built beside it and renamed into
@@ -101,13 +107,21 @@ class RoundContext(Protocol):
     round_stats: RoundStats
     client_epsilon: dict[str, float]
 
-    def train_message(self, round_id: int, num_sampled: int) -> Message: ...
+    def train_message(self, round_id: int, num_sampled: int) -> Message:
+        """The round's train message: the global trainable tensors and the instruction."""
+        ...
 
-    def train_instruction(self, num_sampled: int) -> TrainInstruction: ...
+    def train_instruction(self, num_sampled: int) -> TrainInstruction:
+        """What each client is told to do this round (steps, learning rate, its DP settings)."""
+        ...
 
-    def exchange(self, driver: Driver, round_id: int, messages: dict[str, Message]) -> Exchange: ...
+    def exchange(self, driver: Driver, round_id: int, messages: dict[str, Message]) -> Exchange:
+        """``driver.exchange`` with the round's books kept: bytes, time, failures, checked reports."""
+        ...
 
-    def reject(self, client_id: str, reason: str) -> None: ...
+    def reject(self, client_id: str, reason: str) -> None:
+        """Refuse a client's reply this round: it counts as dropped and is named in ``reject_reasons``."""
+        ...
 
 
 # The client phase of a round: (engine, round, sampled clients, driver) -> outcome.

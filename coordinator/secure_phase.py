@@ -29,6 +29,9 @@ MASKED_INPUT = "masked_input"
 
 
 def secure_client_phase(engine: RoundContext, round_id: int, sampled: list[str], driver: Driver) -> RoundOutcome:
+    """A round's client phase under SecAgg+: one exchange per protocol stage, training inside the masked-input
+    stage, and only the unmasked sum comes out; a stage that loses too many clients fails the round.
+    """
     settings = engine.config.privacy.secure_aggregation
     ids = {cid: i for i, cid in enumerate(sorted(sampled))}
     names = {i: cid for cid, i in ids.items()}

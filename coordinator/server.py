@@ -48,12 +48,14 @@ STOP_WAIT_S = 10.0  # after the grace every call is cancelled; past this, stoppi
 
 @dataclass
 class TLSFiles:
+    """The server's certificate and key, and the CA that signs client certificates (mutual TLS when set)."""
     cert: Path
     key: Path
     client_ca: Path | None = None
 
 
 def server_credentials(tls: TLSFiles) -> grpc.ServerCredentials:
+    """gRPC credentials from :class:`TLSFiles`; a missing file is named in a FileNotFoundError."""
     try:
         key, cert = tls.key.read_bytes(), tls.cert.read_bytes()
         ca = tls.client_ca.read_bytes() if tls.client_ca else None
@@ -64,12 +66,14 @@ def server_credentials(tls: TLSFiles) -> grpc.ServerCredentials:
 
 @dataclass
 class RunningServer:
+    """A started gRPC server with what stopping it needs: its health service and admission layer."""
     server: grpc.Server
     port: int
     health: health.HealthServicer
     admission: Admission
 
     def set_serving(self, serving: bool) -> None:
+        """What health checks answer: NOT_SERVING until the job is ready, and again while stopping."""
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", SERVICE_NAME):
             self.health.set(name, status)
@@ -105,6 +109,10 @@ def _authenticator(servicer: fedsite_pb2_grpc.CoordinatorServicer) -> Callable[[
 def start_server(servicer: fedsite_pb2_grpc.CoordinatorServicer, address: str, *,
                  tls: TLSFiles | None = None, max_workers: int = 64,
                  limits: AdmissionLimits | None = None) -> RunningServer:
+    """Serve ``servicer`` on ``address`` behind the admission layer, with health and reflection.
+
+    Health answers NOT_SERVING until :meth:`RunningServer.set_serving`, so orchestration waits for the job.
+    """
     admission = Admission(_authenticator(servicer), limits)
     # the global cap only bounds memory: admission refuses floods long before it is reached
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=GRPC_OPTIONS,

@@ -30,6 +30,7 @@ POLL_INTERVAL_MS = 1000
 
 @dataclass
 class PackageBlob:
+    """The packed job as clients download it, with the digest they check it against."""
     data: bytes
     sha256: str
 
@@ -105,6 +106,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     # -- RPCs -----------------------------------------------------------------------------
 
     def Enroll(self, request: pb.EnrollRequest, context: grpc.ServicerContext) -> pb.EnrollReply:
+        """Trade an enrolment token for a session; wrong tokens count against the caller's address,
+        a token held by a live client is refused with when to retry.
+        """
         if not request.token or len(request.token) > 1024:
             self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, "a token of 1..1024 characters is required")
         address = peer_address(context)
@@ -139,6 +143,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             yield pb.Chunk(data=piece, offset=start, total_size=len(blob), sha256=sha256)
 
     def FetchPackage(self, request: pb.FetchRequest, context: grpc.ServicerContext) -> Iterator[pb.Chunk]:
+        """Stream the job package from ``offset`` (resumable); UNAVAILABLE while the job is prepared."""
         self._auth(request.credentials, context)
         package = self.package
         if package is None:
@@ -156,6 +161,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         yield from self._stream(package.data, package.sha256, request.offset, context)
 
     def PollTask(self, request: pb.PollRequest, context: grpc.ServicerContext) -> pb.Task:
+        """The client's task (RUN), DONE when the job has ended, or WAIT with when to poll again."""
         client_id = self._auth(request.credentials, context)
         task = self.mailbox.open_task(client_id)
         if task is not None:
@@ -167,6 +173,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         return pb.Task(kind=pb.Task.WAIT, retry_after_ms=POLL_INTERVAL_MS, message="waiting for the next round")
 
     def FetchTask(self, request: pb.FetchRequest, context: grpc.ServicerContext) -> Iterator[pb.Chunk]:
+        """Stream an open task's message from ``offset``; its bytes count towards the round's bytes down."""
         client_id = self._auth(request.credentials, context)
         try:
             task = self.mailbox.task(client_id, request.task_id)
@@ -176,6 +183,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                                 on_sent=lambda n: self.mailbox.count_sent(task, n))
 
     def Upload(self, request_iterator: Iterator[pb.UploadChunk], context: grpc.ServicerContext) -> pb.UploadReply:
+        """Assemble a reply from its chunks (size and sha256 checked) and deliver it to its task.
+
+        The size limit is checked on the first chunk, so an oversized reply is refused before the rest is read.
+        """
         first = next(request_iterator, None)
         if first is None:
             self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, "empty upload")
@@ -208,5 +219,6 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         return pb.UploadReply(accepted=True, message="reply accepted")
 
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatReply:
+        """Mark the client alive while it trains; the reply says whether its task is still open."""
         client_id = self._auth(request.credentials, context)
         return pb.HeartbeatReply(task_alive=self.mailbox.heartbeat(client_id, request.task_id))

@@ -23,6 +23,7 @@ log = logging.getLogger("fedsite.dashboard")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``--dashboard-*`` flags, shared by ``fedsite-coordinator serve`` and ``fedsite-simulate``."""
     parser.add_argument("--dashboard-port", type=int, default=None,
                         help="serve a live dashboard (a page and /api/status) on this port; off by default, "
                              "0 = any free port")

@@ -58,11 +58,13 @@ class DashboardError(UserError):
 
 @dataclass(frozen=True)
 class DashboardTLS:
+    """The certificate and key the dashboard serves HTTPS with (the coordinator passes its own server pair)."""
     cert: Path
     key: Path
 
 
 def is_loopback(host: str) -> bool:
+    """Whether ``host`` only listens on this machine: the one case where no token is required."""
     if host.strip("[]") in LOOPBACK_NAMES:
         return True
     try:
@@ -109,6 +111,7 @@ class DashboardServer:
 
     @property
     def url(self) -> str:
+        """Where a viewer opens the page (IPv6 hosts in brackets), with the port actually bound."""
         scheme = "https" if self.tls else "http"
         host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
         return f"{scheme}://{host}:{self.port}/"
@@ -142,6 +145,7 @@ class DashboardServer:
         return self.url
 
     def close(self) -> None:
+        """Stop serving and wait briefly for the HTTP thread; safe to call twice."""
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -153,10 +157,12 @@ class DashboardServer:
     # -- decisions, kept out of the handler so they read in one place --------------------------
 
     def allowed_hosts(self) -> set[str]:
+        """``Host`` headers a request may carry: anything else is refused (DNS rebinding)."""
         names = {"127.0.0.1", "localhost", "[::1]", self.host if ":" not in self.host else f"[{self.host}]"}
         return {f"{name}:{self.port}" for name in names} | names
 
     def session_cookie_name(self) -> str:
+        """One cookie name per port, so two dashboards on one host do not overwrite each other's."""
         return f"fedsite_dashboard_{self.port}"
 
     def fragment(self, status: dict[str, Any]) -> str:

@@ -47,5 +47,6 @@ def static_status(folder: Path, name: str | None = None) -> dict[str, Any]:
 
 
 def write_static_page(folder: Path, path: Path, name: str | None = None) -> Path:
+    """Write the finished run's page (``report.html``): the live page's content without its polling script."""
     atomic_write_text(path, render_page(static_status(folder, name), live=False))
     return path

@@ -89,6 +89,7 @@ class JobInfo:
 
     @classmethod
     def from_config(cls, config: JobConfig) -> JobInfo:
+        """The settings of a parsed job file (the live coordinator); :meth:`from_dict` serves saved runs."""
         return cls.from_dict(config.to_dict())
 
 
@@ -115,6 +116,7 @@ def preparing_phase(text: str) -> Phase:
 
 
 def activity_label(activity: str) -> str:
+    """What a person reads for ``engine.activity``: SecAgg+ stages not in the table are spelt out."""
     return ACTIVITY_LABELS.get(activity, f"secure aggregation: {activity.replace('_', ' ')}")
 
 
@@ -152,6 +154,7 @@ def finished_phase(info: JobInfo, records: list[dict[str, Any]], *, failure: str
 
 
 def metric_key(records: Iterable[dict[str, Any]]) -> str | None:
+    """The validation metric the records carry (accuracy for classification, perplexity for causal LM), or None."""
     records = list(records)
     return next((k for k in METRIC_KEYS if any(_number(r.get(k)) is not None for r in records)), None)
 
@@ -205,6 +208,7 @@ def client_table(info: JobInfo, records: list[dict[str, Any]], live: list[Client
 
 
 def epsilon_summary(info: JobInfo, records: list[dict[str, Any]], clients: list[dict[str, Any]]) -> dict[str, Any]:
+    """ε as the page shows it: per client against its budget (sample-level DP) and the job's (client-level DP)."""
     per_client = {c["id"]: c["epsilon"] for c in clients if c["epsilon"] is not None}
     local: dict[str, Any] = {"enabled": info.local_dp}
     if info.local_dp:
@@ -217,6 +221,7 @@ def epsilon_summary(info: JobInfo, records: list[dict[str, Any]], clients: list[
 
 
 def last_failure(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The latest failed round and its reason: the job went on, but the page should still say so."""
     for record in reversed(records):
         if record.get("status") == "failed":
             return {"round": _int(record.get("round")), "reason": str(record.get("failure", "no reason recorded"))}

@@ -22,6 +22,7 @@ LEFT, RIGHT, TOP, BOTTOM = 56, 14, 12, 34
 
 @dataclass
 class Series:
+    """One line of a chart, named for its legend and tooltips; ``dashed`` sets it apart from the others."""
     name: str
     points: list[tuple[float, float]]
     color: str
@@ -30,6 +31,7 @@ class Series:
 
 @dataclass
 class Layer:
+    """One band of a stacked bar chart, one value per round (bytes down or up, clients completed or dropped...)."""
     name: str
     color: str
     values: list[float]

@@ -39,6 +39,10 @@ class EngineState(Protocol):
 
 
 class JobView:
+    """The dashboard's read-only window on one job: the job writes plain attributes, pages read them.
+
+    Nothing here takes a lock the engine holds, so any number of pages cannot slow a round.
+    """
     def __init__(self, info: JobInfo, metrics_path: Path, *, source: str = "coordinator",
                  registry: ClientRegistry | None = None, refresh_s: float = 1.0) -> None:
         """``refresh_s``: the status document is rebuilt at most this often, however many pages poll."""
@@ -67,9 +71,11 @@ class JobView:
         self._engine = engine
 
     def finish(self) -> None:
+        """The job ran every round and exported: the page says done from now on."""
         self._outcome = ("done", None)
 
     def fail(self, reason: str) -> None:
+        """The job stopped on an error; its first line is what the page shows."""
         self._outcome = ("failed", reason.strip().splitlines()[0] if reason.strip() else "unknown error")
 
     # -- read by pages ---------------------------------------------------------------------
@@ -89,6 +95,7 @@ class JobView:
             return records
 
     def phase(self, records: list[dict[str, Any]], *, online: int | None = None) -> Phase:
+        """What the job is doing now: finished, preparing, or the engine's round and activity."""
         outcome, engine = self._outcome, self._engine
         if outcome is not None:
             return finished_phase(self.info, records, failure=outcome[1] if outcome[0] == "failed" else None)
