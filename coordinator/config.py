@@ -44,6 +44,7 @@ def _help(text: str, **kwargs: Any) -> Any:
 
 @dataclass
 class JobSection:
+    """``[job]``: the rounds, and how many clients take part in each and for how long."""
     name: str = _help("job name, used for the output directory", default="fedsite-job")
     mode: str = _help("lora | offsite", default="lora")
     rounds: int = _help("number of federated rounds", default=5)
@@ -83,6 +84,7 @@ class JobSection:
 
 @dataclass
 class ModelSection:
+    """``[model]``: which model, which task, and how its input is cut and pooled."""
     path: str = _help('"minilm" (the embedded default), "smollm2" (the embedded SmolLM2-135M, a GGUF), a .gguf file '
                       '(converted once into a cached folder), or a local Hugging Face folder', default="minilm")
     task: str = _help("classification | causal-lm", default="classification")
@@ -102,6 +104,7 @@ class ModelSection:
 
 @dataclass
 class DataSection:
+    """``[data]``: the coordinator's own validation data (clients' training data never appears here)."""
     validation: str = _help("coordinator-side evaluation file (JSONL/CSV, .gz allowed)", default="")
     validation_max_examples: int = _help("evaluate on this many (seeded sample); 0 = all", default=2000)
 
@@ -112,6 +115,7 @@ class DataSection:
 
 @dataclass
 class TrainSection:
+    """``[train]``: what each client does each round; sent to clients in the train instruction."""
     local_steps: int = _help("optimizer steps per client per round", default=30)
     batch_size: int = _help("examples per optimizer step (the logical batch; under DP, the expected Poisson batch)",
                             default=16)
@@ -137,6 +141,7 @@ class TrainSection:
 
 @dataclass
 class ServerSection:
+    """``[server]``: how the coordinator turns the round's updates into the new global state."""
     optimizer: str = _help("fedavg | fedadam", default="fedavg")
     lr: float = _help("server learning rate (1.0 = plain FedAvg)", default=1.0)
     beta1: float = _help("FedAdam first-moment decay", default=0.9)
@@ -169,6 +174,7 @@ class ServerSection:
 
 @dataclass
 class LocalDPSection:
+    """``[privacy.local_dp]``: sample-level DP-SGD on each client, and the ε budget it may spend."""
     enabled: bool = _help("sample-level DP-SGD on each client (Opacus)", default=False)
     noise_multiplier: float | None = _help(
         "Gaussian noise / max_grad_norm, fixed for the job (give this or target_epsilon)", default=None)
@@ -220,6 +226,7 @@ class LocalDPSection:
 
 @dataclass
 class ClientDPSection:
+    """``[privacy.client_dp]``: client-level DP on the aggregate (see privacy/README.md)."""
     enabled: bool = _help("client-level DP on the aggregate (DP-FedAvg)", default=False)
     clip_norm: float = _help("L2 bound on each client's update", default=1.0)
     noise_multiplier: float = _help("noise std / clip_norm on the sum", default=1.0)
@@ -235,6 +242,7 @@ class ClientDPSection:
 
 @dataclass
 class SecureAggregationSection:
+    """``[privacy.secure_aggregation]``: SecAgg+, so the coordinator sees only the sum."""
     enabled: bool = _help("SecAgg+: the coordinator learns only the sum", default=False)
     threshold: float = _help("fraction of each neighbourhood needed to unmask", default=0.66)
     clipping_range: float = _help(
@@ -255,6 +263,7 @@ class SecureAggregationSection:
 
 @dataclass
 class PrivacySection:
+    """``[privacy.*]``: the three protections, each independent of the others."""
     local_dp: LocalDPSection = field(default_factory=LocalDPSection)
     client_dp: ClientDPSection = field(default_factory=ClientDPSection)
     secure_aggregation: SecureAggregationSection = field(default_factory=SecureAggregationSection)
@@ -267,11 +276,13 @@ class PrivacySection:
 
 @dataclass
 class EnrollmentSection:
+    """``[enrollment]``: the tokens that let a client enrol (the coordinator keeps only their hashes)."""
     tokens_file: str = _help("one enrolment token per line", default="tokens.txt")
 
 
 @dataclass
 class TLSSection:
+    """``[tls]``: the coordinator's certificate, and the client CA that turns on mutual TLS."""
     cert: str = _help("server certificate (PEM); empty = plaintext", default="")
     key: str = _help("server private key (PEM)", default="")
     client_ca: str = _help("CA for client certificates; set = mutual TLS", default="")
@@ -285,6 +296,7 @@ class TLSSection:
 
 @dataclass
 class SimulationSection:
+    """``[simulation]``: the virtual clients of ``fedsite-simulate`` and how one data file is split among them."""
     clients: int = _help("enrolled virtual clients", default=10)
     partition: str = _help("iid | dirichlet | shards", default="dirichlet")
     alpha: float = _help("Dirichlet concentration", default=0.5)
@@ -300,6 +312,9 @@ class SimulationSection:
 
 @dataclass
 class JobConfig:
+    """A whole job file, validated: the coordinator and the simulator run the same object, so a job
+    means the same thing under both.
+    """
     job: JobSection = field(default_factory=JobSection)
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
@@ -314,6 +329,10 @@ class JobConfig:
     base_dir: Path = field(default_factory=Path.cwd)
 
     def validate(self) -> None:
+        """Check every table, then the rules that span tables: a robust aggregator neither with secure
+        aggregation (which hides the updates it needs) nor with client-level DP (whose noise is calibrated
+        to the mean), mean pooling only in lora mode. ConfigError names the key.
+        """
         for section in (self.job, self.model, self.data, self.train, self.server, self.privacy, self.tls):
             section.validate()
         if self.simulation is not None:
@@ -335,6 +354,7 @@ class JobConfig:
         return path if path.is_absolute() else (self.base_dir / path).resolve()
 
     def to_dict(self) -> dict[str, Any]:
+        """The job as plain tables (``job.toml.json`` in the run folder), without the machine-specific ``base_dir``."""
         data = dataclasses.asdict(self)
         data.pop("base_dir")
         if data["simulation"] is None:
@@ -419,6 +439,7 @@ def _build(cls: type, table: dict[str, Any], prefix: str) -> Any:
 
 
 def parse_job(table: dict[str, Any], base_dir: Path) -> JobConfig:
+    """A validated job from already-parsed TOML tables; paths resolve against ``base_dir``."""
     config: JobConfig = _build(JobConfig, table, "")
     config.base_dir = base_dir.resolve()
     config.validate()

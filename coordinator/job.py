@@ -40,6 +40,9 @@ log = logging.getLogger("fedsite.job")
 
 @dataclass
 class Package:
+    """The job package as built: the unpacked folder the coordinator loads, the blob clients download and
+    its sha256; in lora mode also the slim blob for clients that bring their own base model.
+    """
     folder: Path
     blob: bytes
     sha256: str
@@ -49,6 +52,7 @@ class Package:
 
 
 def job_labels(config: JobConfig) -> list[str]:
+    """The job's class names: ``[model] labels``, else the sorted labels of the validation file; none for causal LM."""
     if config.model.task != "classification":
         return []
     if config.model.labels:
@@ -116,6 +120,7 @@ def _with_slim(package: Package, output_dir: Path) -> Package:
 
 @dataclass
 class PreparedJob:
+    """What a driver needs to run a job: the package to serve, the global model to export, the engine to run."""
     config: JobConfig
     output_dir: Path
     package: Package
@@ -124,6 +129,9 @@ class PreparedJob:
 
 
 def load_validation(config: JobConfig, tokenizer: PreTrainedTokenizerBase, labels: list[str]) -> EncodedExamples | None:
+    """The coordinator's validation examples, sampled and encoded once for every round's evaluation;
+    a label the job does not know is a DataError naming it, not a silent miss.
+    """
     if not config.data.validation:
         return None
     path = config.resolve(config.data.validation)

@@ -52,6 +52,9 @@ def update_norm(update: Mapping[str, torch.Tensor]) -> float:
 
 
 def weighted_mean(updates: Sequence[State], weights: Sequence[float]) -> State:
+    """The weighted mean of updates (FedAvg's aggregate), computed in place into one accumulator so the
+    server holds one update's worth of extra memory, not one per client.
+    """
     if not updates or len(updates) != len(weights):
         raise ValueError("need one weight per update and at least one update")
     total = float(sum(weights))
@@ -93,20 +96,25 @@ class ServerOptimizer:
     """Applies the aggregated delta to the global state; its state is checkpointed."""
 
     def step(self, global_state: State, delta: State) -> State:
+        """The new global state after applying ``delta`` (the round's aggregate) to ``global_state``."""
         raise NotImplementedError
 
     def state_dict(self) -> State:
+        """What a checkpoint must keep for the optimizer to continue after ``--resume``."""
         return {}
 
     def load_state_dict(self, state: State) -> None:
+        """Continue from a checkpoint's :meth:`state_dict`."""
         del state
 
 
 class FedAvg(ServerOptimizer):
+    """Plain FedAvg (server ``lr`` 1.0: the global state moves by the mean delta); nothing to checkpoint."""
     def __init__(self, lr: float = 1.0) -> None:
         self.lr = lr
 
     def step(self, global_state: State, delta: State) -> State:
+        """``global + lr × delta``."""
         return {name: value + self.lr * delta[name] for name, value in global_state.items()}
 
 
@@ -119,6 +127,7 @@ class FedAdam(ServerOptimizer):
         self.v: State = {}
 
     def step(self, global_state: State, delta: State) -> State:
+        """One Adam step with the aggregate as the (negated) pseudo-gradient; moments kept per tensor name."""
         new_state: State = {}
         for name, value in global_state.items():
             m = self.m.get(name, torch.zeros_like(value))
@@ -131,14 +140,17 @@ class FedAdam(ServerOptimizer):
         return new_state
 
     def state_dict(self) -> State:
+        """Both moments, prefixed ``m/`` and ``v/``, so a resumed job continues the same Adam."""
         return {**{f"m/{k}": v for k, v in self.m.items()}, **{f"v/{k}": v for k, v in self.v.items()}}
 
     def load_state_dict(self, state: State) -> None:
+        """The moments from a checkpoint's :meth:`state_dict`."""
         self.m = {k[2:]: v for k, v in state.items() if k.startswith("m/")}
         self.v = {k[2:]: v for k, v in state.items() if k.startswith("v/")}
 
 
 def make_server_optimizer(name: str, *, lr: float, beta1: float, beta2: float, eps: float) -> ServerOptimizer:
+    """The optimizer ``[server] optimizer`` names, with its hyperparameters; ValueError for an unknown name."""
     if name == "fedavg":
         return FedAvg(lr)
     if name == "fedadam":
