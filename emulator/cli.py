@@ -49,7 +49,6 @@ from emulator.evaluation import (
     TrainConfig,
     evaluate_offsite,
     prompt_of,
-    read_labelled,
     subsample,
 )
 from emulator.exposure import exposure
@@ -59,6 +58,7 @@ from emulator.public_text import read_public_text
 from emulator.refine import RefineConfig
 from emulator.settings import OffsiteSettings
 from localio.atomic import atomic_write_json
+from localio.data import DataError, read_examples
 
 TASKS = ("auto", "classification", "causal-lm")
 OFFSITE = OffsiteSettings()  # the job file's [offsite] defaults, which the build and refinement flags share
@@ -149,6 +149,12 @@ def cmd_build(args: argparse.Namespace) -> int:
                       "distilled": layout.distilled, "size_fraction": round(shipped.size_fraction, 4),
                       "verbatim_fraction": round(shipped.verbatim_fraction, 4)}))
     return 0
+
+
+def read_labelled(path: str) -> tuple[list[str], list[str]]:
+    """Texts and their labels from a labelled JSONL or CSV file (optionally .gz), read as a client reads its data."""
+    examples = read_examples(path, need_label=True)
+    return [e.text for e in examples], [str(e.label) for e in examples]
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -310,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         return int(args.func(args))
-    except (CliError, EmulatorError, DistillError, EvaluationDataError, models.ModelLoadError,
+    except (CliError, EmulatorError, DistillError, EvaluationDataError, DataError, models.ModelLoadError,
             UnsupportedArchitectureError, OSError) as exc:
         print(f"fedsite-emulator: error: {exc}", file=sys.stderr)
         return 2

@@ -48,10 +48,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from emulator.architectures import transformer_blocks
 from emulator.batching import Encoded, collate, encode, pad_id_of, shuffled_batches
-from emulator.evaluation import _open_text
 from emulator.layout import EmulatorError, EmulatorLayout
 from emulator.progress import StepProgress
 from emulator.settings import OffsiteSettings
+from localio.data import open_text
 
 STATE_FILE = "distill_state.safetensors"
 META_FILE = "distill_state.json"
@@ -64,24 +64,26 @@ class DistillError(ValueError):
 
 def read_text_corpus(path: str | Path, limit: int | None = None) -> list[str]:
     """Lines of a text file, or the ``"text"`` field of a JSONL file (either may be .gz)."""
+    if not Path(path).is_file():
+        raise DistillError(f"{path}: no such file")
     texts: list[str] = []
-    for lineno, line in enumerate(_open_text(path), 1):
-        line = line.strip()
-        if not line:
-            continue
-        if line.startswith("{"):
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DistillError(f"{path}:{lineno}: line looks like JSON but is not: {exc}") \
-                    from exc
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise DistillError(f"{path}:{lineno}: JSON line without a string 'text' field")
-            texts.append(row["text"])
-        else:
-            texts.append(line)
-        if limit is not None and len(texts) >= limit:
-            break
+    with open_text(Path(path)) as handle:
+        for lineno, line in enumerate(handle, 1):
+            line = line.strip()
+            if not line:
+                continue
+            if line.startswith("{"):
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DistillError(f"{path}:{lineno}: line looks like JSON but is not: {exc}") from exc
+                if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                    raise DistillError(f"{path}:{lineno}: JSON line without a string 'text' field")
+                texts.append(row["text"])
+            else:
+                texts.append(line)
+            if limit is not None and len(texts) >= limit:
+                break
     if not texts:
         raise DistillError(f"{path}: no text")
     return texts

@@ -18,21 +18,21 @@ the full model's parameters it carries byte-identical (see
 The training loop here is a small, deterministic reference trainer (AdamW,
 linear warm-up and decay, a separate learning rate for the fresh head); it is
 what the experiments in ``experiments/offsite/`` use, not the federated
-client's trainer.
+client's trainer (that one is edge code, with DP and logical batches). Data,
+batches and scores are the shared ones: files are read as a client reads its
+data (:mod:`localio.data`), tokenized and batched by :mod:`emulator.batching`,
+and scored as the coordinator's validation scores (:func:`emulator.tasks.evaluate`).
 """
 
 from __future__ import annotations
 
 import copy
-import gzip
 import json
 import logging
-import math
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, cast
 
 import torch
@@ -47,6 +47,7 @@ from emulator.exposure import exposure
 from emulator.layout import EmulatorLayout
 from emulator.progress import StepProgress
 from emulator.refine import RefineConfig, refine_plug_in
+from emulator.tasks import EncodedExamples, evaluate
 
 log = logging.getLogger("fedsite.evaluate")
 
@@ -56,36 +57,7 @@ class EvaluationDataError(ValueError):
 
 
 # ---------------------------------------------------------------------------
-# Data
-
-
-def _open_text(path: str | Path) -> Iterator[str]:
-    p = Path(path)
-    if not p.is_file():
-        raise EvaluationDataError(f"{p}: no such file")
-    opener: Callable[..., Any] = gzip.open if p.suffix == ".gz" else open
-    with opener(p, "rt", encoding="utf-8") as fh:
-        yield from fh
-
-
-def read_labelled(path: str | Path) -> tuple[list[str], list[str]]:
-    """Texts and string labels from a JSONL (optionally .gz) of ``{"text", "label"}``."""
-    texts: list[str] = []
-    labels: list[str] = []
-    for lineno, line in enumerate(_open_text(path), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            texts.append(str(row["text"]))
-            labels.append(str(row["label"]))
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise EvaluationDataError(
-                f"{path}:{lineno}: expected a JSON object with 'text' and 'label' ({exc})"
-            ) from exc
-    if not texts:
-        raise EvaluationDataError(f"{path}: no examples")
-    return texts, labels
+# Data (read with localio.data.read_examples, tokenized with emulator.batching.encode)
 
 
 def subsample(n: int, limit: int | None, seed: int) -> list[int]:
@@ -166,37 +138,21 @@ def train(
     return losses
 
 
-@torch.no_grad()
+def _examples(data: Encoded, pad_id: int, task: str) -> EncodedExamples:
+    """The reference trainer's examples as the shared evaluation (:func:`emulator.tasks.evaluate`) takes them."""
+    return EncodedExamples(input_ids=data.input_ids, labels=data.labels, pad_id=pad_id, task=task)
+
+
 def accuracy(model: nn.Module, data: Encoded, *, pad_id: int, batch_size: int = 128) -> float:
+    """Accuracy as the coordinator's validation measures it."""
     if data.labels is None:
         raise EvaluationDataError("accuracy needs labelled data")
-    model.eval()
-    correct = 0
-    for start in range(0, len(data), batch_size):
-        index = list(range(start, min(start + batch_size, len(data))))
-        batch = collate(data, index, pad_id)
-        labels = batch.pop("labels")
-        correct += int((model(**batch).logits.argmax(-1) == labels).sum())
-    return correct / len(data)
+    return evaluate(model, _examples(data, pad_id, "classification"), batch_size=batch_size)["val_accuracy"]
 
 
-@torch.no_grad()
 def perplexity(model: nn.Module, data: Encoded, *, pad_id: int, batch_size: int = 32) -> float:
-    """exp of the mean next-token loss over all predicted tokens."""
-    model.eval()
-    total, count = 0.0, 0
-    for start in range(0, len(data), batch_size):
-        index = list(range(start, min(start + batch_size, len(data))))
-        batch = collate(data, index, pad_id)
-        logits = model(**batch).logits[:, :-1]
-        target = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100)
-        loss = nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
-            ignore_index=-100, reduction="sum",
-        )
-        total += float(loss)
-        count += int((target != -100).sum())
-    return math.exp(total / max(1, count))
+    """exp of the mean next-token loss over all predicted tokens, as the coordinator's validation measures it."""
+    return evaluate(model, _examples(data, pad_id, "causal-lm"), batch_size=batch_size)["val_perplexity"]
 
 
 # ---------------------------------------------------------------------------

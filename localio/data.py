@@ -30,7 +30,8 @@ class Example:
     label: str | None = None
 
 
-def _open_text(path: Path) -> io.TextIOBase:
+def open_text(path: Path) -> io.TextIOBase:
+    """A data or text file for reading as UTF-8 text, gunzipped on the fly when it ends in ``.gz``."""
     if path.suffix == ".gz":
         return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
     return open(path, encoding="utf-8", newline="")
@@ -54,7 +55,7 @@ def read_examples(path: str | Path, *, need_label: bool) -> list[Example]:
     fmt = _format_of(path)
     examples: list[Example] = []
     try:
-        with _open_text(path) as handle:
+        with open_text(path) as handle:
             if fmt == "jsonl":
                 for line_no, line in enumerate(handle, start=1):
                     if not line.strip():

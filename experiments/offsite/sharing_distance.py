@@ -22,7 +22,8 @@ import torch
 from torch import nn
 from transformers import AutoModel, AutoTokenizer
 
-from emulator.evaluation import read_labelled, subsample
+from emulator.evaluation import subsample
+from localio.data import read_examples
 
 DATA = Path(os.environ.get("FEDSITE_DATA", "/work/shared/data"))
 VARIANTS = {  # the full model's block used at each position of the emulator
@@ -60,7 +61,7 @@ def main() -> None:
     path = get_model_path()
     tok = AutoTokenizer.from_pretrained(path)
     full = AutoModel.from_pretrained(path).eval()
-    texts, _ = read_labelled(DATA / "wordnet_supersense.validation.jsonl.gz")
+    texts = [e.text for e in read_examples(DATA / "wordnet_supersense.validation.jsonl.gz", need_label=False)]
     texts = [texts[i] for i in subsample(len(texts), 500, seed=1)]
     models = {}
     for name, blocks in VARIANTS.items():

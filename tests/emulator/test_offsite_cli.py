@@ -125,3 +125,16 @@ def test_evaluate_causal_lm_default_rows_and_samples(tmp_path: Path) -> None:
     samples = table["notes"]["samples"]
     assert list(samples) == rows and all(len(texts) == 2 for texts in samples.values())
     assert all(text.startswith("w") and ":" in text.split()[0] for texts in samples.values() for text in texts)
+
+
+def test_evaluate_reads_data_as_clients_do(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Labelled data goes through localio.data: a row without a label is one line naming the file and line."""
+    model = _save(tmp_path, "bert", "classification")
+    emu = tmp_path / "emu"
+    assert main(["build", "--model", str(model), "--output-dir", str(emu)]) == 0
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"text": "w1 w2", "label": "x"}) + "\n" + json.dumps({"text": "w3 w4"}) + "\n")
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(model), "--emulator", str(emu), "--data", str(data)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"fedsite-emulator: error: {data}:2: missing 'label'"
