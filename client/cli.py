@@ -15,6 +15,8 @@ import os
 import sys
 from pathlib import Path
 
+from localio.partition import PARTITIONS
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
@@ -45,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--data", required=True, type=Path)
     split.add_argument("--clients", required=True, type=int)
     split.add_argument("--output-dir", required=True, type=Path)
-    split.add_argument("--partition", choices=("iid", "dirichlet", "shards"), default="iid")
+    split.add_argument("--partition", choices=PARTITIONS, default="iid")
     split.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (smaller = more skewed)")
     split.add_argument("--seed", type=int, default=0)
     return parser

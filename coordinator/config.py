@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from coordinator.strategy import AGGREGATORS
+from coordinator.strategy import AGGREGATORS, OPTIMIZERS
+from emulator.models import TASKS
+from emulator.pooling import POOLINGS
 from emulator.settings import LoraSettings, OffsiteSettings, SettingsError
 from localio.errors import user_error
 from localio.partition import PARTITIONS
@@ -27,9 +29,6 @@ from privacy.accounting import ACCOUNTANTS
 from privacy.secagg.config import THRESHOLD_RANGE, valid_threshold
 
 MODES = ("lora", "offsite")
-TASKS = ("classification", "causal-lm")
-OPTIMIZERS = ("fedavg", "fedadam")
-POOLINGS = ("cls", "mean")
 MIN_HEARTBEAT_TIMEOUT_S = 3.0
 
 

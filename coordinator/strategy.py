@@ -149,6 +149,9 @@ class FedAdam(ServerOptimizer):
         self.v = {k[2:]: v for k, v in state.items() if k.startswith("v/")}
 
 
+OPTIMIZERS = ("fedavg", "fedadam")  # what make_server_optimizer builds
+
+
 def make_server_optimizer(name: str, *, lr: float, beta1: float, beta2: float, eps: float) -> ServerOptimizer:
     """The optimizer ``[server] optimizer`` names, with its hyperparameters; ValueError for an unknown name."""
     if name == "fedavg":

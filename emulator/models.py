@@ -29,6 +29,7 @@ from emulator.gguf import gguf_to_folder, smollm2_gguf
 from emulator.load_errors import ModelLoadError
 from emulator.pooling import POOLINGS, PoolingError, add_mean_pooling_block
 
+TASKS = ("classification", "causal-lm")  # the heads load_model puts on a model
 EMBEDDED_DEFAULT = "minilm"
 EMBEDDED_SMOLLM2 = "smollm2"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -119,7 +120,7 @@ def load_model_and_new_tensors(
         model, info = AutoModelForCausalLM.from_pretrained(  # type: ignore[misc]  # a tuple with loading info
             str(folder), dtype=dtype, output_loading_info=True)
     else:
-        raise ModelLoadError(f"unknown task {task!r}")
+        raise ModelLoadError(f"unknown task {task!r}; allowed: {', '.join(TASKS)}")
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
     if pooling == "mean":
