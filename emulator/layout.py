@@ -17,10 +17,10 @@ from pathlib import Path
 from transformers import PreTrainedModel
 
 from emulator.architectures import num_blocks
+from emulator.settings import DEFAULT_KEEP_RATIO
 
 LAYOUT_FILENAME = "offsite_layout.json"
 LAYOUT_FORMAT = "fedsite-offsite-layout/1"
-DEFAULT_KEEP_RATIO = 0.5
 
 
 class EmulatorError(ValueError):

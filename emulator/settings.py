@@ -4,14 +4,14 @@ These are the job file's ``[lora]`` and ``[offsite]`` tables (coordinator/config
 what a job package's ``job.json`` stores for every party, and where the ``fedsite-emulator`` flags take their
 defaults. They are frozen and validated on construction, so a value that would fail deep inside a build
 (a zero batch size, a keep ratio of 2) is refused where it is written, with a message that names the job-file key.
-This module imports no model code (no torch), so reading a job file stays cheap.
+This module imports no model code (no torch): settings are read and checked without loading any.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, TypeVar
 
 from localio.errors import user_error
 
@@ -107,7 +107,10 @@ class OffsiteSettings:
                 "keep_ratio": None if self.keep else self.keep_ratio}
 
 
-def settings_from_dict(cls: type[LoraSettings] | type[OffsiteSettings], values: dict[str, Any], what: str) -> Any:
+Settings = TypeVar("Settings", LoraSettings, OffsiteSettings)
+
+
+def settings_from_dict(cls: type[Settings], values: dict[str, Any], what: str) -> Settings:
     """Settings from their stored form (``asdict``, as job.json holds them); a key missing from an older file takes
     its default, and an unknown key is refused by name (``what`` says where it was read)."""
     known = {f.name for f in fields(cls)}
