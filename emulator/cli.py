@@ -284,10 +284,10 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--samples", type=int, default=0,
                    help="causal LMs: also print each row's greedy continuation of the first N evaluation texts' "
                         "prompts (a WordNet gloss's 'lemma:')")
-    e.add_argument("--epochs", type=float, default=1.0)
-    e.add_argument("--batch-size", type=int, default=32)
-    e.add_argument("--lr", type=float, default=1e-4)
-    e.add_argument("--head-lr", type=float, default=1e-3)
+    e.add_argument("--epochs", type=float, default=TrainConfig.epochs)
+    e.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    e.add_argument("--lr", type=float, default=TrainConfig.lr)
+    e.add_argument("--head-lr", type=float, default=TrainConfig.head_lr)
     e.add_argument("--adapter-lr", type=float, default=None)
     e.add_argument("--ft-lr", type=float, default=None)
     e.add_argument("--lora-lr", type=float, default=1e-3)

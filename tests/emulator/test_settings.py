@@ -13,6 +13,7 @@ import pytest
 from coordinator.config import ConfigError, parse_job
 from emulator.cli import parser
 from emulator.distill import DistillConfig
+from emulator.evaluation import TrainConfig
 from emulator.job_spec import JobSpec, PackageError
 from emulator.refine import RefineConfig
 from emulator.settings import LoraSettings, OffsiteSettings, SettingsError
@@ -89,7 +90,8 @@ def test_the_job_file_builds_the_settings_and_its_errors_stay_config_errors() ->
 
 
 def test_every_default_is_the_settings_one() -> None:
-    """The job file, the distillation and refinement runs and the fedsite-emulator flags share one default each."""
+    """The job file, the distillation, refinement and reference training runs and the fedsite-emulator flags share
+    one default each."""
     offsite = OffsiteSettings()
     build = parser().parse_args(["build", "--model", "m", "--output-dir", "o"])
     assert (build.distill_steps, build.distill_lr, build.distill_batch_size, build.distill_input_noise,
@@ -98,6 +100,9 @@ def test_every_default_is_the_settings_one() -> None:
         offsite.keep_ratio, offsite.adapter_layers)
     evaluate = parser().parse_args(["evaluate", "--model", "m", "--emulator", "e", "--data", "d"])
     assert (evaluate.refine_steps, evaluate.refine_lr) == (offsite.refine_steps, offsite.refine_lr)
+    train = TrainConfig()
+    assert (evaluate.epochs, evaluate.batch_size, evaluate.lr, evaluate.head_lr) == (
+        train.epochs, train.batch_size, train.lr, train.head_lr)
     distill, refine = DistillConfig(), RefineConfig()
     assert (distill.lr, distill.batch_size, distill.input_noise) == (
         offsite.distill_lr, offsite.distill_batch_size, offsite.distill_input_noise)
