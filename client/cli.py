@@ -15,6 +15,8 @@ import os
 import sys
 from pathlib import Path
 
+from localio.errors import EXIT_USER_ERROR
+from localio.extras import missing_extra
 from localio.partition import PARTITIONS
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -72,6 +74,10 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _split(args: argparse.Namespace) -> int:
+    # flwr-datasets' partitioners, which the simulator uses too: a client-only install lacks them
+    if message := missing_extra("simulation", "fedsite-client split", ("flwr_datasets", "datasets")):
+        print(message, file=sys.stderr)
+        return EXIT_USER_ERROR
     from localio.partition import split_file
 
     paths = split_file(args.data, args.clients, args.output_dir, partition=args.partition,

@@ -16,6 +16,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from localio.errors import EXIT_USER_ERROR
+from localio.extras import missing_extra
+
 if TYPE_CHECKING:
     from coordinator.rounds import GlobalModel
 
@@ -188,7 +191,14 @@ def export(model: GlobalModel, output_dir: Path, completed_rounds: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``fedsite-coordinator``: a user error ends in one line and exit status 2 (:func:`localio.errors.run_cli`)."""
+    """``fedsite-coordinator``: a user error ends in one line and exit status 2 (:func:`localio.errors.run_cli`).
+
+    A client-only install (``pip install fedsite``) gets one line naming the extra to install, before any
+    argument is parsed (``--help`` too) and before the server's imports could fail deep inside.
+    """
+    if message := missing_extra("coordinator", "fedsite-coordinator"):
+        print(message, file=sys.stderr)
+        return EXIT_USER_ERROR
     args = build_parser().parse_args(argv)
     from localio.errors import run_cli
 

@@ -22,6 +22,9 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from localio.errors import EXIT_USER_ERROR
+from localio.extras import missing_extra
+
 if TYPE_CHECKING:
     from coordinator.config import JobConfig
     from simulations.runner import SimulationResult
@@ -172,6 +175,10 @@ def setup_logging(verbose: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``fedsite-simulate``; without the simulation extra, one line naming it (``--help`` too)."""
+    if message := missing_extra("simulation", PROG):
+        print(message, file=sys.stderr)
+        return EXIT_USER_ERROR
     argv = list(sys.argv[1:] if argv is None else argv)
     compare = bool(argv) and argv[0] == "compare"
     args = build_compare_parser().parse_args(argv[1:]) if compare else build_parser().parse_args(argv)
