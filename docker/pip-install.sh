@@ -4,7 +4,8 @@
 # from TORCH_INDEX_URL for the CPU build.
 #
 #   pip-install.sh torch            torch==$TORCH_VERSION, the $TORCH_VARIANT build
-#   pip-install.sh requirements     fedsite's requirements (from pyproject.toml), not fedsite itself
+#   pip-install.sh requirements     fedsite's requirements (from pyproject.toml) with the extras the image needs,
+#                                   not fedsite itself
 set -eu
 die() { echo "fedsite image: error: $*" >&2; exit 2; }
 
@@ -54,7 +55,16 @@ torch)
     $pip install --quiet "$@" "setuptools>=68" wheel
     ;;
 requirements)
-    requirements=$(/opt/venv/bin/python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))')
+    # the base (the client) and the extras `all` stands for: the coordinator role needs [coordinator], the
+    # client role's demo shards come from fedsite-client split, which needs [simulation] (flwr-datasets)
+    requirements=$(/opt/venv/bin/python -c '
+import re, sys, tomllib
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+def expand(extra):  # an extra may name others of fedsite: all = ["fedsite[coordinator,simulation]"]
+    for requirement in project["optional-dependencies"][extra]:
+        own = re.fullmatch(r"fedsite\[([^\]]+)\]", requirement.strip())
+        yield from (r for part in own.group(1).split(",") for r in expand(part.strip())) if own else [requirement]
+print("\n".join(dict.fromkeys([*project["dependencies"], *expand(sys.argv[1])])))' all)
     echo "$requirements" > /tmp/requirements.txt
     # torch is already there; the constraint keeps a requirement of another package from replacing it
     /opt/venv/bin/python -c 'import torch; print("torch==" + torch.__version__)' > /tmp/constraints.txt

@@ -6,9 +6,9 @@
 #
 # Run it on a Linux x86_64 (or the image's architecture) machine with Python 3.11 that reaches a package
 # index: the wheels must match the image's interpreter (python:3.11-slim and Debian 12 both have 3.11).
-# It collects every wheel fedsite needs (pip wheel builds any that exist only as source), the CPU build of
-# torch, and setuptools/wheel (to build fedsite itself offline), then checks the result installs with
-# --no-index. The CPU torch wheel is not on PyPI for Linux: where pip does not already find it (a local
+# It collects every wheel fedsite needs, its extras' too (pip wheel builds any that exist only as source),
+# the CPU build of torch, and setuptools/wheel (to build fedsite itself offline), then checks the result
+# installs with --no-index. The CPU torch wheel is not on PyPI for Linux: where pip does not already find it (a local
 # --find-links, as on fedsite's build machines), point pip at a copy or at the PyTorch CPU index first:
 #
 #   PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu bash docker/wheelhouse.sh
@@ -33,7 +33,8 @@ case "$TORCH_VARIANT" in cpu|gpu) ;; *) die "TORCH_VARIANT must be cpu or gpu, g
 mkdir -p "$DIR"
 echo "wheelhouse: collecting wheels into $DIR (torch $TORCH_VERSION, $TORCH_VARIANT)"
 # --find-links: wheels already in DIR are reused, so running it again after a requirement changes is quick
-"$PYTHON" -m pip wheel --quiet --wheel-dir "$DIR" --find-links "$DIR" "torch==$TORCH_VERSION" . "setuptools>=68" wheel \
+# .[all]: the base and every extra, what the image installs (docker/pip-install.sh)
+"$PYTHON" -m pip wheel --quiet --wheel-dir "$DIR" --find-links "$DIR" "torch==$TORCH_VERSION" ".[all]" "setuptools>=68" wheel \
   2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 rm -f "$DIR"/fedsite-*.whl  # the image builds fedsite from the checkout it is given
 
@@ -49,6 +50,6 @@ fi
 
 # the proof that it is complete: resolve fedsite's requirements from these wheels alone
 "$PYTHON" -m pip install --quiet --dry-run --no-index --find-links "$DIR" --ignore-installed \
-  "torch==$TORCH_VERSION" . >/dev/null \
+  "torch==$TORCH_VERSION" ".[all]" >/dev/null \
   || die "the wheelhouse is incomplete: pip cannot install fedsite from $DIR alone (see above)"
 echo "wheelhouse: $(ls "$DIR"/*.whl | wc -l) wheels, $(du -sh "$DIR" | cut -f1) in $DIR ($(basename "$torch_wheel"))"
