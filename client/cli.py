@@ -17,10 +17,12 @@ from pathlib import Path
 
 from localio.errors import EXIT_USER_ERROR
 from localio.extras import missing_extra
+from localio.openmp import passive_openmp_by_default
 from localio.partition import PARTITIONS
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+passive_openmp_by_default()  # before torch loads: several processes on few cores (localio/openmp.py)
 
 
 def build_parser() -> argparse.ArgumentParser:

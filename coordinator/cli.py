@@ -18,12 +18,14 @@ from typing import TYPE_CHECKING
 
 from localio.errors import EXIT_USER_ERROR
 from localio.extras import missing_extra
+from localio.openmp import passive_openmp_by_default
 
 if TYPE_CHECKING:
     from coordinator.rounds import GlobalModel
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+passive_openmp_by_default()  # before torch loads: several processes on few cores (localio/openmp.py)
 
 DEFAULT_ADDRESS = "0.0.0.0:50051"
 

@@ -9,5 +9,7 @@ holds what touches a party's own disk and terminal, never the network:
 - :mod:`localio.atomic`: crash-safe file writes (temp file, fsync, rename);
 - :mod:`localio.errors`: errors a user can fix and the CLI wrapper that prints them in one line;
 - :mod:`localio.extras`: which optional part of fedsite (pyproject's extras) a command needs, in one line
-  when it is missing.
+  when it is missing;
+- :mod:`localio.openmp`: idle OpenMP threads that sleep rather than spin, the CLIs' default (several processes
+  on few cores).
 """

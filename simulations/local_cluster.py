@@ -40,10 +40,12 @@ def free_port() -> int:
 def start_coordinator(job: Path, output_dir: Path, *extra: str, log_path: Path | None = None,
                       threads: int = 1, address: str = "127.0.0.1:0",
                       start_timeout_s: float = 300.0,
-                      program: tuple[str, ...] = ("-m", "coordinator")) -> tuple[subprocess.Popen, str]:
+                      program: tuple[str, ...] = ("-m", "coordinator"),
+                      env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
     """Start ``python -m coordinator serve`` (on a free loopback port by default); return (process, HOST:PORT).
 
-    ``program`` replaces ``-m coordinator`` (the fault tests run the same CLI through a wrapper module).
+    ``program`` replaces ``-m coordinator`` (the fault tests run the same CLI through a wrapper module);
+    ``env``, when given, is the whole environment (instead of ``process_env(threads)``).
 
     Returns once the coordinator listens (before its job package is built: clients started then wait).
     """
@@ -52,7 +54,7 @@ def start_coordinator(job: Path, output_dir: Path, *extra: str, log_path: Path |
     proc = subprocess.Popen(
         [sys.executable, *program, "serve", "--config", str(job), "--address", address,
          "--output-dir", str(output_dir), "--linger-s", "10", *extra],
-        stdout=log, stderr=subprocess.STDOUT, env=process_env(threads), cwd=str(REPO),
+        stdout=log, stderr=subprocess.STDOUT, env=env if env is not None else process_env(threads), cwd=str(REPO),
     )
     address_file = output_dir / "address"
     address_file.unlink(missing_ok=True)
@@ -69,16 +71,17 @@ def start_coordinator(job: Path, output_dir: Path, *extra: str, log_path: Path |
 
 def start_client(address: str, data: Path, token: str, state_dir: Path, *extra: str,
                  log_path: Path | None = None, threads: int = 1,
-                 program: tuple[str, ...] = ("-m", "client")) -> subprocess.Popen:
+                 program: tuple[str, ...] = ("-m", "client"), env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start ``python -m client run`` against ``address``.
 
-    ``program`` replaces ``-m client`` (the fault tests run the same CLI through a wrapper module).
+    ``program`` replaces ``-m client`` (the fault tests run the same CLI through a wrapper module);
+    ``env``, when given, is the whole environment (instead of ``process_env(threads)``).
     """
     log = open(log_path or state_dir.parent / f"{state_dir.name}.log", "ab")  # noqa: SIM115
     return subprocess.Popen(
         [sys.executable, *program, "run", "--coordinator", address, "--data", str(data), "--token", token,
          "--state-dir", str(state_dir), "--give-up-after-s", "60", *extra],
-        stdout=log, stderr=subprocess.STDOUT, env=process_env(threads), cwd=str(REPO),
+        stdout=log, stderr=subprocess.STDOUT, env=env if env is not None else process_env(threads), cwd=str(REPO),
     )
 
 
