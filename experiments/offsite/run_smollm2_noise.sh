@@ -11,7 +11,7 @@ cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 CACHE=${CACHE:-/tmp/fedsite-smollm2-cache}
 OUT=${OUT:-experiments/offsite/smollm2-noise}
-SIGMAS=${SIGMAS:-"1.0 0.5"}
+SIGMAS=${SIGMAS:-"1.0 0.1"}
 mkdir -p "$CACHE" "$OUT"
 DATA=coordinator/examples/data
 E="$PY -m emulator"
@@ -24,7 +24,7 @@ for sigma in $SIGMAS; do
     $E build --model smollm2 --output-dir "$EMU" --adapter-layers 2 --keep 8 --distill-data bbcnews \
       --distill-steps 400 --distill-lr 3e-4 --distill-batch-size 8 --max-length 64 --threads 1 \
       --distill-input-noise "$sigma" --checkpoint-dir "$CACHE/ckpt-keep8-d400-noise$sigma"
-  for lr in ${LRS:-1e-3 3e-3}; do
+  for lr in ${LRS:-1e-3}; do
     $E evaluate $COMMON --emulator "$EMU" --rows emulator_untuned emulator_alone plug_in --adapter-lr $lr \
       --json "$OUT/keep8-noise$sigma-$lr.json"
   done
