@@ -29,6 +29,14 @@ asks the link state for those nodes only (the same public ``get_message_ins``
 call, so TTLs and delivery marks behave as before), and it hands the driver
 the engine's node-to-partition table, so no hello is needed. A simulation
 whose ServerApp is not ours never registers and keeps Flower's own loop.
+
+Replies. Flower's Grid has no way to wait for a reply: ``send_and_receive``
+pulls every 0.1 s (``InMemoryGrid.pull_interval``), so each exchange ends up
+to 0.1 s after its last reply, four times in a SecAgg+ round. With the
+dispatch installed, the engine's injector thread (``put_message_into_state``,
+replaced like the extractor) sets the dispatch's ``replied`` event after
+storing each reply, and the driver pulls when it is woken instead of on a
+clock.
 """
 
 from __future__ import annotations
@@ -41,7 +49,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterable
-from queue import Queue
+from queue import Empty, Queue
 from typing import Any
 
 import numpy as np
@@ -185,6 +193,7 @@ class NodeDispatch:
         self._wake = threading.Event()
         self.ready = threading.Event()  # set once the engine has handed over its node table
         self.partition_of: dict[int, int] = {}  # Flower node id -> partition id (the engine's own table)
+        self.replied = threading.Event()  # set by the engine's injector each time it has stored a reply
         self.sweeps = 0
         self.asks = 0  # get_message_ins calls made (for tests: grows with messages, not with nodes)
 
@@ -258,30 +267,51 @@ def _extract_messages(state: Any, queue: Queue[Any], nodes_mapping: dict[int, in
                 del _DISPATCHES[id(state)]
 
 
-def install_dispatch() -> bool:
-    """Put :func:`_extract_messages` in place of Flower's extractor loop (once per process).
+def _store_replies(state: Any, queue: Queue[Any], f_stop: threading.Event) -> None:
+    """Stands in for ``vce_api.put_message_into_state``: the same loop (store each reply the workers queue),
+    and then wake the driver of a run with a registered dispatch."""
+    while not f_stop.is_set():
+        try:
+            reply = queue.get(timeout=1.0)
+        except Empty:
+            continue
+        state.store_message_res(reply)
+        dispatch = _dispatch_for(state)
+        if dispatch is not None:
+            dispatch.replied.set()
 
-    False, with Flower's loop left alone, if this Flower's simulation engine does not have the loop
-    this replaces (its name and parameters are checked); drivers then discover nodes with hellos.
+
+def install_dispatch() -> bool:
+    """Put :func:`_extract_messages` and :func:`_store_replies` in place of Flower's extractor and injector
+    loops (once per process).
+
+    False, with Flower's loops left alone, if this Flower's simulation engine does not have the loops
+    these replace (names and parameters are checked); drivers then discover nodes with hellos and poll.
     """
     global _FLOWER_EXTRACTOR
     from flwr.server.superlink.fleet.vce import vce_api
 
-    current = getattr(vce_api, "add_messages_to_queue", None)
-    if current is _extract_messages:
+    extractor = getattr(vce_api, "add_messages_to_queue", None)
+    injector = getattr(vce_api, "put_message_into_state", None)
+    if extractor is _extract_messages and injector is _store_replies:
         return True
-    if current is None or list(inspect.signature(current).parameters) != ["state", "queue", "nodes_mapping",
-                                                                           "f_stop"]:
+    if (extractor is None or injector is None
+            or list(inspect.signature(extractor).parameters) != ["state", "queue", "nodes_mapping", "f_stop"]
+            or list(inspect.signature(injector).parameters) != ["state", "queue", "f_stop"]):
         log.warning("this Flower's simulation engine has no add_messages_to_queue(state, queue, nodes_mapping, "
-                    "f_stop); keeping its own message loop, which polls every node")
+                    "f_stop) and put_message_into_state(state, queue, f_stop); keeping its own message loops, "
+                    "which poll every node")
         return False
-    _FLOWER_EXTRACTOR = current
+    _FLOWER_EXTRACTOR = extractor
     vce_api.add_messages_to_queue = _extract_messages
+    vce_api.put_message_into_state = _store_replies
     return True
 
 
 class FlowerDriver:
     """:class:`coordinator.engine.Driver` over a Flower ``Grid`` (simulation or deployment)."""
+
+    STOP_CHECK_S = 0.5  # with a dispatch, replies wake the driver; it still looks at the runtime this often
 
     def __init__(self, grid: Grid, *, hello_timeout_s: float = 600.0, ttl_margin_s: float = 60.0,
                  runtime_stopped: threading.Event | None = None, pull_interval_s: float = 0.1,
@@ -382,10 +412,17 @@ class FlowerDriver:
         replies: list[FlowerMessage] = []
         deadline = time.monotonic() + timeout_s
         while pending and time.monotonic() < deadline:  # as Grid.send_and_receive: no pull past the deadline
+            if self.dispatch is not None:
+                self.dispatch.replied.clear()  # before the pull: a reply stored after it sets it again
             answered = list(self.grid.pull_messages(pending))
             replies.extend(answered)
             pending -= {reply.metadata.reply_to_message_id for reply in answered}
-            if pending and self.runtime_stopped.wait(self.pull_interval_s):
+            if not pending:
+                break
+            if self.dispatch is not None:  # woken by the next stored reply; the stop is checked twice a second
+                self.dispatch.replied.wait(min(self.STOP_CHECK_S, max(deadline - time.monotonic(), 0.0)))
+                self._check_runtime()
+            elif self.runtime_stopped.wait(self.pull_interval_s):
                 self._check_runtime()
         return replies
 

@@ -12,6 +12,7 @@ Real Ray actors, the real Grid and link state, the tiny BERT; nothing is stubbed
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +71,20 @@ def test_dispatch_asks_only_about_nodes_it_sent_to_and_sends_no_hello(run_dir: P
             assert driver.dispatch is not None
             sweeps_before, asks_before = driver.dispatch.sweeps, driver.dispatch.asks
             chosen = [client_id_for(p) for p in (0, 150, 299)]
+            pull = driver.grid.pull_messages
+            empty_pulls = []
+
+            def counted_pull(message_ids: Any) -> Any:
+                answered = list(pull(message_ids))
+                empty_pulls.extend([1] if not answered else [])
+                return answered
+
+            driver.grid.pull_messages = counted_pull  # type: ignore[method-assign]
+            driver.STOP_CHECK_S = 600.0  # only a stored reply can wake the driver before the deadline
+            began = time.monotonic()
             seen["exchange"] = driver.exchange(1, dict.fromkeys(chosen, message), 300)
+            seen["exchange_s"] = time.monotonic() - began
+            seen["empty_pulls"] = len(empty_pulls)
             seen["sweeps"] = driver.dispatch.sweeps - sweeps_before
             seen["asks"] = driver.dispatch.asks - asks_before
             seen["hellos"] = driver.hellos_sent
@@ -88,6 +102,10 @@ def test_dispatch_asks_only_about_nodes_it_sent_to_and_sends_no_hello(run_dir: P
     # each sweep asks about the three nodes still owed a message, at most: never about all 300
     assert seen["sweeps"] >= 1 and seen["asks"] <= 3 * seen["sweeps"], seen
     assert seen["asks"] < ENROLLED, seen
+    # replies wake the driver (no clock: its stop check was set past the deadline): it pulled in vain once right
+    # after pushing and at most once per reply (one stored between a wake-up and its pull), where a 0.1 s poll
+    # pulls ten times a second for as long as the clients work
+    assert seen["exchange_s"] < 300 and seen["empty_pulls"] <= 4, seen
 
 
 def test_a_driver_without_the_dispatch_still_gets_its_messages_through_flowers_loop(run_dir: Path) -> None:
