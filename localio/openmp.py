@@ -4,7 +4,7 @@ torch's CPU kernels run on OpenMP (libgomp), whose threads spin-wait for a while
 (300,000 spins by default) before they sleep. One process per machine loses little to that; several on few
 cores (three clients and the coordinator on two, as in the README's one-machine recipe) spin on the cores the
 others need, and a training step there took 1.3-2.6 s where with idle threads asleep it took 0.2 s
-(``simulations/bench_one_machine``). The CLIs call :func:`passive_openmp_by_default` before torch is imported:
+(``simulations/bench/one_machine.py``). The CLIs call :func:`passive_openmp_by_default` before torch is imported:
 libgomp reads ``OMP_WAIT_POLICY`` once, when it is loaded.
 """
 

@@ -9,7 +9,8 @@
 - the edge never imports the server or the simulator, and the server never imports the edge;
 - model and privacy code import neither side, nor the simulator, nor a transport (grpc, flwr);
 - the wire schema knows no training, and the bottom layer imports no other fedsite package;
-- no import cycles between modules, and no product file over ~500 lines.
+- no import cycles between modules, and no product file over ~500 lines;
+- no product module imports the benchmarks (simulations/bench/) or the tests' harnesses (simulations/harness/).
 
 A static scan (``ast``), so a function-level import cannot hide a dependency or a cycle.
 """
@@ -37,9 +38,11 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
 SERVER_ONLY = ("grpc_health", "grpc_reflection", "flwr", "ray", "matplotlib")
 MAX_LINES = 500
 # files over MAX_LINES today, to be split by job; the list may only shrink
-OVERSIZE = {"simulations/fuzz_rpc.py"}
-# benchmarks are scripts, not product code (they are to move into a folder of their own)
-SIZE_EXEMPT = "simulations/bench_*.py"
+OVERSIZE = {"simulations/harness/fuzz_rpc.py"}
+# benchmarks are scripts, not product code
+SIZE_EXEMPT = "simulations/bench/*.py"
+# the benchmarks and the tests' harnesses: tools around the product, which no product module imports
+TOOLS = ("simulations.bench", "simulations.harness")
 
 
 def _product_files() -> Iterator[Path]:
@@ -170,6 +173,17 @@ def test_no_product_file_grows_past_the_limit() -> None:
              if not path.relative_to(REPO).match(SIZE_EXEMPT)}
     over = {name for name, lines in sizes.items() if lines > MAX_LINES}
     assert over <= OVERSIZE, f"over {MAX_LINES} lines (split by job): {sorted(over - OVERSIZE)}"
+
+
+def _is_tool(module: str) -> bool:
+    return any(module == tool or module.startswith(tool + ".") for tool in TOOLS)
+
+
+def test_no_product_module_imports_a_benchmark_or_a_harness() -> None:
+    wrong = [f"{module}:{line} imports {target}" for module, path in _modules().items() if not _is_tool(module)
+             for target, line in _imports(module, path) if _is_tool(target)]
+    assert _is_tool("simulations.harness.local_cluster") and not _is_tool("simulations.runner")
+    assert not wrong, wrong
 
 
 def test_the_scan_sees_function_level_imports() -> None:

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from localio.openmp import passive_openmp_by_default
-from simulations.local_cluster import REPO, process_env
+from simulations.harness.local_cluster import REPO, process_env
 
 
 @pytest.mark.parametrize(("environ", "changed"), [

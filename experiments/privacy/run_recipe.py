@@ -44,7 +44,7 @@ from emulator.cache_dir import fedsite_cache_dir  # noqa: E402
 from emulator.package import load_trainable_model  # noqa: E402
 from emulator.tasks import encode, evaluate  # noqa: E402
 from localio.data import read_examples  # noqa: E402
-from simulations.inprocess import InProcessDriver  # noqa: E402
+from simulations.harness.inprocess import InProcessDriver  # noqa: E402
 from simulations.runner import SimulationOptions, apply_overrides, partition_table  # noqa: E402
 
 

@@ -16,7 +16,7 @@
   each time, bit-serial field multiplication) nor `cryptography` (no field
   arithmetic) offers a batched combination.
 - PRG: AES-CTR keystream over a zero buffer (AES-NI). Measured on this
-  machine for 1M uint32 words (simulations/bench_secagg.py --prg): AES-CTR
+  machine for 1M uint32 words (simulations/bench/secagg.py --prg): AES-CTR
   0.9 ms, numpy PCG64 `random_raw` 1.6 ms, `Generator.integers` 1.9 ms,
   Flower's RandomState int64 3.0 ms. AES-CTR is both the fastest and a
   cryptographic PRG; PCG64 is not (its state can be recovered from its

@@ -16,7 +16,7 @@ from coordinator.job import prepare_job
 from coordinator.metrics import MetricsLog
 from localio.data import read_examples, write_jsonl
 from protos.codec import Message
-from simulations.inprocess import InProcessDriver
+from simulations.harness.inprocess import InProcessDriver
 
 REPO = Path(__file__).resolve().parents[2]
 VALIDATION = REPO / "coordinator" / "examples" / "data" / "wordnet_supersense.validation.jsonl.gz"

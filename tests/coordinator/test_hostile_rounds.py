@@ -28,7 +28,7 @@ from coordinator.strategy import State, update_norm
 from localio.data import read_examples
 from privacy.secagg.messages import Key
 from protos.codec import Message
-from simulations.inprocess import InProcessDriver
+from simulations.harness.inprocess import InProcessDriver
 
 REPO = Path(__file__).resolve().parents[2]
 VALIDATION = REPO / "coordinator" / "examples" / "data" / "wordnet_supersense.validation.jsonl.gz"

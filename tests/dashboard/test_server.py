@@ -142,7 +142,7 @@ def test_page_fragment_and_assets_are_served_with_strict_headers(open_dashboard:
     assert "api-test" in page and 'id="status-text"' in page and "party-0" in page
     assert _reply(live.server, "GET", "/nothing")[0] == 404
     assert _reply(live.server, "HEAD", "/api/status")[2] == b""
-    assert 0 < live.server.cpu_seconds < 5  # what answering cost, counted for bench_dashboard
+    assert 0 < live.server.cpu_seconds < 5  # what answering cost, counted for bench.dashboard
 
 
 def test_it_is_read_only(open_dashboard: Live) -> None:

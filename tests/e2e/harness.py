@@ -1,4 +1,4 @@
-"""Test data and job files for the end-to-end runs; processes come from simulations.local_cluster."""
+"""Test data and job files for the end-to-end runs; processes come from simulations.harness.local_cluster."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import random
 from pathlib import Path
 
 from localio.data import Example, read_examples, write_jsonl
-from simulations.local_cluster import REPO, start_client, start_coordinator, tail, wait_all, wait_for_text
+from simulations.harness.local_cluster import REPO, start_client, start_coordinator, tail, wait_all, wait_for_text
 
 DATA = REPO / "coordinator" / "examples" / "data"
 TRAIN = DATA / "wordnet_supersense.train.jsonl.gz"

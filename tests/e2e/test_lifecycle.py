@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from coordinator.checkpoint import Checkpointer
-from simulations.local_cluster import REPO, process_env
+from simulations.harness.local_cluster import REPO, process_env
 from tests.e2e.harness import TOKENS, disjoint_shards, start_client, start_coordinator, tail, wait_all, write_job
 
 pytestmark = pytest.mark.slow

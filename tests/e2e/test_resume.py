@@ -89,7 +89,7 @@ def test_output_dir_that_cannot_be_written_is_one_clear_line(tmp_path: Path) -> 
     import subprocess
     import sys
 
-    from simulations.local_cluster import REPO, process_env
+    from simulations.harness.local_cluster import REPO, process_env
 
     job = write_job(tmp_path, JOB.replace("@MODEL@", "minilm"))
     blocker = tmp_path / "not-a-dir"

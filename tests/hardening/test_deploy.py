@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 import yaml
 
-from simulations.local_cluster import free_port, process_env, tail, wait_all, wait_for_text
+from simulations.harness.local_cluster import free_port, process_env, tail, wait_all, wait_for_text
 from tests.e2e.harness import disjoint_shards
 
 REPO = Path(__file__).resolve().parents[2]

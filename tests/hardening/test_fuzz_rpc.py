@@ -1,4 +1,4 @@
-"""Fuzzing every Coordinator RPC (a few hundred inputs here; ``python -m simulations.fuzz_rpc`` runs 10,000).
+"""Fuzzing every Coordinator RPC (a few hundred inputs here; ``python -m simulations.harness.fuzz_rpc`` runs 10,000).
 
 The contract: every input gets OK or a precise refusal, never UNKNOWN/INTERNAL
 from fedsite code, no handler or round logs a traceback, the round engine that
@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from simulations.fuzz_rpc import (
+from simulations.harness.fuzz_rpc import (
     GRPC_DESERIALIZE_DETAIL,
     Case,
     Finding,

@@ -1,4 +1,4 @@
-"""Twenty concurrent clients against the real coordinator in one round (``simulations.bench_load`` runs 200).
+"""Twenty concurrent clients against the real coordinator in one round (``simulations.bench.load`` runs 200).
 
 Every client must end where its role says: the good ones completed, the one
 that vanishes after fetching its task dropped by the heartbeat timeout, the
@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from simulations.bench_load import run_load
+from simulations.bench.load import run_load
 
 
 def test_twenty_concurrent_clients_are_all_accounted_for(tiny_bert_dir: Path, tmp_path: Path) -> None:

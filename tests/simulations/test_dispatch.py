@@ -24,7 +24,7 @@ from coordinator.checkpoint import Checkpointer
 from coordinator.config import load_job
 from protos.codec import Message
 from protos.wire import Stage, TrainInstruction
-from simulations.bench_scale import make_tiny_bert, tiny_job
+from simulations.bench.scale import make_tiny_bert, tiny_job
 from simulations.flower_app import ClientSettings, make_client_app
 from simulations.flower_driver import FlowerDriver, client_id_for, install_dispatch
 from simulations.runner import SimulationOptions, _run_flower, backend_config, run_job, start_ray

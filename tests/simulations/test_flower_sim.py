@@ -22,7 +22,7 @@ from coordinator.engine import Exchange
 from localio.data import read_examples
 from protos.codec import Message, encode_message
 from protos.wire import Stage, TrainInstruction
-from simulations.bench_scale import make_tiny_bert, tiny_job
+from simulations.bench.scale import make_tiny_bert, tiny_job
 from simulations.flower_app import (
     _STATE,
     ClientSettings,

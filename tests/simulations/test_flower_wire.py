@@ -97,7 +97,7 @@ def test_malformed_content_is_a_codec_error() -> None:
 def prepared(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Message]:
     from coordinator.config import load_job
     from coordinator.job import prepare_job
-    from simulations.bench_scale import make_tiny_bert, tiny_job
+    from simulations.bench.scale import make_tiny_bert, tiny_job
     from simulations.flower_app import ClientSettings
     from simulations.runner import SimulationOptions, apply_overrides, partition_table
 

@@ -1,6 +1,6 @@
 """Load benchmark: N concurrent clients against the real coordinator, one round, on loopback.
 
-    python -m simulations.bench_load [--clients 200] [--model DIR] [--drop-fraction 0.05]
+    python -m simulations.bench.load [--clients 200] [--model DIR] [--drop-fraction 0.05]
                                      [--reject-fraction 0.05] [--json OUT]
 
 The coordinator is built exactly as ``fedsite-coordinator serve`` builds it
@@ -51,7 +51,7 @@ from protos.codec import (
 )
 from protos.wire import VERSION_KEY, WIRE_VERSION
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 VALIDATION = REPO / "coordinator" / "examples" / "data" / "wordnet_supersense.validation.jsonl.gz"
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED}
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_CHUNK_BYTES + 64 * 1024),
@@ -277,7 +277,7 @@ def run_load(clients: int, workdir: Path, *, model: Path | None = None, drop_fra
     """Stand up the coordinator in-process, run one round with ``clients`` load clients, return the figures.
 
     ``on_ready(prepared_job, registry)`` runs once the coordinator serves, before the round; it returns a
-    function called after the round (bench_dashboard starts a dashboard and its viewers this way).
+    function called after the round (bench.dashboard starts a dashboard and its viewers this way).
     """
     from coordinator.config import load_job
     from coordinator.job import prepare_job
@@ -351,7 +351,7 @@ def run_load(clients: int, workdir: Path, *, model: Path | None = None, drop_fra
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m simulations.bench_load", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m simulations.bench.load", description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=200)
     parser.add_argument("--model", type=Path, default=None, help="HF folder (default: a tiny BERT built here)")
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder")

@@ -1,8 +1,8 @@
-"""What the live dashboard costs the coordinator: bench_load's round, with and without viewers, side by side.
+"""What the live dashboard costs the coordinator: bench.load's round, with and without viewers, side by side.
 
-    python -m simulations.bench_dashboard [--clients 200] [--repeats 3] [--viewers 5] [--interval-s 0.5]
+    python -m simulations.bench.dashboard [--clients 200] [--repeats 3] [--viewers 5] [--interval-s 0.5]
 
-Each repeat runs bench_load's round (no client vanishing on purpose, a 5%
+Each repeat runs bench.load's round (no client vanishing on purpose, a 5%
 share of rejected replies) twice, in alternating order: once plain, once
 with a dashboard on the coordinator's registry and engine and, in a process
 of their own as browsers would be, ``--viewers`` threads that each fetch,
@@ -75,7 +75,7 @@ class Viewers:
 def viewer_process(url: str, count: int, interval_s: float) -> subprocess.Popen:
     """The viewers in a process of their own, as browsers are: the coordinator's process pays only for
     serving. Returns once they poll; they go on until stdin closes, then print {"latencies", "failures"}."""
-    proc = subprocess.Popen([sys.executable, "-m", "simulations.bench_dashboard", "--viewer-of", url,
+    proc = subprocess.Popen([sys.executable, "-m", "simulations.bench.dashboard", "--viewer-of", url,
                              "--viewers", str(count), "--interval-s", str(interval_s)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
@@ -95,7 +95,7 @@ def _serve_as_viewers(url: str, count: int, interval_s: float) -> int:
 
 
 def _round_hook(viewers: int, interval_s: float, sink: dict[str, Any]) -> Callable[[Any, Any], Callable[[], None]]:
-    """bench_load's on_ready: with ``viewers``, a dashboard and its viewers; always, the coordinator process's
+    """bench.load's on_ready: with ``viewers``, a dashboard and its viewers; always, the coordinator process's
     CPU seconds over the round (its 200 load clients included, the same in both arms)."""
 
     def on_ready(job: Any, registry: Any) -> Callable[[], None]:
@@ -145,7 +145,7 @@ def request_cost_ms(view: Any, repeats: int = 50) -> dict[str, float]:
 
 
 def run(clients: int, repeats: int, viewers: int, interval_s: float, workdir: Path) -> dict[str, Any]:
-    from simulations.bench_load import make_tiny_bert, run_load  # here: the viewers' process needs no torch
+    from simulations.bench.load import make_tiny_bert, run_load  # here: the viewers' process needs no torch
 
     model = make_tiny_bert(workdir / "tiny-bert")
     plain: list[dict[str, Any]] = []
@@ -201,7 +201,7 @@ def run(clients: int, repeats: int, viewers: int, interval_s: float, workdir: Pa
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m simulations.bench_dashboard", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m simulations.bench.dashboard", description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--viewers", type=int, default=5)

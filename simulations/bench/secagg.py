@@ -24,9 +24,9 @@ Measured on 2 shared cores (others' jobs running; `nice -n 10`), 1,000 floats, 5
 dropouts after key sharing; `experiments/privacy/bench_secagg.json` (medians of 3) and
 `experiments/privacy/bench_secagg_10000.json` (one round):
 
-    python -m simulations.bench_secagg --clients 100 1000 --size 1000 --dropout 0.05 \
+    python -m simulations.bench.secagg --clients 100 1000 --size 1000 --dropout 0.05 \
         --repeats 3 --compare-scalar-unmask --json experiments/privacy/bench_secagg.json
-    python -m simulations.bench_secagg --clients 10000 --size 1000 --dropout 0.05 \
+    python -m simulations.bench.secagg --clients 10000 --size 1000 --dropout 0.05 \
         --repeats 1 --compare-scalar-unmask --json experiments/privacy/bench_secagg_10000.json
 
     server CPU, batched / scalar Shamir     n = 100         n = 1,000       n = 10,000
@@ -547,7 +547,7 @@ def _print_flower(n: int, size: int, clip: float, ours: Figures | None) -> dict[
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m simulations.bench_secagg",
+        prog="python -m simulations.bench.secagg",
         description="CPU of the SecAgg+ protocol code alone vs a plain upload's serialise-and-sum "
         "(client CPU, server CPU by stage, bytes; ratios). Not round wall time.",
     )

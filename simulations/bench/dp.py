@@ -18,7 +18,7 @@ spread (min..max over repetitions), the peak of live tensor memory during one st
 a client pays besides its steps (calibrating σ to a target ε, ``make_private``, the
 ε of the ledger afterwards).
 
-    HF_HUB_OFFLINE=1 python -m simulations.bench_dp [--batch 1024] [--physical 64] [--steps 2] [--reps 3]
+    HF_HUB_OFFLINE=1 python -m simulations.bench.dp [--batch 1024] [--physical 64] [--steps 2] [--reps 3]
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from localio.data import read_examples
 from privacy.accounting import PrivacyLedger, plan_noise_multiplier
 from privacy.local_dp import make_private, unwrap
 
-DATA = Path(__file__).resolve().parents[1] / "coordinator" / "examples" / "data" / "wordnet_supersense.train.jsonl.gz"
+DATA = Path(__file__).resolve().parents[2] / "coordinator" / "examples" / "data" / "wordnet_supersense.train.jsonl.gz"
 
 
 def build(examples: int, max_length: int) -> tuple[torch.nn.Module, EncodedExamples]:
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, default=None, help="also write the figures as JSON")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(f"bench_dp: fedsite's client trainer, MiniLM + LoRA r=8 + mean pooling, {args.examples} glosses, "
+    print(f"bench.dp: fedsite's client trainer, MiniLM + LoRA r=8 + mean pooling, {args.examples} glosses, "
           f"DP-SGD vs plain at logical batch {args.batch} in chunks of {args.physical}; {args.reps} interleaved "
           f"repetitions of {args.steps} steps, {args.threads} thread(s)")
     model, data = build(args.examples, args.max_length)

@@ -31,9 +31,9 @@ every MS ms instead of its 100 ms (the child changes the driver's setting at run
 the simulation's driver is woken by each stored reply and polls only without the fedsite dispatch, so
 these arms measure the same as the plain ones unless DIR is an earlier tree.
 
-    nice -n 10 python -m simulations.bench_secure_round --clients 10 100 --rounds 3 --repeat 2 \
+    nice -n 10 python -m simulations.bench.secure_round --clients 10 100 --rounds 3 --repeat 2 \
         --baseline-tree DIR --out experiments/simulation/bench_secure_round.json
-    nice -n 10 python -m simulations.bench_secure_round --client-only --clients 10 100 --baseline-tree DIR
+    nice -n 10 python -m simulations.bench.secure_round --client-only --clients 10 100 --baseline-tree DIR
 
 Measured on 2 cores shared with other jobs (load 4-11 during the runs; ``nice -n 10``), DIR = this
 tree with privacy/secagg before the blockwise masking; experiments/simulation/bench_secure_round*.json.
@@ -79,9 +79,9 @@ from pathlib import Path
 from statistics import median
 from typing import Any
 
-from simulations.bench_scale import child_env, make_tiny_bert
+from simulations.bench.scale import bench_module, child_env, make_tiny_bert
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "coordinator" / "examples" / "data"
 TRAIN = DATA / "wordnet_supersense.train.jsonl.gz"
 VALIDATION = DATA / "wordnet_supersense.validation.jsonl.gz"
@@ -218,7 +218,7 @@ def fedsite_run(work: Path, model_dir: Path, clients: int, rounds: int, secure: 
     timings = work / f"timings-{tag}.json"
     load = _load()
     began = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "simulations.bench_secure_round", "--child-fedsite", str(job),
+    proc = subprocess.run([sys.executable, "-m", bench_module(tree, "secure_round"), "--child-fedsite", str(job),
                            str(out), str(timings)], capture_output=True, text=True, cwd=str(tree),
                           env=child_env(tree) | ({PULL_ENV: str(pull_s)} if pull_s else {}))
     if proc.returncode != 0:
@@ -343,7 +343,7 @@ def flower_run(work: Path, clients: int, rounds: int, secure: bool, tag: str, si
     work.mkdir(parents=True, exist_ok=True)
     load = _load()
     began = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "simulations.bench_secure_round", "--child-flower", str(clients),
+    proc = subprocess.run([sys.executable, "-m", "simulations.bench.secure_round", "--child-flower", str(clients),
                            str(rounds), "1" if secure else "0", str(size), str(timings)], env=child_env(REPO),
                           capture_output=True, text=True, cwd=str(REPO))
     if proc.returncode != 0 or not timings.exists():
@@ -409,7 +409,7 @@ def client_masking(clients: int, size: int, repeat: int) -> dict[str, Any]:
 
 
 def client_masking_run(clients: int, size: int, repeat: int, tree: Path) -> dict[str, Any]:
-    code = ("import json, sys; from simulations.bench_secure_round import client_masking; "
+    code = ("import json, sys; from " + bench_module(tree, "secure_round") + " import client_masking; "
             "print('RESULT ' + json.dumps(client_masking(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))))")
     # the benchmark module comes from this checkout; privacy/ and client/ from ``tree``
     env = child_env(tree)

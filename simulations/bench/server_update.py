@@ -13,7 +13,7 @@ Two arms, interleaved in one process and repeated:
 
 Each under two weightings: distinct example counts, and equal weights (client-level DP: every update hashed).
 
-    python -m simulations.bench_server_update [--floats 1000000] [--tensors 128] [--clients 10] [--repeats 7]
+    python -m simulations.bench.server_update [--floats 1000000] [--tensors 128] [--clients 10] [--repeats 7]
 
 Prints milliseconds per update (median and range over repeats) and the after/before ratio.
 """

@@ -1,6 +1,6 @@
 """Fuzz every Coordinator RPC against the real in-process server on loopback.
 
-    python -m simulations.fuzz_rpc [--examples 10000] [--seed 0] [--json OUT]
+    python -m simulations.harness.fuzz_rpc [--examples 10000] [--seed 0] [--json OUT]
 
 Two kinds of input, drawn by hypothesis:
 
@@ -608,7 +608,7 @@ def _iter_lines(report: FuzzReport) -> Iterator[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m simulations.fuzz_rpc", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m simulations.harness.fuzz_rpc", description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=10_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=str, default="", help="also write the report as JSON here")

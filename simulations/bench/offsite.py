@@ -20,7 +20,7 @@ measured side by side. Beside them, the ideal that counting blocks gives (emulat
 and the one that counting multiply-adds per token gives (blocks plus the 49,152-word output layer,
 which every method pays in full).
 
-    python -m simulations.bench_offsite [--repeats 3] [--steps 4] [--keep 6] [--json out.json]
+    python -m simulations.bench.offsite [--repeats 3] [--steps 4] [--keep 6] [--json out.json]
 """
 
 from __future__ import annotations
@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--keep", type=int, default=6, help="middle blocks the emulator keeps (of 26)")
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[1] / "coordinator" / "examples" / "data"
+    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "coordinator" / "examples" / "data"
                                           / "wordnet_supersense.train.jsonl.gz"))
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)

@@ -6,7 +6,7 @@ coordinator and client processes and prints, per round:
 - seconds per round split into client training (slowest client), transfer and
   waiting (the exchange minus training), aggregation and evaluation.
 
-    python -m simulations.bench_rounds [--clients 3] [--rounds 2] [--local-steps 30]
+    python -m simulations.bench.rounds [--clients 3] [--rounds 2] [--local-steps 30]
 
 Figures are from one run on a shared machine: read the fractions and the split,
 not the absolute seconds. The example trains only the pooler and the head over
@@ -24,7 +24,7 @@ from pathlib import Path
 
 from emulator.models import embedded_model_path
 from localio.data import read_examples, write_jsonl
-from simulations.local_cluster import REPO, start_client, start_coordinator, tail, wait_all
+from simulations.harness.local_cluster import REPO, start_client, start_coordinator, tail, wait_all
 
 EXAMPLE = REPO / "coordinator" / "examples" / "wordnet-lora.toml"
 TRAIN = REPO / "coordinator" / "examples" / "data" / "wordnet_supersense.train.jsonl.gz"

@@ -22,7 +22,7 @@ the same pairs from another checkout too (e.g. ``git worktree add DIR REV``),
 interleaved with this one's, for a before/after in one run. ``--only-overhead``
 skips part 1.
 
-    HF_HUB_OFFLINE=1 python -m simulations.bench_scale [--clients 1000 10000] [--per-round 100] \
+    HF_HUB_OFFLINE=1 python -m simulations.bench.scale [--clients 1000 10000] [--per-round 100] \
         [--rounds 4] [--repeat 2] [--compare-flower-loop] [--overhead] [--only-overhead] \
         [--overhead-repeat 3] [--baseline-tree DIR] [--out bench_scale.json]
 """
@@ -41,7 +41,7 @@ from pathlib import Path
 from statistics import median
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "coordinator" / "examples" / "data"
 TRAIN = DATA / "wordnet_supersense.train.jsonl.gz"
 VALIDATION = DATA / "wordnet_supersense.validation.jsonl.gz"
@@ -159,6 +159,14 @@ class PeakSampler:
         self.peak = max(self.peak, _tree_rss_mb())
 
 
+def bench_module(tree: Path, name: str) -> str:
+    """Benchmark ``name``'s module in checkout ``tree``: ``simulations.bench.<name>``, or in a checkout from before
+    the benchmarks moved into simulations/bench/, ``simulations.bench_<name>`` (so an earlier tree still serves
+    as a baseline)."""
+    moved = (tree / "simulations" / "bench" / f"{name}.py").exists()
+    return f"simulations.bench.{name}" if moved else f"simulations.bench_{name}"
+
+
 def child_env(tree: Path) -> dict[str, str]:
     """Environment of a measured subprocess: one thread, offline, and ``tree``'s code first on the path."""
     return dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
@@ -178,7 +186,7 @@ def scale_run(work: Path, model_dir: Path, clients: int, per_round: int, rounds:
     out = work / f"run-{tag}"
     job = tiny_job(work, model_dir, clients=clients, per_round=per_round, rounds=rounds,
                    max_train_examples=per_client * clients, name=f"scale{tag}")
-    cmd = [sys.executable, "-m", "simulations.bench_scale", "--child", str(job), str(out), str(num_cpus), loop]
+    cmd = [sys.executable, "-m", bench_module(tree, "scale"), "--child", str(job), str(out), str(num_cpus), loop]
     start = time.monotonic()
     with PeakSampler() as sampler:
         proc = subprocess.run(cmd, env=child_env(tree), capture_output=True, text=True, cwd=str(tree))
@@ -250,7 +258,7 @@ def direct_overhead(work: Path, model_dir: Path, per_round: int, clients: int) -
 
 def direct_run(work: Path, model_dir: Path, per_round: int, clients: int, tree: Path = REPO) -> dict[str, Any]:
     """:func:`direct_overhead` in a fresh subprocess running ``tree``'s code."""
-    code = ("import json, sys; from pathlib import Path; from simulations.bench_scale import direct_overhead; "
+    code = (f"import json, sys; from pathlib import Path; from {bench_module(tree, 'scale')} import direct_overhead; "
             "print('RESULT ' + json.dumps(direct_overhead(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), "
             "int(sys.argv[4]))))")
     work.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ of the rounds after the first, and the first round's exchange seconds (which als
 pass of the frozen encoder over its data: forward-only work). Arms run one after another, in a rotated order
 each repeat; medians and ranges over repeats. The machine's other load shows in every arm.
 
-    python -m simulations.bench_one_machine [--examples-per-client 1500] [--local-steps 10] [--rounds 3] [--repeats 2]
+    python -m simulations.bench.one_machine [--examples-per-client 1500] [--local-steps 10] [--rounds 3] [--repeats 2]
 
 Measured on 2 cores shared with other jobs (load 10-20), 2 repeats, s per step, median [min, max]:
 
@@ -40,7 +40,7 @@ import tempfile
 from pathlib import Path
 
 from localio.data import read_examples, write_jsonl
-from simulations.local_cluster import REPO, process_env, start_client, start_coordinator, tail, wait_all
+from simulations.harness.local_cluster import REPO, process_env, start_client, start_coordinator, tail, wait_all
 
 EXAMPLE = REPO / "coordinator" / "examples" / "wordnet-lora.toml"
 TRAIN = REPO / "coordinator" / "examples" / "data" / "wordnet_supersense.train.jsonl.gz"
