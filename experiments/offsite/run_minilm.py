@@ -41,7 +41,8 @@ from emulator.refine import RefineConfig, refine_plug_in
 from localio.data import read_examples
 
 HERE = Path(__file__).resolve().parent
-DATA = Path(os.environ.get("FEDSITE_DATA", "/work/shared/data"))
+# the WordNet supersense data that ships in the repository (FEDSITE_DATA: another folder with the same files)
+DATA = Path(os.environ.get("FEDSITE_DATA", Path(__file__).resolve().parents[2] / "coordinator" / "examples" / "data"))
 
 
 def main(argv: list[str] | None = None) -> int:

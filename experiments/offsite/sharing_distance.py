@@ -25,7 +25,8 @@ from transformers import AutoModel, AutoTokenizer
 from emulator.evaluation import subsample
 from localio.data import read_examples
 
-DATA = Path(os.environ.get("FEDSITE_DATA", "/work/shared/data"))
+# the WordNet supersense data that ships in the repository (FEDSITE_DATA: another folder with the same files)
+DATA = Path(os.environ.get("FEDSITE_DATA", Path(__file__).resolve().parents[2] / "coordinator" / "examples" / "data"))
 VARIANTS = {  # the full model's block used at each position of the emulator
     "drop, keep 2 of 4": [0, 1, 4, 5],
     "share, keep 2 of 4 (1,1,4,4)": [0, 1, 1, 4, 4, 5],
