@@ -56,7 +56,7 @@ from emulator.layout import EmulatorError, load_layout_checked
 from emulator.offsite import build_emulator, save_emulator
 from emulator.public_text import read_public_text
 from emulator.refine import RefineConfig
-from emulator.settings import OffsiteSettings
+from emulator.settings import HIDDEN_METRICS, OffsiteSettings
 from localio.atomic import atomic_write_json
 from localio.data import DataError, read_examples
 
@@ -130,11 +130,13 @@ def cmd_build(args: argparse.Namespace) -> int:
         config = DistillConfig(steps=args.distill_steps, batch_size=args.distill_batch_size,
                                lr=args.distill_lr, max_length=args.max_length,
                                objective=args.distill_objective, seed=args.seed,
-                               lm_weight=args.lm_weight, input_noise=args.distill_input_noise)
+                               lm_weight=args.lm_weight, input_noise=args.distill_input_noise,
+                               hidden_metric=args.distill_hidden_metric, kl_weight=args.distill_kl_weight)
         result = distill(model, emulator, layout, tok, texts, config, checkpoint_dir=ckpt)
         layout.extra["distill"] = {"steps": config.steps, "lr": config.lr,
                                    "batch_size": config.batch_size,
                                    "objective": config.objective, "input_noise": config.input_noise,
+                                   "hidden_metric": config.hidden_metric, "kl_weight": config.kl_weight,
                                    "final_hidden_loss": result.losses[-1] if result.losses
                                    else None}
     elif args.distill_data or args.distill_steps:
@@ -260,6 +262,11 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--distill-input-noise", type=float, default=OFFSITE.distill_input_noise,
                    help="relative std of the same noise on the middle's input in teacher and student "
                         "(0 = off; see experiments/offsite/RESULTS.md)")
+    b.add_argument("--distill-hidden-metric", choices=HIDDEN_METRICS, default=OFFSITE.distill_hidden_metric,
+                   help="scale of the hidden-state error: per token ('token') or per channel ('channel', "
+                        "for residual streams with massive-activation channels such as Llama's)")
+    b.add_argument("--distill-kl-weight", type=float, default=OFFSITE.distill_kl_weight,
+                   help="weight of KL(full || emulator) of next-token distributions (causal LMs; 0 = off)")
     b.add_argument("--lm-weight", type=float, default=DistillConfig.lm_weight,
                    help="weight of the LM loss during distillation (causal LMs)")
     b.add_argument("--checkpoint-dir", default=None)

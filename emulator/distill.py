@@ -11,7 +11,16 @@ emulator's middle output matches the full model's on the same input:
 
 where h is the hidden state entering the first top adapter block and
 rms(h_full) is taken per token over the hidden dimension (padding excluded),
-so the loss is scale-free across models and layers. With
+so the loss is scale-free across models and layers. A Llama-family residual
+stream is dominated by one or two "massive activation" channels (SmolLM2:
+one channel holds ~95 % of the energy entering its top blocks), so that
+per-token scale lets the student match the outlier and neglect every other
+channel; ``hidden_metric="channel"`` divides each channel's error by that
+channel's rms over the batch's real tokens instead, so every channel counts.
+``kl_weight`` > 0 adds KL(teacher || student) of the next-token
+distributions (causal LMs; the emulator's top blocks and head are the full
+model's, frozen): the output the top blocks make of the middle, not only
+the middle itself. With
 ``objective="segments"`` the output of every kept middle block is also
 matched to the full model's hidden state at the end of the run of blocks it
 replaces. With ``input_noise`` > 0 the hidden state entering the middle gets
@@ -50,7 +59,7 @@ from emulator.architectures import transformer_blocks
 from emulator.batching import Encoded, collate, encode, pad_id_of, shuffled_batches
 from emulator.layout import EmulatorError, EmulatorLayout
 from emulator.progress import StepProgress
-from emulator.settings import OffsiteSettings
+from emulator.settings import HIDDEN_METRICS, OffsiteSettings
 from localio.data import open_text
 
 STATE_FILE = "distill_state.safetensors"
@@ -102,6 +111,8 @@ class DistillConfig:
     lm_weight: float = 0.0  # causal LMs only
     objective: str = "middle"  # "middle" | "segments"
     input_noise: float = OffsiteSettings.distill_input_noise  # relative std of the middle's input perturbation
+    hidden_metric: str = OffsiteSettings.distill_hidden_metric  # "token" | "channel": the error's scale
+    kl_weight: float = OffsiteSettings.distill_kl_weight  # causal LMs: KL(teacher || student), next tokens
     seed: int = 0
     checkpoint_every: int = 100
     max_grad_norm: float = 1.0
@@ -111,6 +122,10 @@ class DistillConfig:
             raise DistillError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if not 0.0 <= self.input_noise <= 10.0:
             raise DistillError(f"input_noise must be in [0, 10], got {self.input_noise}")
+        if self.hidden_metric not in HIDDEN_METRICS:
+            raise DistillError(f"hidden_metric must be one of {HIDDEN_METRICS}, got {self.hidden_metric!r}")
+        if not 0.0 <= self.kl_weight <= 100.0:
+            raise DistillError(f"kl_weight must be in [0, 100], got {self.kl_weight}")
         if self.steps < 0 or self.batch_size < 1 or self.lr <= 0:
             raise DistillError("steps >= 0, batch_size >= 1 and lr > 0 are required")
 
@@ -192,7 +207,7 @@ def _perturbed_middle_input(full: PreTrainedModel, emulator: PreTrainedModel, la
                             relative_std: float, generator: torch.Generator) -> Iterator[None]:
     """Add one noise draw to the input of the first middle block, the same in teacher and student.
 
-    The teacher runs first (see _hidden_loss): its hook draws the noise from the
+    The teacher runs first (see _losses): its hook draws the noise from the
     input's shape and per-token rms, the student's hook adds the same tensor.
     """
     if relative_std <= 0 or not layout.kept_middle:
@@ -234,21 +249,64 @@ def normalized_distance(h_full: Tensor, h_emu: Tensor, mask: Tensor) -> Tensor:
     return (per_token * m).sum() / m.sum().clamp_min(1.0)
 
 
-def _hidden_loss(full: PreTrainedModel, emulator: PreTrainedModel, layout: EmulatorLayout,
-                 batch: dict[str, Tensor], pairs: Sequence[tuple[int, int]],
-                 lm_weight: float) -> tuple[Tensor, Any]:
+def channel_distance(h_full: Tensor, h_emu: Tensor, mask: Tensor) -> Tensor:
+    """mean over real tokens and channels of ((h_full - h_emu) / rms_c(h_full))^2.
+
+    rms_c is channel c's rms over the batch's real tokens, so a massive-activation
+    channel's error is measured against its own scale and cannot drown the rest.
+    """
+    m = mask.to(h_full.dtype).unsqueeze(-1)  # [batch, seq, 1]
+    count = m.sum().clamp_min(1.0)
+    rms = ((h_full.pow(2) * m).sum((0, 1)) / count).sqrt().clamp_min(1e-6)  # [dim]
+    per_token = ((h_full - h_emu) / rms).pow(2).mean(-1)
+    return (per_token * m.squeeze(-1)).sum() / count
+
+
+DISTANCES: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
+    "token": normalized_distance, "channel": channel_distance}
+
+
+def next_token_kl(teacher_logits: Tensor, student_logits: Tensor, mask: Tensor) -> Tensor:
+    """Mean over real tokens of KL(teacher || student) of the next-token distributions."""
+    t = torch.log_softmax(teacher_logits.float(), -1)
+    s = torch.log_softmax(student_logits.float(), -1)
+    per_token = (t.exp() * (t - s)).sum(-1)
+    m = mask.to(per_token.dtype)
+    return (per_token * m).sum() / m.sum().clamp_min(1.0)
+
+
+@dataclass
+class _Losses:
+    hidden: Tensor
+    lm: Tensor | None = None
+    kl: Tensor | None = None
+
+
+def _losses(full: PreTrainedModel, emulator: PreTrainedModel, batch: dict[str, Tensor],
+            pairs: Sequence[tuple[int, int]], config: DistillConfig) -> _Losses:
+    """The hidden-state distance (config.hidden_metric) and, if weighted, the LM and KL terms.
+
+    A forward pass stops at the last matched block unless an output-level term needs the logits.
+    """
+    wants_kl = config.kl_weight > 0
     with torch.no_grad():
-        teacher, _ = _run(full, batch, [f for _, f in pairs], stop=True)
-    if lm_weight > 0:
+        teacher, t_out = _run(full, batch, [f for _, f in pairs], stop=not wants_kl)
+    student_batch = batch
+    if config.lm_weight > 0:
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-        student, out = _run(emulator, {**batch, "labels": labels}, [e for e, _ in pairs],
-                            stop=False)
-    else:
-        student, out = _run(emulator, batch, [e for e, _ in pairs], stop=True)
-    loss = torch.stack([
-        normalized_distance(teacher[f], student[e], batch["attention_mask"]) for e, f in pairs
+        student_batch = {**batch, "labels": labels}
+    student, out = _run(emulator, student_batch, [e for e, _ in pairs],
+                        stop=not (wants_kl or config.lm_weight > 0))
+    distance = DISTANCES[config.hidden_metric]
+    hidden = torch.stack([
+        distance(teacher[f], student[e], batch["attention_mask"]) for e, f in pairs
     ]).mean()
-    return loss, out
+    result = _Losses(hidden)
+    if config.lm_weight > 0 and out is not None:
+        result.lm = out.loss
+    if wants_kl and t_out is not None and out is not None:
+        result.kl = next_token_kl(t_out.logits, out.logits, batch["attention_mask"])
+    return result
 
 
 @torch.no_grad()
@@ -270,7 +328,7 @@ def hidden_distance(
         index = list(range(start, min(start + batch_size, len(data))))
         batch = collate(data, index, pad_id)
         batch.pop("labels", None)
-        loss, _ = _hidden_loss(full, emulator, layout, batch, pairs, 0.0)
+        loss = _losses(full, emulator, batch, pairs, DistillConfig()).hidden
         total += float(loss) * len(index)
         count += len(index)
     return total / count
@@ -319,8 +377,9 @@ def _load_checkpoint(directory: Path, params: dict[str, nn.Parameter],
         return 0, []
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     saved = meta.get("config", {})
-    for key in ("batch_size", "seed", "objective", "max_length", "input_noise"):
-        if saved.get(key, 0.0 if key == "input_noise" else None) != getattr(config, key):
+    defaults = {"input_noise": 0.0, "hidden_metric": "token", "kl_weight": 0.0}  # older checkpoints
+    for key in ("batch_size", "seed", "objective", "max_length", "input_noise", "hidden_metric", "kl_weight"):
+        if saved.get(key, defaults.get(key)) != getattr(config, key):
             raise DistillError(
                 f"{directory}: checkpoint was made with {key}={saved.get(key)!r}, "
                 f"this run has {getattr(config, key)!r}; use a fresh checkpoint directory"
@@ -375,8 +434,8 @@ def distill(
     """
     if len(layout.emulator_blocks) != len(transformer_blocks(emulator)):
         raise EmulatorError("the layout does not describe this emulator")
-    if config.lm_weight > 0 and emulator.get_output_embeddings() is None:
-        raise DistillError("lm_weight > 0 needs a causal-LM emulator")
+    if (config.lm_weight > 0 or config.kl_weight > 0) and emulator.get_output_embeddings() is None:
+        raise DistillError("lm_weight or kl_weight > 0 needs a causal-LM emulator")
     data = encode(tokenizer, texts, config.max_length)
     pad_id = pad_id_of(tokenizer)
     pairs = targets(layout, config.objective)
@@ -411,16 +470,22 @@ def distill(
             g["lr"] = lr_at(step)
         noise_seed = torch.Generator().manual_seed(config.seed * 1_000_003 + step)  # resumable: depends on step
         with _perturbed_middle_input(full, emulator, layout, config.input_noise, noise_seed):
-            loss, out = _hidden_loss(full, emulator, layout, batch, pairs, config.lm_weight)
+            terms = _losses(full, emulator, batch, pairs, config)
+        loss = terms.hidden
         total = config.hidden_weight * loss
-        if config.lm_weight > 0 and out is not None:
-            total = total + config.lm_weight * out.loss
+        if terms.lm is not None:
+            total = total + config.lm_weight * terms.lm
+        if terms.kl is not None:
+            total = total + config.kl_weight * terms.kl
         opt.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(list(params.values()), config.max_grad_norm)
         opt.step()
         losses.append(float(loss.detach()))
-        bar.step(hidden_loss=losses[-1])
+        if terms.kl is not None:
+            bar.step(hidden_loss=losses[-1], kl=float(terms.kl.detach()))
+        else:
+            bar.step(hidden_loss=losses[-1])
         if on_step is not None:
             on_step(step + 1, losses[-1])
         if ckpt is not None and ((step + 1) % config.checkpoint_every == 0

@@ -55,7 +55,8 @@ def build_offsite_emulator(full: PreTrainedModel, tokenizer: PreTrainedTokenizer
         texts = read_public_text(offsite.distill_data, base_dir)  # a file, or "bbcnews" (emulator/public_text.py)
         config = DistillConfig(steps=offsite.distill_steps, seed=seed, lr=offsite.distill_lr,
                                batch_size=offsite.distill_batch_size, max_length=max_length,
-                               input_noise=offsite.distill_input_noise)
+                               input_noise=offsite.distill_input_noise,
+                               hidden_metric=offsite.distill_hidden_metric, kl_weight=offsite.distill_kl_weight)
         distill(full, emulator, layout, tokenizer, texts, config, checkpoint_dir=work_dir / "distill", report=report)
     return emulator, layout
 

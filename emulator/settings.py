@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from localio.errors import user_error
 
 DEFAULT_KEEP_RATIO = 0.5
+HIDDEN_METRICS = ("token", "channel")  # how distillation scales the hidden-state error (emulator/distill.py)
 
 
 @user_error
@@ -77,6 +78,13 @@ class OffsiteSettings:
     distill_input_noise: float = _help(
         "relative std of a perturbation of the middle's input while distilling, the same for the full model and "
         "the emulator, so the emulator matches around the untuned adapter's outputs (0 = off)", default=0.0)
+    distill_hidden_metric: str = _help(
+        'scale of the hidden-state error while distilling: "token" (per-token rms) or "channel" (per-channel rms: '
+        "Llama-family residual streams carry massive-activation channels that a per-token scale lets drown the "
+        'rest)', default="token")
+    distill_kl_weight: float = _help(
+        "weight of KL(full model || emulator) of next-token distributions while distilling (causal LMs; 0 = off)",
+        default=0.0)
     adapter_lora: bool = _help("train LoRA on the adapter blocks ([lora] r, alpha, dropout, target_modules, freeze_a)"
                                 " instead of the blocks themselves", default=False)
     refine_steps: int = _help(
@@ -94,6 +102,11 @@ class OffsiteSettings:
         _positive("offsite.distill_batch_size", self.distill_batch_size)
         if not 0.0 <= self.distill_input_noise <= 10.0:
             raise SettingsError(f"offsite.distill_input_noise must be in [0, 10], got {self.distill_input_noise}")
+        if self.distill_hidden_metric not in HIDDEN_METRICS:
+            raise SettingsError(f"offsite.distill_hidden_metric must be one of {', '.join(HIDDEN_METRICS)}, "
+                                f"got {self.distill_hidden_metric!r}")
+        if not (0.0 <= self.distill_kl_weight <= 100.0):
+            raise SettingsError(f"offsite.distill_kl_weight must be in [0, 100], got {self.distill_kl_weight}")
         _non_negative_ints("offsite.refine_steps must be >= 0", self.refine_steps)
         if self.refine_steps and not self.distill_data:
             raise SettingsError("offsite.refine_steps > 0 needs offsite.distill_data (the public text it runs on)")

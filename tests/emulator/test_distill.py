@@ -20,9 +20,11 @@ from emulator.distill import (
     STATE_FILE,
     DistillConfig,
     DistillError,
+    channel_distance,
     distill,
     hidden_distance,
     middle_parameters,
+    next_token_kl,
     normalized_distance,
     read_text_corpus,
     targets,
@@ -75,6 +77,71 @@ def test_normalized_distance_matches_definition() -> None:
     got = float(normalized_distance(h_full, h_emu, mask))
     assert got == pytest.approx(sum(expected) / 3, rel=1e-6)
     assert float(normalized_distance(h_full, h_full, mask)) == 0.0
+
+
+def test_channel_distance_matches_definition_and_sees_past_a_massive_channel() -> None:
+    gen = torch.Generator().manual_seed(0)
+    h_full = torch.randn(2, 3, 4, generator=gen)
+    h_emu = torch.randn(2, 3, 4, generator=gen)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    real = h_full[mask.bool()]  # [3, 4]
+    rms_c = real.pow(2).mean(0).sqrt()
+    expected = ((real - h_emu[mask.bool()]) / rms_c).pow(2).mean()
+    assert float(channel_distance(h_full, h_emu, mask)) == pytest.approx(float(expected), rel=1e-6)
+    # a Llama-like residual: channel 0 is 1000x the others; the student gets channel 0 right and the rest wrong
+    massive = torch.randn(2, 3, 8, generator=gen)
+    massive[..., 0] = 1000.0
+    student = massive.clone()
+    student[..., 1:] = torch.randn(2, 3, 7, generator=gen)  # every ordinary channel wrong
+    ones = torch.ones(2, 3, dtype=torch.long)
+    assert float(normalized_distance(massive, student, ones)) < 1e-4  # the per-token scale hides it
+    assert float(channel_distance(massive, student, ones)) > 1.0  # the per-channel scale does not
+
+
+def test_next_token_kl_matches_torch() -> None:
+    gen = torch.Generator().manual_seed(1)
+    teacher, student = torch.randn(2, 3, 11, generator=gen), torch.randn(2, 3, 11, generator=gen)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    m = mask.bool()
+    expected = torch.nn.functional.kl_div(torch.log_softmax(student[m], -1), torch.log_softmax(teacher[m], -1),
+                                          log_target=True, reduction="batchmean")
+    assert float(next_token_kl(teacher, student, mask)) == pytest.approx(float(expected), rel=1e-5)
+    assert float(next_token_kl(teacher, teacher, mask)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_kl_weight_trains_the_middle_toward_the_full_models_predictions() -> None:
+    """With the hidden loss switched off, only the KL term can move the middle: held-out KL must fall."""
+    full, emulator, layout = _build()
+    tok = word_tokenizer()
+    held = tok(word_texts(32, seed=98), return_tensors="pt", padding=True)
+
+    def held_kl() -> float:
+        with torch.no_grad():
+            return float(next_token_kl(full(**held).logits, emulator(**held).logits, held["attention_mask"]))
+
+    before = held_kl()
+    distill(full, emulator, layout, tok, word_texts(256, seed=1),
+            DistillConfig(steps=30, batch_size=16, lr=3e-3, max_length=32, hidden_weight=0.0, kl_weight=1.0),
+            progress=False)
+    after = held_kl()
+    assert after < 0.8 * before, (before, after)
+    cls_full, cls_emu, cls_layout = _build("bert", "classification")
+    with pytest.raises(DistillError, match="causal-LM"):
+        distill(cls_full, cls_emu, cls_layout, tok, word_texts(8, seed=1),
+                DistillConfig(steps=1, kl_weight=1.0), progress=False)
+
+
+def test_channel_metric_distils_too() -> None:
+    full, emulator, layout = _build()
+    tok = word_tokenizer()
+    held = encode(tok, word_texts(64, seed=99), 32)
+    d0 = hidden_distance(full, emulator, layout, held, pad_id=pad_id_of(tok))
+    distill(full, emulator, layout, tok, word_texts(256, seed=1),
+            DistillConfig(steps=40, batch_size=16, lr=3e-3, max_length=32, hidden_metric="channel"),
+            progress=False)
+    assert hidden_distance(full, emulator, layout, held, pad_id=pad_id_of(tok)) < 0.7 * d0
+    with pytest.raises(DistillError, match="hidden_metric"):
+        DistillConfig(hidden_metric="cosine")
 
 
 def test_targets_pair_the_right_blocks() -> None:
@@ -193,6 +260,10 @@ def test_resume_refuses_a_different_run(tmp_path: Path) -> None:
         distill(full, emulator, layout, tok, texts,
                 DistillConfig(steps=4, batch_size=8, max_length=16), checkpoint_dir=tmp_path,
                 progress=False)
+    with pytest.raises(DistillError, match="hidden_metric"):
+        distill(full, emulator, layout, tok, texts,
+                DistillConfig(steps=4, batch_size=4, max_length=16, hidden_metric="channel"),
+                checkpoint_dir=tmp_path, progress=False)
 
 
 def test_progress_goes_to_the_log_off_a_terminal_and_to_the_report_every_step(

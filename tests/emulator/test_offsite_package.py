@@ -151,7 +151,8 @@ def test_a_job_with_distillation_ships_a_changed_middle_and_keeps_its_checkpoint
         "model": {"path": str(tiny_bert_dir), "max_length": 24},
         "data": {"validation": str(tmp_path / "val.jsonl")},
         "offsite": {"adapter_layers": 1, "keep": 1, "distill_data": "public.txt", "distill_steps": 3,
-                    "distill_lr": 1e-3, "distill_batch_size": 8, "distill_input_noise": 0.5},
+                    "distill_lr": 1e-3, "distill_batch_size": 8, "distill_input_noise": 0.5,
+                    "distill_hidden_metric": "channel"},
     }, tmp_path)
     job = prepare_job(config, tmp_path / "out")
     layout = EmulatorLayout.load(job.package.folder / "model")
@@ -165,6 +166,7 @@ def test_a_job_with_distillation_ships_a_changed_middle_and_keeps_its_checkpoint
     (meta,) = (tmp_path / "out").rglob("distill_state.json")
     saved = json.loads(meta.read_text())["config"]
     assert saved["input_noise"] == 0.5 and saved["max_length"] == 24 and saved["batch_size"] == 8
+    assert saved["hidden_metric"] == "channel" and saved["kl_weight"] == 0.0
 
 
 def test_export_refines_the_plug_in_on_public_text_and_leaves_the_clients_adapter_alone(

@@ -67,6 +67,8 @@ def test_a_job_json_that_cannot_be_read_is_a_package_error_naming_it(tmp_path: P
     (OffsiteSettings, {"keep_ratio": 1.5}, r"offsite.keep_ratio must be in \(0, 1\]"),
     (OffsiteSettings, {"distill_batch_size": 0}, r"offsite.distill_batch_size must be a positive number"),
     (OffsiteSettings, {"refine_steps": 5}, r"offsite.refine_steps > 0 needs offsite.distill_data"),
+    (OffsiteSettings, {"distill_hidden_metric": "cosine"}, r"offsite.distill_hidden_metric must be one of token, chan"),
+    (OffsiteSettings, {"distill_kl_weight": -1.0}, r"offsite.distill_kl_weight must be in \[0, 100\]"),
 ])
 def test_settings_refuse_bad_values_on_construction(cls: type, kwargs: dict, message: str) -> None:
     with pytest.raises(SettingsError, match=message):
@@ -95,16 +97,17 @@ def test_every_default_is_the_settings_one() -> None:
     offsite = OffsiteSettings()
     build = parser().parse_args(["build", "--model", "m", "--output-dir", "o"])
     assert (build.distill_steps, build.distill_lr, build.distill_batch_size, build.distill_input_noise,
-            build.keep_ratio, build.adapter_layers) == (
+            build.distill_hidden_metric, build.distill_kl_weight, build.keep_ratio, build.adapter_layers) == (
         offsite.distill_steps, offsite.distill_lr, offsite.distill_batch_size, offsite.distill_input_noise,
-        offsite.keep_ratio, offsite.adapter_layers)
+        offsite.distill_hidden_metric, offsite.distill_kl_weight, offsite.keep_ratio, offsite.adapter_layers)
     evaluate = parser().parse_args(["evaluate", "--model", "m", "--emulator", "e", "--data", "d"])
     assert (evaluate.refine_steps, evaluate.refine_lr) == (offsite.refine_steps, offsite.refine_lr)
     train = TrainConfig()
     assert (evaluate.epochs, evaluate.batch_size, evaluate.lr, evaluate.head_lr) == (
         train.epochs, train.batch_size, train.lr, train.head_lr)
     distill, refine = DistillConfig(), RefineConfig()
-    assert (distill.lr, distill.batch_size, distill.input_noise) == (
-        offsite.distill_lr, offsite.distill_batch_size, offsite.distill_input_noise)
+    assert (distill.lr, distill.batch_size, distill.input_noise, distill.hidden_metric, distill.kl_weight) == (
+        offsite.distill_lr, offsite.distill_batch_size, offsite.distill_input_noise, offsite.distill_hidden_metric,
+        offsite.distill_kl_weight)
     assert (refine.lr, refine.temperature) == (offsite.refine_lr, offsite.refine_temperature)
     assert {f.name for f in dataclasses.fields(OffsiteSettings)} <= set(parse_job({}, Path(".")).to_dict()["offsite"])
