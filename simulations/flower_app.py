@@ -281,19 +281,46 @@ def handle_message(settings: ClientSettings, incoming: Message, context: Context
     return reply
 
 
-def make_client_app(settings: ClientSettings) -> ClientApp:
-    """A ClientApp bound to one simulation's settings (the closures pickle small; the caches stay per process)."""
-    app = ClientApp()
+class FedsiteClientApp(ClientApp):
+    """A ClientApp bound to one simulation's settings, which pickles as (its settings, a module function).
 
-    @app.query()
-    def query(message: FlowerMessage, context: Context) -> FlowerMessage:
-        return handle_query(settings, message, context)
+    Flower's Ray backend sends the ClientApp along with every message (inside the loader it hands each
+    actor task), so a plain ClientApp, whose handlers are closures, was pickled by value each time (their
+    code, cloudpickled) and rebuilt in the actor for each message. This one travels as its settings and
+    is rebuilt once per process (:func:`client_app_for`); the caches stay per process as before.
+    """
 
-    @app.train()
-    def train(message: FlowerMessage, context: Context) -> FlowerMessage:
-        return handle_train(settings, message, context)
+    def __init__(self, settings: ClientSettings) -> None:
+        super().__init__()
+        self.settings = settings
 
+        @self.query()
+        def query(message: FlowerMessage, context: Context) -> FlowerMessage:
+            return handle_query(settings, message, context)
+
+        @self.train()
+        def train(message: FlowerMessage, context: Context) -> FlowerMessage:
+            return handle_train(settings, message, context)
+
+    def __reduce__(self) -> tuple[Callable[[ClientSettings], FedsiteClientApp], tuple[ClientSettings]]:
+        return client_app_for, (self.settings,)
+
+
+_APPS: dict[ClientSettings, FedsiteClientApp] = {}  # this process's ClientApp per simulation (one at a time)
+
+
+def client_app_for(settings: ClientSettings) -> FedsiteClientApp:
+    """This process's ClientApp for ``settings`` (what a pickled :class:`FedsiteClientApp` becomes)."""
+    app = _APPS.get(settings)
+    if app is None:
+        _APPS.clear()  # one simulation per process at a time, like the actor's caches
+        app = _APPS[settings] = FedsiteClientApp(settings)
     return app
+
+
+def make_client_app(settings: ClientSettings) -> ClientApp:
+    """A ClientApp bound to one simulation's settings (pickles as its settings; the caches stay per process)."""
+    return FedsiteClientApp(settings)
 
 
 def make_server_app(run_engine: Callable[[FlowerDriver], None], *, hello_timeout_s: float = 600.0,

@@ -5,13 +5,19 @@ before the deadline"; here that becomes one ``grid.send_and_receive`` call.
 Each fedsite :class:`~protos.codec.Message` travels as Flower records: its
 round, stage and config as the header the gRPC driver's blob carries
 (``encode_message`` of the message without tensors) in a ``ConfigRecord``, its
-tensors in an ``ArrayRecord`` (one numpy ``Array`` each), so a tensor is
-serialised once on its way, not as safetensors inside Flower's own
-serialisation (a safetensors blob of 1M floats costs ~6 ms to build, the
-arrays <1 ms). What arrives is the same message, bit for bit, and
+tensors in an ``ArrayRecord``, so a tensor is serialised once on its way, not
+as safetensors inside Flower's own serialisation (a safetensors blob of 1M
+floats costs ~6 ms to build, the arrays <1 ms). Each ``Array`` holds the
+tensor's raw bytes (stype :data:`RAW_STYPE`, dtype numpy's ``dtype.str``):
+Flower's own ``numpy.ndarray`` stype is an ``.npy`` file per tensor, whose
+header numpy writes and parses (``ast.literal_eval``) every time, ~20 µs a
+tensor on each side, i.e. ~0.2 ms per message both ways for a small LoRA
+update; raw bytes are copied and checked against the declared dtype and shape,
+nothing more. What arrives is the same message, bit for bit, and
 ``bytes_down``/``bytes_up``
 count what the gRPC driver would stream for it, ``len(encode_message(...))``,
-computed from names, dtypes and shapes (:func:`encoded_size`) rather than by
+computed from names, dtypes and shapes (:func:`encoded_size`, memoised per
+layout: every reply of a round has the global state's) rather than by
 encoding. A message whose tensors numpy cannot hold (bfloat16) travels as the
 safetensors blob, as before. Client ids are ``client-<partition>``: the driver learns each
 node's partition once, with a small ``query`` message, so sampling (seeded by
@@ -34,9 +40,15 @@ Replies. Flower's Grid has no way to wait for a reply: ``send_and_receive``
 pulls every 0.1 s (``InMemoryGrid.pull_interval``), so each exchange ends up
 to 0.1 s after its last reply, four times in a SecAgg+ round. With the
 dispatch installed, the engine's injector thread (``put_message_into_state``,
-replaced like the extractor) sets the dispatch's ``replied`` event after
-storing each reply, and the driver pulls when it is woken instead of on a
-clock.
+replaced like the extractor) tells the dispatch each reply it stores, and the
+dispatch wakes the driver (its ``replied`` event) once every reply the driver
+awaits is stored, so the driver pulls once per exchange instead of on a clock.
+(It used to be woken by each reply: a pull of the link state per reply, on
+the driver's thread, holding the GIL just when the engine's worker thread
+submits the next message to the actor, whose wait that lengthened.) The
+driver still looks twice a second whether Flower's runtime stopped, and pulls
+then too, so a reply that never passes the injector (an expired message's
+error) is collected by the deadline as before.
 """
 
 from __future__ import annotations
@@ -45,6 +57,7 @@ import functools
 import inspect
 import json
 import logging
+import math
 import struct
 import threading
 import time
@@ -67,6 +80,7 @@ log = logging.getLogger("fedsite.simulation")
 RECORD = "fedsite"  # the ConfigRecord that carries a fedsite message's header (or, as a fallback, all of it)
 HEADER = "header"  # encode_message of the message without its tensors: round, stage, config
 TENSORS = "fedsite.tensors"  # the ArrayRecord of its tensors, by name
+RAW_STYPE = "fedsite.raw"  # an Array whose data is the tensor's bytes in C order, dtype = numpy's dtype.str
 BLOB = "message"  # fallback for tensors numpy cannot hold: the whole encode_message(...) bytes
 HELLO = "hello"  # query the driver sends once per node to learn its partition
 PARTITION = "partition-id"
@@ -115,14 +129,25 @@ def encoded_size(message: Message) -> int:
         return len(encode_message(message))
     (length,) = struct.unpack("<Q", head[:8])
     json_len = len(head[8 : 8 + length].rstrip(b" "))  # '{"__metadata__":{...}}', before its padding
-    offset = 0
-    for name in _tensor_order(message.tensors):
-        tensor = message.tensors[name]
-        end = offset + tensor.numel() * tensor.element_size()
-        entry = {"dtype": order[tensor.dtype][1], "shape": list(tensor.shape), "data_offsets": [offset, end]}
+    layout = tuple((name, message.tensors[name].dtype, tuple(message.tensors[name].shape))
+                   for name in _tensor_order(message.tensors))
+    entries_len, data_len = _tensor_entries_size(layout)
+    json_len += entries_len
+    return 8 + json_len + (-json_len % 8) + data_len
+
+
+@functools.lru_cache(maxsize=256)
+def _tensor_entries_size(layout: tuple[tuple[str, torch.dtype, tuple[int, ...]], ...]) -> tuple[int, int]:
+    """The bytes the tensors' entries add to a safetensors header, and the bytes of their data, for tensors
+    ``(name, dtype, shape)`` in safetensors' order (a round's messages and replies share one layout)."""
+    order = _safetensors_order()
+    json_len = offset = 0
+    for name, dtype, shape in layout:
+        end = offset + math.prod(shape) * dtype.itemsize
+        entry = {"dtype": order[dtype][1], "shape": list(shape), "data_offsets": [offset, end]}
         json_len += len(b"," + json.dumps({name: entry}, separators=(",", ":"), ensure_ascii=False)[1:-1].encode())
         offset = end
-    return 8 + json_len + (-json_len % 8) + offset
+    return json_len, offset
 
 
 _NUMPY_DTYPES = {torch.bool, torch.uint8, torch.int8, torch.int16, torch.uint16, torch.int32, torch.uint32,
@@ -136,9 +161,40 @@ def pack(message: Message) -> RecordDict:
     header = encode_message(Message(round=message.round, stage=message.stage, config=message.config))
     content = RecordDict({RECORD: ConfigRecord({HEADER: header})})
     if message.tensors:
-        content[TENSORS] = ArrayRecord({name: Array.from_numpy_ndarray(t.detach().cpu().numpy())
-                                        for name, t in message.tensors.items()})
+        arrays = ArrayRecord()  # filled in place: ArrayRecord(dict) would copy every Array once more
+        for name, tensor in message.tensors.items():
+            arrays[name] = _raw_array(tensor)
+        content[TENSORS] = arrays
     return content
+
+
+def _raw_array(tensor: torch.Tensor) -> Array:
+    """A tensor as a Flower Array of its raw bytes (:data:`RAW_STYPE`): one copy, no .npy header."""
+    value = tensor.detach().cpu().contiguous().numpy()
+    return Array(dtype=value.dtype.str, shape=tuple(value.shape), stype=RAW_STYPE, data=value.tobytes())
+
+
+def _array_value(name: str, array: Array) -> np.ndarray:
+    """The numpy array a received Array holds (a writable copy); CodecError if it is not a plain array of its
+    declared dtype and shape. Reads :data:`RAW_STYPE` and Flower's own ``numpy.ndarray`` (.npy) arrays."""
+    if array.stype == RAW_STYPE:
+        try:
+            dtype = np.dtype(array.dtype)
+        except TypeError as exc:
+            raise CodecError(f"tensor {name!r} has an unknown dtype {array.dtype!r}") from exc
+        shape = tuple(array.shape)
+        if (dtype.kind not in "biuf" or any(not isinstance(n, int) or n < 0 for n in shape)
+                or len(array.data) != math.prod(shape) * dtype.itemsize):
+            raise CodecError(f"tensor {name!r} is not a plain array of its declared shape")
+        # a copy in this machine's byte order: the message's bytes stay immutable, the tensor is writable
+        return np.frombuffer(array.data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="), copy=True)
+    try:
+        value = array.numpy()  # np.load without pickles
+    except Exception as exc:  # numpy's own errors on a malformed array, or another stype
+        raise CodecError(f"tensor {name!r} not readable: {type(exc).__name__}: {exc}") from exc
+    if value.dtype.hasobject or list(value.shape) != list(array.shape):
+        raise CodecError(f"tensor {name!r} is not a plain array of its declared shape")
+    return value if value.flags.c_contiguous else np.ascontiguousarray(value)
 
 
 def unpack(content: RecordDict) -> Message:
@@ -156,17 +212,7 @@ def unpack(content: RecordDict) -> Message:
     arrays = content.array_records.get(TENSORS)
     if arrays is None:
         return message
-    tensors: dict[str, torch.Tensor] = {}
-    try:
-        for name, array in arrays.items():
-            value = array.numpy()  # np.load without pickles
-            if value.dtype.hasobject or list(value.shape) != list(array.shape):
-                raise CodecError(f"tensor {name!r} is not a plain array of its declared shape")
-            tensors[name] = torch.from_numpy(value if value.flags.c_contiguous else np.ascontiguousarray(value))
-    except CodecError:
-        raise
-    except Exception as exc:  # numpy's own errors on a malformed array
-        raise CodecError(f"tensor not readable: {type(exc).__name__}: {exc}") from exc
+    tensors = {name: torch.from_numpy(_array_value(name, array)) for name, array in arrays.items()}
     if any(t.dtype not in _safetensors_order() for t in tensors.values()):
         raise CodecError("a tensor has a dtype the wire format does not carry")
     message.tensors = tensors
@@ -181,28 +227,55 @@ class NodeDispatch:
 
     One per simulation run, shared by the :class:`FlowerDriver` (ServerApp thread: :meth:`expect` after
     each push) and the engine's message-extractor thread (:meth:`run`, in place of Flower's poll of
-    every node). A node stays on the list until a sweep that began after its last :meth:`expect` finds
-    nothing more for it, so a push racing with a sweep is never lost.
+    every node). A node stays on the list until it has been handed as many messages as were expected for
+    it, or until a sweep that began after its last :meth:`expect` finds nothing more for it (a message
+    that expired or was deleted), so a push racing with a sweep is never lost. (Each ask of the link
+    state scans every message it stores, so a second sweep over all of a round's nodes just to find
+    nothing costs ~K² checks, on the thread the engine's workers need the GIL from.) After handing over a
+    message the sweep yields the GIL, so the worker waiting for it submits it to its actor at once
+    rather than after the rest of the sweep.
     """
 
     def __init__(self, sweep_interval_s: float = 0.1) -> None:
         self.sweep_interval_s = sweep_interval_s  # Flower's own loop sweeps every 0.1 s
         self._lock = threading.Lock()
-        self._wanted: dict[int, int] = {}  # node id -> sequence number of its latest expect()
+        # node id -> [sequence number of its latest expect(), messages expected and not handed over yet]
+        self._wanted: dict[int, list[int]] = {}
         self._sequence = 0
         self._wake = threading.Event()
         self.ready = threading.Event()  # set once the engine has handed over its node table
         self.partition_of: dict[int, int] = {}  # Flower node id -> partition id (the engine's own table)
-        self.replied = threading.Event()  # set by the engine's injector each time it has stored a reply
+        # set by the engine's injector once it has stored the reply to every message in ``_awaited``
+        self.replied = threading.Event()
+        self._awaited: set[str] = set()  # ids of the driver's messages whose replies are not stored yet
         self.sweeps = 0
         self.asks = 0  # get_message_ins calls made (for tests: grows with messages, not with nodes)
+
+    def await_replies(self, message_ids: Iterable[str]) -> None:
+        """The driver waits for the replies to these messages (those of one exchange): :attr:`replied` is set
+        once all are stored. Called before :meth:`expect`, so no reply can be stored before it is awaited."""
+        with self._lock:
+            self._awaited = set(message_ids)
+            if not self._awaited:
+                self.replied.set()
+
+    def reply_stored(self, reply_to: str) -> None:
+        """The engine's injector stored the reply to message ``reply_to``; wakes the driver if it was the last
+        one awaited (a straggler of an earlier exchange wakes nobody)."""
+        with self._lock:
+            if reply_to in self._awaited:
+                self._awaited.discard(reply_to)
+                if not self._awaited:
+                    self.replied.set()
 
     def expect(self, node_ids: Iterable[int]) -> None:
         """The driver has just stored messages for these nodes."""
         with self._lock:
             self._sequence += 1
             for node in node_ids:
-                self._wanted[node] = self._sequence
+                entry = self._wanted.setdefault(node, [0, 0])
+                entry[0] = self._sequence
+                entry[1] += 1
         self._wake.set()
 
     def run(self, state: Any, queue: Queue[Any], nodes_mapping: dict[int, int], f_stop: threading.Event) -> None:
@@ -212,17 +285,23 @@ class NodeDispatch:
         while not f_stop.is_set():
             self._wake.clear()
             with self._lock:
-                snapshot = list(self._wanted.items())
+                snapshot = [(node, entry[0]) for node, entry in self._wanted.items()]
             self.sweeps += 1
             for node, sequence in snapshot:
                 self.asks += 1
                 messages = state.get_message_ins(node_id=node, limit=1)
                 for message in messages:
                     queue.put(message)
-                if not messages:
-                    with self._lock:
-                        if self._wanted.get(node) == sequence:  # no expect() since the snapshot
+                with self._lock:
+                    entry = self._wanted.get(node)
+                    if entry is not None:
+                        entry[1] -= len(messages)
+                        # all it was expected to get is handed over, or nothing was left though no expect()
+                        # came since the snapshot
+                        if (messages and entry[1] <= 0) or (not messages and entry[0] == sequence):
                             del self._wanted[node]
+                if messages:
+                    time.sleep(0)  # let the worker waiting on the queue take the message now
             self._wake.wait(self.sweep_interval_s)
 
 
@@ -269,7 +348,7 @@ def _extract_messages(state: Any, queue: Queue[Any], nodes_mapping: dict[int, in
 
 def _store_replies(state: Any, queue: Queue[Any], f_stop: threading.Event) -> None:
     """Stands in for ``vce_api.put_message_into_state``: the same loop (store each reply the workers queue),
-    and then wake the driver of a run with a registered dispatch."""
+    and then tell the dispatch of a run that registered one (it wakes the driver once all it awaits are in)."""
     while not f_stop.is_set():
         try:
             reply = queue.get(timeout=1.0)
@@ -278,7 +357,7 @@ def _store_replies(state: Any, queue: Queue[Any], f_stop: threading.Event) -> No
         state.store_message_res(reply)
         dispatch = _dispatch_for(state)
         if dispatch is not None:
-            dispatch.replied.set()
+            dispatch.reply_stored(reply.metadata.reply_to_message_id)
 
 
 def install_dispatch() -> bool:
@@ -311,7 +390,7 @@ def install_dispatch() -> bool:
 class FlowerDriver:
     """:class:`coordinator.engine.Driver` over a Flower ``Grid`` (simulation or deployment)."""
 
-    STOP_CHECK_S = 0.5  # with a dispatch, replies wake the driver; it still looks at the runtime this often
+    STOP_CHECK_S = 0.5  # with a dispatch, its last reply wakes the driver; it still looks at the runtime this often
 
     def __init__(self, grid: Grid, *, hello_timeout_s: float = 600.0, ttl_margin_s: float = 60.0,
                  runtime_stopped: threading.Event | None = None, pull_interval_s: float = 0.1,
@@ -408,6 +487,7 @@ class FlowerDriver:
         self._check_runtime()
         pending = set(self.grid.push_messages(messages))  # a refused message (the grid logs why) gets no id
         if self.dispatch is not None:
+            self.dispatch.await_replies(pending)
             self.dispatch.expect(message.metadata.dst_node_id for message in messages)
         replies: list[FlowerMessage] = []
         deadline = time.monotonic() + timeout_s
@@ -419,7 +499,7 @@ class FlowerDriver:
             pending -= {reply.metadata.reply_to_message_id for reply in answered}
             if not pending:
                 break
-            if self.dispatch is not None:  # woken by the next stored reply; the stop is checked twice a second
+            if self.dispatch is not None:  # woken once all replies are stored; the stop is checked twice a second
                 self.dispatch.replied.wait(min(self.STOP_CHECK_S, max(deadline - time.monotonic(), 0.0)))
                 self._check_runtime()
             elif self.runtime_stopped.wait(self.pull_interval_s):

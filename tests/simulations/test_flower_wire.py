@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protos.codec import CodecError, Message, decode_message, encode_message
-from simulations.flower_driver import BLOB, HEADER, RECORD, TENSORS, encoded_size, pack, unpack
+from simulations.flower_driver import BLOB, HEADER, RAW_STYPE, RECORD, TENSORS, NodeDispatch, encoded_size, pack, unpack
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.uint32,
           torch.int16, torch.int8, torch.uint8, torch.bool, torch.uint64]
@@ -93,6 +93,59 @@ def test_malformed_content_is_a_codec_error() -> None:
         unpack(RecordDict({RECORD: ConfigRecord({HEADER: header}), TENSORS: ArrayRecord({"x": lying})}))
 
 
+def test_tensors_travel_as_raw_bytes_not_npy_files() -> None:
+    """An Array holds the tensor's bytes (no .npy header to write and parse); what unpack returns is a writable
+    copy, so training on it cannot change the bytes of the message it came in."""
+    weights = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    content = pack(Message(round=1, stage="train", tensors={"w": weights, "flag": torch.tensor([True, False])}))
+    array = content.array_records[TENSORS]["w"]
+    assert array.stype == RAW_STYPE and array.data == weights.numpy().tobytes()
+    assert (array.dtype, tuple(array.shape)) == (weights.numpy().dtype.str, (3, 4))
+    received = unpack(content).tensors["w"]
+    received += 1
+    assert array.data == weights.numpy().tobytes()
+    # Flower's own numpy arrays (.npy) are still read
+    header = encode_message(Message(round=1, stage="train"))
+    npy = RecordDict({RECORD: ConfigRecord({HEADER: header}),
+                      TENSORS: ArrayRecord({"x": Array.from_numpy_ndarray(np.arange(3, dtype=np.int64))})})
+    assert torch.equal(unpack(npy).tensors["x"], torch.arange(3))
+
+
+@pytest.mark.parametrize(("dtype", "shape", "data", "match"), [
+    ("<f4", (2,), b"\0" * 4, "declared shape"),  # 4 bytes for two float32
+    ("<f4", (-1,), b"", "declared shape"),
+    ("|O", (1,), b"\0" * 8, "declared shape"),  # objects
+    ("<U2", (1,), b"\0" * 8, "declared shape"),  # strings are not tensors
+    ("not-a-dtype", (1,), b"\0", "unknown dtype"),
+])
+def test_a_malformed_raw_array_is_a_codec_error(dtype: str, shape: tuple[int, ...], data: bytes, match: str) -> None:
+    header = encode_message(Message(round=1, stage="train"))
+    bad = Array(dtype=dtype, shape=shape, stype=RAW_STYPE, data=data)
+    with pytest.raises(CodecError, match=match):
+        unpack(RecordDict({RECORD: ConfigRecord({HEADER: header}), TENSORS: ArrayRecord({"x": bad})}))
+    other = Array(dtype="<f4", shape=(1,), stype="some.other", data=b"\0" * 4)
+    with pytest.raises(CodecError, match="not readable"):
+        unpack(RecordDict({RECORD: ConfigRecord({HEADER: header}), TENSORS: ArrayRecord({"x": other})}))
+
+
+def test_the_driver_is_woken_once_every_awaited_reply_is_stored() -> None:
+    """Not once per reply: each wake-up is a pull of the link state on the driver's thread."""
+    dispatch = NodeDispatch()
+    dispatch.await_replies(["a", "b", "c"])
+    dispatch.reply_stored("a")
+    dispatch.reply_stored("old")  # a straggler of an earlier exchange
+    dispatch.reply_stored("b")
+    assert not dispatch.replied.is_set()
+    dispatch.reply_stored("c")
+    assert dispatch.replied.is_set()
+    dispatch.replied.clear()
+    dispatch.reply_stored("c")  # stored twice (it cannot be, but it must not wake the next exchange's driver)
+    dispatch.await_replies(["d"])
+    assert not dispatch.replied.is_set()
+    dispatch.await_replies([])  # nothing was accepted: nothing to wait for
+    assert dispatch.replied.is_set()
+
+
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Message]:
     from coordinator.config import load_job
@@ -162,3 +215,21 @@ def test_an_actor_reuses_a_nodes_runtime_only_while_nobody_else_served_it(prepar
         assert (settings.package_dir, settings.output_dir, 1) not in _STATE.runtimes  # dropped with the failure
     finally:
         _STATE.clear()
+
+
+def test_the_client_app_pickles_as_its_settings_and_is_built_once_per_process(prepared: tuple[Any, Message]) -> None:
+    """Flower's Ray backend pickles the ClientApp with every message: it must not carry its handlers' code each
+    time, and an actor must not rebuild it per message."""
+    import pickle
+
+    from ray import cloudpickle
+
+    from simulations.flower_app import client_app_for, make_client_app
+
+    settings, _ = prepared
+    app = make_client_app(settings)
+    blob = cloudpickle.dumps(app)
+    assert len(blob) < 1000, len(blob)  # its settings and a function's name, not cloudpickled closures
+    first, second = pickle.loads(blob), pickle.loads(cloudpickle.dumps(app))
+    assert first is second is client_app_for(settings)
+    assert set(first._registered_funcs) == set(app._registered_funcs) == {"query.default", "train.default"}
