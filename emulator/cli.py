@@ -263,10 +263,11 @@ def parser() -> argparse.ArgumentParser:
                    help="relative std of the same noise on the middle's input in teacher and student "
                         "(0 = off; see experiments/offsite/RESULTS.md)")
     b.add_argument("--distill-hidden-metric", choices=HIDDEN_METRICS, default=OFFSITE.distill_hidden_metric,
-                   help="scale of the hidden-state error: per token ('token') or per channel ('channel', "
-                        "for residual streams with massive-activation channels such as Llama's)")
+                   help="scale of the hidden-state error: per token ('token', the default) or per channel "
+                        "('channel'; worse on SmolLM2, see experiments/offsite/RESULTS.md)")
     b.add_argument("--distill-kl-weight", type=float, default=OFFSITE.distill_kl_weight,
-                   help="weight of KL(full || emulator) of next-token distributions (causal LMs; 0 = off)")
+                   help="weight of KL(full || emulator) of next-token distributions (causal LMs; 0 = off; "
+                        "1 cut SmolLM2's plug-in perplexity 88 -> 75, experiments/offsite/RESULTS.md)")
     b.add_argument("--lm-weight", type=float, default=DistillConfig.lm_weight,
                    help="weight of the LM loss during distillation (causal LMs)")
     b.add_argument("--checkpoint-dir", default=None)
