@@ -14,11 +14,11 @@ rms(h_full) is taken per token over the hidden dimension (padding excluded),
 so the loss is scale-free across models and layers. A Llama-family residual
 stream is dominated by one or two "massive activation" channels (SmolLM2:
 one channel holds ~95 % of the energy entering its top blocks), so that
-per-token scale lets the student match the outlier and neglect every other
-channel; ``hidden_metric="channel"`` divides each channel's error by that
-channel's rms over the batch's real tokens instead, so every channel counts
-(measured worse on SmolLM2: matching the massive channel less exactly breaks
-the top blocks; experiments/offsite/RESULTS.md, fourth pass).
+per-token scale is mostly the outlier's; ``hidden_metric="channel"`` divides
+each channel's error by that channel's rms over the batch's real tokens
+instead, so every channel counts alike (measured worse on SmolLM2: the other
+channels end no closer, and matching the massive one less exactly breaks the
+top blocks; experiments/offsite/RESULTS.md, fourth pass).
 ``kl_weight`` > 0 adds KL(teacher || student) of the next-token
 distributions (causal LMs; the emulator's top blocks and head are the full
 model's, frozen): the output the top blocks make of the middle, not only
