@@ -40,7 +40,8 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from protos.codec import Message
-from simulations.flower_driver import HELLO, PARTITION, RECORD, FlowerDriver, install_dispatch, pack, unpack
+from simulations.flower_driver import HELLO, PARTITION, FlowerDriver, install_dispatch
+from simulations.flower_wire import RECORD, pack, unpack
 
 log = logging.getLogger("fedsite.simulation")
 

@@ -20,7 +20,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protos.codec import CodecError, Message, decode_message, encode_message
-from simulations.flower_driver import BLOB, HEADER, RAW_STYPE, RECORD, TENSORS, NodeDispatch, encoded_size, pack, unpack
+from simulations.flower_driver import NodeDispatch
+from simulations.flower_wire import BLOB, HEADER, RAW_STYPE, RECORD, TENSORS, encoded_size, pack, unpack
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.uint32,
           torch.int16, torch.int8, torch.uint8, torch.bool, torch.uint64]
