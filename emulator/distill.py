@@ -484,10 +484,7 @@ def distill(
         torch.nn.utils.clip_grad_norm_(list(params.values()), config.max_grad_norm)
         opt.step()
         losses.append(float(loss.detach()))
-        if terms.kl is not None:
-            bar.step(hidden_loss=losses[-1], kl=float(terms.kl.detach()))
-        else:
-            bar.step(hidden_loss=losses[-1])
+        bar.step(hidden_loss=losses[-1], **({} if terms.kl is None else {"kl": float(terms.kl.detach())}))
         if on_step is not None:
             on_step(step + 1, losses[-1])
         if ckpt is not None and ((step + 1) % config.checkpoint_every == 0

@@ -11,15 +11,9 @@
 # CPU only, one thread per process; on 2 quiet cores a build is 10-25 min, an evaluate line 2-6 min.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-PY=${PY:-.venv/bin/python}
-CACHE=${CACHE:-/tmp/fedsite-smollm2-cache}
+. experiments/offsite/smollm2_common.sh   # PY, CACHE, DATA, E, COMMON
 OUT=${OUT:-experiments/offsite/smollm2-kl}
 mkdir -p "$CACHE" "$OUT"
-DATA=coordinator/examples/data
-E="$PY -m emulator"
-COMMON="--model smollm2 --task causal-lm --data $DATA/wordnet_supersense.train.jsonl.gz
-        --eval-data $DATA/wordnet_supersense.validation.jsonl.gz --train-examples 320 --eval-examples 200
-        --max-length 48 --batch-size 16 --epochs 1 --threads 1 --samples 2"
 
 build() {  # NAME LR extra build flags...
   local name=$1 lr=$2; shift 2

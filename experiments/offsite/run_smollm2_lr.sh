@@ -8,15 +8,9 @@
 # CPU only, one thread per process; on 2 quiet cores a build is ~15 min, an evaluate line 2-6 min.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-PY=${PY:-.venv/bin/python}
-CACHE=${CACHE:-/tmp/fedsite-smollm2-cache}
+. experiments/offsite/smollm2_common.sh   # PY, CACHE, DATA, E, COMMON
 OUT=${OUT:-experiments/offsite/smollm2-lr}
 mkdir -p "$CACHE" "$OUT"
-DATA=coordinator/examples/data
-E="$PY -m emulator"
-COMMON="--model smollm2 --task causal-lm --data $DATA/wordnet_supersense.train.jsonl.gz
-        --eval-data $DATA/wordnet_supersense.validation.jsonl.gz --train-examples 320 --eval-examples 200
-        --max-length 48 --batch-size 16 --epochs 1 --threads 1 --samples 2"
 EMU8="$CACHE/emu-keep8-d400"
 [ -f "$EMU8/config.json" ] || \
   $E build --model smollm2 --output-dir "$EMU8" --adapter-layers 2 --keep 8 --distill-data bbcnews \
