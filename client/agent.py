@@ -27,6 +27,7 @@ import grpc
 from client.connection_check import probe, tls_failure
 from client.runtime import ClientRuntime
 from emulator.base_fingerprint import restore_base_weights
+from emulator.job_spec import JobSpec
 from emulator.models import ModelLoadError
 from emulator.package import PackageError, unpack
 from localio.atomic import atomic_write_bytes, atomic_write_json
@@ -375,8 +376,8 @@ class Agent:
         # coordinator that samples this client meanwhile would count it as gone before it even polled
         with self._keep_alive(creds):
             folder = self.fetch_package()
-            spec_task = json.loads((folder / "job.json").read_text())["task"]
-            local = read_examples(self.options.data, need_label=spec_task == "classification")
+            # the typed spec: a corrupt job.json is one clear PackageError, not a KeyError
+            local = read_examples(self.options.data, need_label=JobSpec.load(folder).task == "classification")
             runtime = self.make_runtime(folder, local)
         log.info("ready: %d local examples", len(local))
         while True:
