@@ -330,7 +330,7 @@ class JobConfig:
     def validate(self) -> None:
         """Check every table, then the rules that span tables: a robust aggregator neither with secure
         aggregation (which hides the updates it needs) nor with client-level DP (whose noise is calibrated
-        to the mean), mean pooling only in lora mode. ConfigError names the key.
+        to the mean), mean pooling only in lora mode, refinement on generated text only for causal LMs. ConfigError names the key.
         """
         for section in (self.job, self.model, self.data, self.train, self.server, self.privacy, self.tls):
             section.validate()
@@ -343,6 +343,10 @@ class JobConfig:
         if self.model.pooling == "mean" and self.job.mode != "lora":
             raise ConfigError("model.pooling = \"mean\" is for mode = \"lora\" (offsite mode trains the top blocks, "
                               "which would include the pooling block)")
+        offsite = self.offsite
+        if offsite.refine_steps and offsite.refine_text == "generated" and self.model.task != "causal-lm":
+            raise ConfigError("offsite.refine_text = \"generated\" needs model.task = \"causal-lm\" (a classifier "
+                              "writes no text); use refine_text = \"public\" with distill_data")
         if self.server.aggregator != "mean" and self.privacy.client_dp.enabled:
             raise ConfigError("server.aggregator must be \"mean\" with privacy.client_dp (its noise is calibrated "
                               "to the mean)")

@@ -30,7 +30,7 @@ from emulator.offsite import save_emulator
 from emulator.offsite_package import adapter_state_for_plug_in
 from emulator.package import load_trainable_model
 from emulator.public_text import read_public_text
-from emulator.refine import RefineConfig, refine_plug_in
+from emulator.refine import RefineConfig, generate_texts, refine_plug_in, refinement_teacher
 from emulator.tasks import EncodedExamples, evaluate
 
 log = logging.getLogger("fedsite.offsite")
@@ -59,7 +59,8 @@ class OffsiteGlobalModel:
         offsite = config.offsite
         self.refine = RefineConfig(steps=offsite.refine_steps, lr=offsite.refine_lr,
                                    temperature=offsite.refine_temperature, max_length=config.model.max_length,
-                                   seed=config.job.seed)
+                                   seed=config.job.seed, emulator_weight=offsite.refine_emulator_weight,
+                                   text=offsite.refine_text, generated_texts=offsite.refine_generated_texts)
         self.public_text = offsite.distill_data or None  # a file (relative to the job file) or "bbcnews"
         self.base_dir = config.base_dir
 
@@ -92,15 +93,22 @@ class OffsiteGlobalModel:
         return evaluate(self.plugged, self.validation, batch_size=self.eval_batch_size)
 
     def refined(self) -> tuple[PreTrainedModel, dict[str, Any]]:
-        """The plug-in refined on the public text against the tuned emulator (``[offsite] refine_steps``)."""
-        assert self.public_text is not None  # the config requires distill_data with refine_steps
-        teacher = self.trainable
-        load_trainable_state(teacher, self.state)  # the emulator with the final adapter: what clients tuned
-        texts = read_public_text(self.public_text, self.base_dir)
-        log.info("refining the plug-in: %d steps on %d public texts", self.refine.steps, len(texts))
+        """The plug-in refined against the tuned emulator (or its mixture with the plug-in), on the public text or
+        on texts that teacher writes (``[offsite] refine_*``)."""
+        emulator = self.trainable
+        load_trainable_state(emulator, self.state)  # the emulator with the final adapter: what clients tuned
+        teacher = refinement_teacher(self.plugged, emulator, self.refine)
+        if self.refine.text == "generated":
+            log.info("refinement: the teacher writes %d texts", self.refine.generated_texts)
+            texts = generate_texts(teacher, self.tokenizer, self.refine)
+        else:
+            assert self.public_text is not None  # the config requires distill_data for public refinement text
+            texts = read_public_text(self.public_text, self.base_dir)
+        log.info("refining the plug-in: %d steps on %d %s texts", self.refine.steps, len(texts), self.refine.text)
         model, kl = refine_plug_in(self.plugged, teacher, self.layout, self.tokenizer, texts, self.refine)
         summary: dict[str, Any] = {"steps": self.refine.steps, "lr": self.refine.lr,
-                                   "temperature": self.refine.temperature, "kl_first": kl[0],
+                                   "temperature": self.refine.temperature, "text": self.refine.text,
+                                   "emulator_weight": self.refine.emulator_weight, "kl_first": kl[0],
                                    "kl_last": sum(kl[-10:]) / len(kl[-10:])}
         if self.validation is not None:
             summary["validation_plug_in"] = self.evaluate()

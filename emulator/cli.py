@@ -56,7 +56,7 @@ from emulator.layout import EmulatorError, load_layout_checked
 from emulator.offsite import build_emulator, save_emulator
 from emulator.public_text import read_public_text
 from emulator.refine import RefineConfig
-from emulator.settings import HIDDEN_METRICS, OffsiteSettings
+from emulator.settings import HIDDEN_METRICS, REFINE_TEXTS, OffsiteSettings
 from localio.atomic import atomic_write_json
 from localio.data import DataError, read_examples
 
@@ -214,8 +214,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         head = spec_for(full).classifier_head
         getattr(emulator, head).load_state_dict(getattr(full, head).state_dict())
     layout = load_layout_checked(emu_path, emulator)
-    if args.refine_steps and not args.public_text:
-        raise CliError("--refine-steps needs --public-text (unlabelled text the owner may use)")
+    if args.refine_steps and args.refine_text == "public" and not args.public_text:
+        raise CliError("--refine-steps needs --public-text (unlabelled text the owner may use) "
+                       "or --refine-text generated")
     rows = args.rows or list(CAUSAL_ROWS if causal else ALL_ROWS)
     prompts = [prompt_of(t) for t in eval_texts[: args.samples]] if eval_texts and causal and args.samples else []
     table = evaluate_offsite(
@@ -225,8 +226,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         full_ft_config=TrainConfig(**{**vars(train_cfg), "lr": args.ft_lr or args.lr}),
         lora_config=TrainConfig(**{**vars(train_cfg), "lr": args.lora_lr or args.lr}),
         adapter_lora_r=args.adapter_lora_r,
-        refine=RefineConfig(steps=args.refine_steps, lr=args.refine_lr, max_length=args.max_length, seed=args.seed),
-        public_texts=read_public_text(args.public_text) if args.refine_steps else (),
+        refine=RefineConfig(steps=args.refine_steps, lr=args.refine_lr, max_length=args.max_length, seed=args.seed,
+                            temperature=args.refine_temperature, emulator_weight=args.refine_emulator_weight,
+                            text=args.refine_text, generated_texts=args.refine_generated_texts),
+        public_texts=read_public_text(args.public_text) if args.refine_steps and args.refine_text == "public" else (),
         sample_prompts=prompts,
         on_row=(lambda rows_so_far: atomic_write_json(Path(args.json).with_suffix(".partial.json"), rows_so_far))
         if args.json else None,
@@ -304,6 +307,13 @@ def parser() -> argparse.ArgumentParser:
                    help="also score the plug-in refined against the tuned emulator on --public-text "
                         "(row plug_in_refined; the coordinator's [offsite] refine_steps)")
     e.add_argument("--refine-lr", type=float, default=OFFSITE.refine_lr)
+    e.add_argument("--refine-temperature", type=float, default=OFFSITE.refine_temperature)
+    e.add_argument("--refine-emulator-weight", type=float, default=OFFSITE.refine_emulator_weight,
+                   help="weight of the tuned emulator in the refinement teacher, a geometric mixture with the "
+                        "plug-in (1 = the emulator alone; the coordinator's [offsite] refine_emulator_weight)")
+    e.add_argument("--refine-text", choices=REFINE_TEXTS, default=OFFSITE.refine_text,
+                   help='"public": --public-text; "generated": texts the teacher writes itself (causal LMs)')
+    e.add_argument("--refine-generated-texts", type=int, default=OFFSITE.refine_generated_texts)
     e.add_argument("--public-text", default=None,
                    help="unlabelled text for --refine-steps (JSONL 'text', lines, or 'bbcnews')")
     e.add_argument("--max-length", type=int, default=128)

@@ -46,7 +46,7 @@ from emulator.batching import Encoded, collate, pad_id_of, shuffled_batches
 from emulator.exposure import exposure
 from emulator.layout import EmulatorLayout
 from emulator.progress import StepProgress
-from emulator.refine import RefineConfig, refine_plug_in
+from emulator.refine import RefineConfig, generate_texts, refine_plug_in, refinement_teacher
 from emulator.tasks import EncodedExamples, evaluate
 
 log = logging.getLogger("fedsite.evaluate")
@@ -347,7 +347,8 @@ def evaluate_offsite(
     ``full`` and ``emulator`` must share the same (fresh) task head for
     classification, so every row starts from the same point. With ``refine``
     (an :class:`emulator.refine.RefineConfig`) and ``public_texts``, the plug-in
-    is also refined against the tuned emulator and scored as ``plug_in_refined``.
+    is also refined against the tuned emulator (or its mixture with the plug-in) and scored as
+    ``plug_in_refined``; with ``refine.text == "generated"`` the teacher writes the texts itself.
     With ``sample_prompts`` (causal LMs) every scored model also continues each
     prompt greedily; the texts land in ``notes["samples"]`` by row. ``on_row`` hears
     the scores so far after every row (long runs keep what they measured).
@@ -381,7 +382,10 @@ def evaluate_offsite(
             if "plug_in" in rows and plugged is not None:
                 out["plug_in"] = score(plugged, "plug_in")
             if wants_refined and refine is not None and plugged is not None:
-                refined, _ = refine_plug_in(plugged, tuned, layout, tokenizer, public_texts, refine,
+                teacher = refinement_teacher(plugged, tuned, refine)
+                texts = (generate_texts(teacher, tokenizer, refine, progress=progress)
+                         if refine.text == "generated" else public_texts)
+                refined, _ = refine_plug_in(plugged, teacher, layout, tokenizer, texts, refine,
                                             progress=progress)
                 out["plug_in_refined"] = score(refined, "plug_in_refined")
         elif row == "plug_in":

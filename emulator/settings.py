@@ -17,6 +17,7 @@ from localio.errors import user_error
 
 DEFAULT_KEEP_RATIO = 0.5
 HIDDEN_METRICS = ("token", "channel")  # how distillation scales the hidden-state error (emulator/distill.py)
+REFINE_TEXTS = ("public", "generated")  # what plug-in refinement runs on (emulator/refine.py)
 
 
 @user_error
@@ -92,6 +93,14 @@ class OffsiteSettings:
         "predictions on distill_data (KL, no labels, no client data); 0 = export the plain plug-in", default=0)
     refine_lr: float = _help("refinement learning rate (AdamW, linear decay)", default=1e-4)
     refine_temperature: float = _help("softmax temperature of the refinement's KL", default=2.0)
+    refine_emulator_weight: float = _help(
+        "weight w of the tuned emulator in the refinement's teacher, p_plug^(1-w) * p_emulator^w normalised; 1 = "
+        "the tuned emulator alone (MiniLM); below 1 keeps what the full middle knows (SmolLM2: 0.25)", default=1.0)
+    refine_text: str = _help(
+        'what refinement runs on: "public" (distill_data) or "generated" (texts the teacher writes itself, '
+        "causal LMs; no distill_data needed)", default="public")
+    refine_generated_texts: int = _help('how many texts refine_text = "generated" writes (model.max_length tokens '
+                                        "each)", default=640)
 
     def __post_init__(self) -> None:
         _non_negative_ints("offsite.adapter_layers must be >= 0", self.adapter_layers)
@@ -108,8 +117,15 @@ class OffsiteSettings:
         if not (0.0 <= self.distill_kl_weight <= 100.0):
             raise SettingsError(f"offsite.distill_kl_weight must be in [0, 100], got {self.distill_kl_weight}")
         _non_negative_ints("offsite.refine_steps must be >= 0", self.refine_steps)
-        if self.refine_steps and not self.distill_data:
-            raise SettingsError("offsite.refine_steps > 0 needs offsite.distill_data (the public text it runs on)")
+        if self.refine_text not in REFINE_TEXTS:
+            raise SettingsError(f"offsite.refine_text must be one of {', '.join(REFINE_TEXTS)}, "
+                                f"got {self.refine_text!r}")
+        if self.refine_steps and self.refine_text == "public" and not self.distill_data:
+            raise SettingsError("offsite.refine_steps > 0 needs offsite.distill_data (the public text it runs on) "
+                                'or refine_text = "generated"')
+        if not 0.0 < self.refine_emulator_weight <= 1.0:
+            raise SettingsError(f"offsite.refine_emulator_weight must be in (0, 1], got {self.refine_emulator_weight}")
+        _positive("offsite.refine_generated_texts", self.refine_generated_texts)
         _positive("offsite.refine_lr", self.refine_lr)
         _positive("offsite.refine_temperature", self.refine_temperature)
 

@@ -214,3 +214,43 @@ def test_export_refines_the_plug_in_on_public_text_and_leaves_the_clients_adapte
     changed = {n for n, t in final.state_dict().items() if not torch.equal(t, plain[n])}
     assert changed and all(n.startswith(adapter_blocks) or n.startswith("classifier.") for n in changed)
     assert all(torch.equal(model.trainable_state()[n], before[n]) for n in before)
+
+
+def test_export_refines_a_causal_lm_on_texts_its_teacher_writes_without_public_text(tmp_path: Path) -> None:
+    """``refine_text = "generated"``: no distill_data needed; the coordinator's teacher (the tuned emulator mixed
+    with the plug-in) writes the texts, refinement.json says so, and only the adapter blocks of final/ move."""
+    from transformers import AutoModelForCausalLM
+
+    from client.runtime import ClientRuntime
+    from coordinator.offsite_model import REFINEMENT_FILE, OffsiteGlobalModel
+    from tests.emulator.tiny_gguf import tiny_llama, write_tiny_gguf
+
+    write_tiny_gguf(tmp_path / "tiny.gguf", tiny_llama(layers=6))
+    rows = read_examples(VALIDATION, need_label=False)[:200]
+    write_jsonl(tmp_path / "val.jsonl", rows[:40])
+    config = parse_job({
+        "job": {"name": "off-refine-gen", "mode": "offsite", "rounds": 1, "clients_per_round": 1, "min_clients": 1},
+        "model": {"path": "tiny.gguf", "task": "causal-lm", "max_length": 16},
+        "data": {"validation": str(tmp_path / "val.jsonl")},
+        "train": {"local_steps": 5, "batch_size": 8, "lr": 1e-2},
+        "offsite": {"adapter_layers": 1, "keep": 2, "refine_steps": 10, "refine_lr": 1e-3,
+                    "refine_text": "generated", "refine_generated_texts": 24, "refine_emulator_weight": 0.5},
+    }, tmp_path)
+    job = prepare_job(config, tmp_path / "out")
+    model = job.model
+    assert isinstance(model, OffsiteGlobalModel)
+    message = job.engine.train_message(1, 1)
+    reply = ClientRuntime.from_package(job.package.folder, rows[40:], state_dir=None).handle(
+        decode_message(encode_message(message)))
+    model.set_trainable_state({n: message.tensors[n] + reply.tensors[n] for n in message.tensors})
+    plain = {n: t.clone() for n, t in model.plugged.state_dict().items()}
+
+    model.export(tmp_path / "final")
+    summary = json.loads((tmp_path / "final" / REFINEMENT_FILE).read_text())
+    assert summary["text"] == "generated" and summary["emulator_weight"] == 0.5 and summary["steps"] == 10
+    assert summary["kl_first"] > 0
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "final").eval()
+    layout = EmulatorLayout.load(job.package.folder / "model")
+    adapter_blocks = tuple(f"model.layers.{i}." for i in layout.adapter_full_indices)
+    changed = {n for n, t in final.state_dict().items() if not torch.equal(t, plain[n])}
+    assert changed and all(n.startswith(adapter_blocks) for n in changed), sorted(changed)
