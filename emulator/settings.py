@@ -95,7 +95,7 @@ class OffsiteSettings:
     refine_temperature: float = _help("softmax temperature of the refinement's KL", default=2.0)
     refine_emulator_weight: float = _help(
         "weight w of the tuned emulator in the refinement's teacher, p_plug^(1-w) * p_emulator^w normalised; 1 = "
-        "the tuned emulator alone (MiniLM); below 1 keeps what the full middle knows (SmolLM2: 0.25)", default=1.0)
+        "the tuned emulator alone (MiniLM); below 1 keeps what the full middle knows (SmolLM2: 0.3)", default=1.0)
     refine_text: str = _help(
         'what refinement runs on: "public" (distill_data) or "generated" (texts the teacher writes itself, '
         "causal LMs; no distill_data needed)", default="public")
