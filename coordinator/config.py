@@ -330,7 +330,8 @@ class JobConfig:
     def validate(self) -> None:
         """Check every table, then the rules that span tables: a robust aggregator neither with secure
         aggregation (which hides the updates it needs) nor with client-level DP (whose noise is calibrated
-        to the mean), mean pooling only in lora mode, refinement on generated text only for causal LMs. ConfigError names the key.
+        to the mean), mean pooling only in lora mode, refinement on generated text only for causal LMs.
+        ConfigError names the key.
         """
         for section in (self.job, self.model, self.data, self.train, self.server, self.privacy, self.tls):
             section.validate()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -22,7 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from emulator.adapter import plug_in  # noqa: E402
-from emulator.batching import encode, pad_id_of  # noqa: E402
+from emulator.batching import Encoded, collate, encode, pad_id_of  # noqa: E402
 from emulator.cli import load_model, load_tokenizer, resolve_model_path  # noqa: E402
 from emulator.distill import read_text_corpus  # noqa: E402
 from emulator.evaluation import TrainConfig, perplexity, subsample, tune_adapter  # noqa: E402
@@ -30,6 +31,20 @@ from emulator.layout import load_layout_checked  # noqa: E402
 from emulator.refine import MixtureTeacher  # noqa: E402
 
 DATA = REPO / "coordinator" / "examples" / "data"
+
+
+@torch.no_grad()
+def mixture_perplexity(teacher: MixtureTeacher, data: Encoded, pad_id: int) -> float:
+    """exp of the mean next-token loss over every predicted (unpadded) token, as ``perplexity`` counts it."""
+    total, tokens = 0.0, 0
+    for start in range(0, len(data), 32):
+        batch = collate(data, list(range(start, min(start + 32, len(data)))), pad_id)
+        log_probs = teacher(**batch).logits[:, :-1]
+        target, mask = batch["input_ids"][:, 1:], batch["attention_mask"][:, 1:].bool()
+        picked = log_probs.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        total -= float(picked[mask].sum())
+        tokens += int(mask.sum())
+    return math.exp(total / tokens)
 
 
 def main() -> int:
@@ -56,7 +71,7 @@ def main() -> int:
     rows = {"plug_in": perplexity(plugged, held_data, pad_id=pad),
             "emulator_alone": perplexity(tuned, held_data, pad_id=pad)}
     for w in args.weights:
-        rows[f"mixture w={w}"] = perplexity(MixtureTeacher(plugged, tuned, w), held_data, pad_id=pad)
+        rows[f"mixture w={w}"] = mixture_perplexity(MixtureTeacher(plugged, tuned, w), held_data, pad)
     print(json.dumps(rows, indent=1))
     if args.json:
         args.json.write_text(json.dumps({"emulator": str(args.emulator), "seed": args.seed, "perplexity": rows},

@@ -18,7 +18,9 @@ mkdir -p "$CACHE" "$OUT"
     --distill-steps 800 --distill-lr 1e-3 --distill-batch-size 8 --max-length 64 --threads 1 \
     --checkpoint-dir "$CACHE/ckpt-kl-d800" --distill-kl-weight 1
 # the mixture weight: perplexity of the mixture teacher itself on the validation glosses, w = 0.1 ... 0.4
-$PY experiments/offsite/mixture_sweep.py --emulator "$CACHE/emu-kl-d800" --json "$OUT/mixture-sweep.json"
+for seed in 0 1; do
+  $PY experiments/offsite/mixture_sweep.py --emulator "$CACHE/emu-kl-d800" --seed $seed --json "$OUT/mixture-sweep-seed$seed.json"
+done
 REFINE="--refine-steps 160 --refine-lr 3e-4 --refine-temperature 1 --refine-emulator-weight 0.3
         --refine-text generated --refine-generated-texts 640"
 for seed in 0 1; do
