@@ -123,9 +123,8 @@ def document_start_id(tokenizer: PreTrainedTokenizerBase) -> int:
     """The token a pretraining document starts after: ``<|endoftext|>`` where the vocabulary has it (GPT-2,
     SmolLM2; an instruct model's BOS is often its chat marker instead), else BOS, else EOS."""
     vocab = tokenizer.get_vocab()
-    for candidate in ("<|endoftext|>",):
-        if candidate in vocab:
-            return int(vocab[candidate])
+    if "<|endoftext|>" in vocab:
+        return int(vocab["<|endoftext|>"])
     for token_id in (tokenizer.bos_token_id, tokenizer.eos_token_id):
         if token_id is not None:
             return int(token_id)
