@@ -38,6 +38,19 @@ REFINEMENT_FILE = "refinement.json"
 EMULATOR_DIR = "emulator"  # final/emulator/: the tuned emulator, with its offsite_layout.json
 
 
+def refinement_helps(summary: dict[str, Any]) -> bool:
+    """Whether the refined plug-in scored better than the plain one on the job's validation data (True when there
+    is none to judge by). Refinement distils a teacher into the plug-in; on SmolLM2 the same settings that won 10 %
+    on one draw of the data lost 2 % on another (experiments/offsite/RESULTS.md), so the export checks.
+    Classification is judged by accuracy (ties by loss), a causal LM by its validation loss (its perplexity)."""
+    before, after = summary.get("validation_plug_in"), summary.get("validation_refined")
+    if not before or not after:
+        return True
+    if "val_accuracy" in before:
+        return (after["val_accuracy"], -after["val_loss"]) > (before["val_accuracy"], -before["val_loss"])
+    return bool(after["val_loss"] < before["val_loss"])
+
+
 class OffsiteGlobalModel:
     """The coordinator's model in offsite mode (see the module): the full model stays here, only the
     adapter's state is exchanged.
@@ -61,6 +74,7 @@ class OffsiteGlobalModel:
                                    temperature=offsite.refine_temperature, max_length=config.model.max_length,
                                    seed=config.job.seed, emulator_weight=offsite.refine_emulator_weight,
                                    text=offsite.refine_text, generated_texts=offsite.refine_generated_texts)
+        self.refine_keep = offsite.refine_keep  # "better": final/ holds the refined plug-in only if it scores better
         self.public_text = offsite.distill_data or None  # a file (relative to the job file) or "bbcnews"
         self.base_dir = config.base_dir
 
@@ -126,13 +140,19 @@ class OffsiteGlobalModel:
         return self.trainable
 
     def export(self, folder: Path) -> None:
-        """final/: the full model with the tuned adapter plugged in (refined, if the job asks);
+        """final/: the full model with the tuned adapter plugged in (refined, if the job asks and ``refine_keep``
+        allows: see :func:`refinement_helps`);
         final/emulator/: the tuned emulator (the clients hold it anyway). Plain transformers loads both."""
         tmp = folder.with_name(folder.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
         model = self.plugged
         if self.refine.steps > 0:
-            model, summary = self.refined()
+            refined, summary = self.refined()
+            summary["keep"] = self.refine_keep
+            summary["kept"] = self.refine_keep == "always" or refinement_helps(summary)
+            log.info("plug-in refinement: final/ holds the %s plug-in", "refined" if summary["kept"] else "plain")
+            if summary["kept"]:
+                model = refined
             tmp.mkdir(parents=True)
             (tmp / REFINEMENT_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
         model.save_pretrained(str(tmp), safe_serialization=True)

@@ -18,6 +18,7 @@ from localio.errors import user_error
 DEFAULT_KEEP_RATIO = 0.5
 HIDDEN_METRICS = ("token", "channel")  # how distillation scales the hidden-state error (emulator/distill.py)
 REFINE_TEXTS = ("public", "generated")  # what plug-in refinement runs on (emulator/refine.py)
+REFINE_KEEPS = ("better", "always")  # which model the export keeps after refinement (coordinator/offsite_model.py)
 
 
 @user_error
@@ -101,6 +102,10 @@ class OffsiteSettings:
         "causal LMs; no distill_data needed)", default="public")
     refine_generated_texts: int = _help('how many texts refine_text = "generated" writes (model.max_length tokens '
                                         "each)", default=640)
+    refine_keep: str = _help(
+        'which plug-in final/ holds after refinement: "better" (the refined one only if it scores better on the '
+        'job\'s validation data than the plain plug-in; without validation data, the refined one) or "always"',
+        default="better")
 
     def __post_init__(self) -> None:
         _non_negative_ints("offsite.adapter_layers must be >= 0", self.adapter_layers)
@@ -120,6 +125,9 @@ class OffsiteSettings:
         if self.refine_text not in REFINE_TEXTS:
             raise SettingsError(f"offsite.refine_text must be one of {', '.join(REFINE_TEXTS)}, "
                                 f"got {self.refine_text!r}")
+        if self.refine_keep not in REFINE_KEEPS:
+            raise SettingsError(f"offsite.refine_keep must be one of {', '.join(REFINE_KEEPS)}, "
+                                f"got {self.refine_keep!r}")
         if self.refine_steps and self.refine_text == "public" and not self.distill_data:
             raise SettingsError("offsite.refine_steps > 0 needs offsite.distill_data (the public text it runs on) "
                                 'or refine_text = "generated"')

@@ -102,6 +102,7 @@ def test_shipped_examples_load() -> None:
         ({"offsite": {"refine_text": "news"}}, r"offsite.refine_text must be one of public, generated"),
         ({"offsite": {"refine_emulator_weight": 0.0}}, r"offsite.refine_emulator_weight must be in \(0, 1\]"),
         ({"offsite": {"refine_generated_texts": 0}}, r"offsite.refine_generated_texts must be a positive"),
+        ({"offsite": {"refine_keep": "refined"}}, r"offsite.refine_keep must be one of better, always"),
         ({"offsite": {"refine_steps": 10, "refine_text": "generated"}},
          r"offsite.refine_text = \"generated\" needs model.task = \"causal-lm\""),
         ({"privacy": {"local_dp": {"enabled": True, "noise_multiplier": 1.0, "target_epsilon": 8.0}}},

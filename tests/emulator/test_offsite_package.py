@@ -11,6 +11,7 @@ import io
 import json
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -169,15 +170,10 @@ def test_a_job_with_distillation_ships_a_changed_middle_and_keeps_its_checkpoint
     assert saved["hidden_metric"] == "channel" and saved["kl_weight"] == 0.0
 
 
-def test_export_refines_the_plug_in_on_public_text_and_leaves_the_clients_adapter_alone(
-        tiny_bert_dir: Path, tmp_path: Path) -> None:
-    """``refine_steps`` > 0: final/ is the plug-in refined against the tuned emulator (only adapter blocks
-    and head differ from the plain plug-in), refinement.json records it, and what clients train is unchanged."""
-    from transformers import AutoModelForSequenceClassification
-
+def _bert_offsite_job_after_one_round(tiny_bert_dir: Path, tmp_path: Path, offsite: dict[str, object]) -> Any:
+    """A tiny-BERT offsite job with public text, after one client's round: its OffsiteGlobalModel."""
     from client.runtime import ClientRuntime
-    from coordinator.offsite_model import REFINEMENT_FILE, OffsiteGlobalModel
-    from emulator.tasks import evaluate
+    from coordinator.offsite_model import OffsiteGlobalModel
 
     rows = read_examples(VALIDATION, need_label=True)[:300]
     write_jsonl(tmp_path / "val.jsonl", rows[:60])
@@ -187,8 +183,7 @@ def test_export_refines_the_plug_in_on_public_text_and_leaves_the_clients_adapte
         "model": {"path": str(tiny_bert_dir), "max_length": 24},
         "data": {"validation": str(tmp_path / "val.jsonl")},
         "train": {"local_steps": 5, "batch_size": 8, "lr": 1e-2},
-        "offsite": {"adapter_layers": 1, "keep": 1, "distill_data": "public.txt", "refine_steps": 20,
-                    "refine_lr": 1e-3},
+        "offsite": {"adapter_layers": 1, "keep": 1, "distill_data": "public.txt", **offsite},
     }, tmp_path)
     job = prepare_job(config, tmp_path / "out")
     model = job.model
@@ -197,23 +192,70 @@ def test_export_refines_the_plug_in_on_public_text_and_leaves_the_clients_adapte
     reply = ClientRuntime.from_package(job.package.folder, rows[60:160], state_dir=None).handle(
         decode_message(encode_message(message)))
     model.set_trainable_state({n: message.tensors[n] + reply.tensors[n] for n in message.tensors})
+    return model
+
+
+def test_export_refines_the_plug_in_on_public_text_and_leaves_the_clients_adapter_alone(
+        tiny_bert_dir: Path, tmp_path: Path) -> None:
+    """``refine_steps`` > 0: final/ is the plug-in refined against the tuned emulator (only adapter blocks
+    and head differ from the plain plug-in), refinement.json records it, and what clients train is unchanged."""
+    from transformers import AutoModelForSequenceClassification
+
+    from coordinator.offsite_model import REFINEMENT_FILE
+    from emulator.tasks import evaluate
+
+    model = _bert_offsite_job_after_one_round(tiny_bert_dir, tmp_path,
+                                              {"refine_steps": 20, "refine_lr": 1e-3, "refine_keep": "always"})
     before = model.trainable_state()
     plain = {n: t.clone() for n, t in model.plugged.state_dict().items()}
 
     model.export(tmp_path / "final")
     summary = json.loads((tmp_path / "final" / REFINEMENT_FILE).read_text())
     # (that refinement lowers a real mismatch is tests/emulator/test_refine.py's; a random tiny BERT has none)
-    assert summary["steps"] == 20 and summary["kl_first"] >= 0 and summary["kl_last"] >= 0
+    assert summary["steps"] == 20 and summary["kl_first"] >= 0 and summary["kl_last"] >= 0 and summary["kept"]
     assert summary["validation_plug_in"] == model.evaluate()
     final = AutoModelForSequenceClassification.from_pretrained(tmp_path / "final").eval()
     assert model.validation is not None
     assert evaluate(final, model.validation)["val_accuracy"] == pytest.approx(
         summary["validation_refined"]["val_accuracy"], abs=1e-9)
-    layout = EmulatorLayout.load(job.package.folder / "model")
-    adapter_blocks = tuple(f"bert.encoder.layer.{i}." for i in layout.adapter_full_indices)
+    adapter_blocks = tuple(f"bert.encoder.layer.{i}." for i in model.layout.adapter_full_indices)
     changed = {n for n, t in final.state_dict().items() if not torch.equal(t, plain[n])}
     assert changed and all(n.startswith(adapter_blocks) or n.startswith("classifier.") for n in changed)
     assert all(torch.equal(model.trainable_state()[n], before[n]) for n in before)
+
+
+def test_export_keeps_the_plain_plug_in_when_refinement_scores_worse_on_validation(
+        tiny_bert_dir: Path, tmp_path: Path) -> None:
+    """``refine_keep = "better"`` (the default): a refinement that hurts (here a learning rate of 1, which wrecks
+    the adapter blocks) is recorded in refinement.json and final/ holds the plain plug-in, tensor for tensor."""
+    from transformers import AutoModelForSequenceClassification
+
+    from coordinator.offsite_model import REFINEMENT_FILE
+
+    model = _bert_offsite_job_after_one_round(tiny_bert_dir, tmp_path, {"refine_steps": 10, "refine_lr": 1.0})
+    plain = {n: t.clone() for n, t in model.plugged.state_dict().items()}
+
+    model.export(tmp_path / "final")
+    summary = json.loads((tmp_path / "final" / REFINEMENT_FILE).read_text())
+    assert summary["keep"] == "better" and summary["kept"] is False
+    assert summary["validation_refined"]["val_loss"] > summary["validation_plug_in"]["val_loss"]
+    final = AutoModelForSequenceClassification.from_pretrained(tmp_path / "final").state_dict()
+    assert all(torch.equal(t, plain[n]) for n, t in final.items())
+
+
+@pytest.mark.parametrize(("before", "after", "helps"), [
+    ({"val_accuracy": 0.5, "val_loss": 1.0}, {"val_accuracy": 0.6, "val_loss": 1.2}, True),   # accuracy decides
+    ({"val_accuracy": 0.5, "val_loss": 1.0}, {"val_accuracy": 0.5, "val_loss": 0.9}, True),   # a tie: the loss
+    ({"val_accuracy": 0.5, "val_loss": 1.0}, {"val_accuracy": 0.5, "val_loss": 1.0}, False),  # no better: plain
+    ({"val_perplexity": 70.0, "val_loss": 4.25}, {"val_perplexity": 72.0, "val_loss": 4.28}, False),
+    ({"val_perplexity": 70.0, "val_loss": 4.25}, {"val_perplexity": 65.0, "val_loss": 4.17}, True),
+    (None, None, True),                                                                      # nothing to judge by
+])
+def test_refinement_is_judged_by_the_jobs_headline_metric(before: Any, after: Any, helps: bool) -> None:
+    from coordinator.offsite_model import refinement_helps
+
+    summary = {} if before is None else {"validation_plug_in": before, "validation_refined": after}
+    assert refinement_helps(summary) is helps
 
 
 def test_export_refines_a_causal_lm_on_texts_its_teacher_writes_without_public_text(tmp_path: Path) -> None:
@@ -234,7 +276,8 @@ def test_export_refines_a_causal_lm_on_texts_its_teacher_writes_without_public_t
         "data": {"validation": str(tmp_path / "val.jsonl")},
         "train": {"local_steps": 5, "batch_size": 8, "lr": 1e-2},
         "offsite": {"adapter_layers": 1, "keep": 2, "refine_steps": 10, "refine_lr": 1e-3,
-                    "refine_text": "generated", "refine_generated_texts": 24, "refine_emulator_weight": 0.5},
+                    "refine_text": "generated", "refine_generated_texts": 24, "refine_emulator_weight": 0.5,
+                    "refine_keep": "always"},
     }, tmp_path)
     job = prepare_job(config, tmp_path / "out")
     model = job.model
