@@ -50,6 +50,7 @@ from protos.codec import (
     sha256_hex,
 )
 from protos.wire import VERSION_KEY, WIRE_VERSION
+from simulations.harness import tiny_jobs
 
 REPO = Path(__file__).resolve().parents[2]
 VALIDATION = REPO / "coordinator" / "examples" / "data" / "wordnet_supersense.validation.jsonl.gz"
@@ -86,20 +87,8 @@ tokens_file = "tokens.txt"
 
 
 def make_tiny_bert(folder: Path) -> Path:
-    """A 2-block, hidden-32 BERT with MiniLM's real tokenizer (as tests/conftest.py's fixture builds it)."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from emulator.models import embedded_model_path
-
-    if (folder / "config.json").exists():
-        return folder
-    tokenizer = AutoTokenizer.from_pretrained(str(embedded_model_path()))
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64)
-    BertModel(config).save_pretrained(str(folder), safe_serialization=True)
-    tokenizer.save_pretrained(str(folder))
-    return folder
+    """A 2-block, hidden-32 BERT with MiniLM's real tokenizer (BERT's default dropout, 64 positions)."""
+    return tiny_jobs.make_tiny_bert(folder, max_positions=64, dropout=0.1)
 
 
 class _LogWatch(logging.Handler):

@@ -79,7 +79,8 @@ from pathlib import Path
 from statistics import median
 from typing import Any
 
-from simulations.bench.scale import bench_module, child_env, make_tiny_bert
+from simulations.bench.scale import bench_module, child_env
+from simulations.harness.tiny_jobs import make_tiny_bert
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "coordinator" / "examples" / "data"

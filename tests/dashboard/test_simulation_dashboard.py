@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from simulations.bench.scale import make_tiny_bert, tiny_job
 from simulations.harness.local_cluster import REPO, process_env, tail
+from simulations.harness.tiny_jobs import make_tiny_bert, tiny_job
 
 pytestmark = pytest.mark.slow
 

@@ -24,9 +24,9 @@ from coordinator.checkpoint import Checkpointer
 from coordinator.config import load_job
 from protos.codec import Message
 from protos.wire import Stage, TrainInstruction
-from simulations.bench.scale import make_tiny_bert, tiny_job
 from simulations.flower_app import ClientSettings, make_client_app
 from simulations.flower_driver import FlowerDriver, client_id_for, install_dispatch
+from simulations.harness.tiny_jobs import make_tiny_bert, tiny_job
 from simulations.runner import SimulationOptions, _run_flower, backend_config, run_job, start_ray
 
 ENROLLED, PER_ROUND = 300, 3

@@ -22,7 +22,6 @@ from coordinator.engine import Exchange
 from localio.data import read_examples
 from protos.codec import Message, encode_message
 from protos.wire import Stage, TrainInstruction
-from simulations.bench.scale import make_tiny_bert, tiny_job
 from simulations.flower_app import (
     _STATE,
     ClientSettings,
@@ -31,6 +30,7 @@ from simulations.flower_app import (
     make_client_app,
 )
 from simulations.flower_driver import FlowerDriver, client_id_for
+from simulations.harness.tiny_jobs import make_tiny_bert, tiny_job
 from simulations.runner import SimulationOptions, _run_flower, backend_config, run_job
 
 CLIENTS, PER_ROUND, ROUNDS = 8, 4, 2

@@ -151,8 +151,8 @@ def test_the_driver_is_woken_once_every_awaited_reply_is_stored() -> None:
 def prepared(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Message]:
     from coordinator.config import load_job
     from coordinator.job import prepare_job
-    from simulations.bench.scale import make_tiny_bert, tiny_job
     from simulations.flower_app import ClientSettings
+    from simulations.harness.tiny_jobs import make_tiny_bert, tiny_job
     from simulations.runner import SimulationOptions, apply_overrides, partition_table
 
     work = tmp_path_factory.mktemp("wire")

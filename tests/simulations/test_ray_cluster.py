@@ -27,8 +27,8 @@ from pathlib import Path
 
 import pytest
 
-from simulations.bench.scale import make_tiny_bert, tiny_job
 from simulations.harness.local_cluster import free_port
+from simulations.harness.tiny_jobs import make_tiny_bert, tiny_job
 
 RAY = Path(sys.executable).parent / "ray"
 SIMULATE = Path(sys.executable).parent / "fedsite-simulate"
