@@ -5,7 +5,7 @@
 # uses), instead of 2+8+2. Scored exactly as run_smollm2_refine.sh (same 320 training and 200 validation glosses,
 # adapter lr 1e-3; seed 1 draws another order and 200 other glosses), whose references (zero-shot, full-model
 # LoRA) this pass reuses. The mixture weight of the refinement teacher is read off seed 0's sweep.
-# CPU only; on 2 cores the build took ~40 min at two threads, an evaluate line with refinement ~55 min.
+# CPU only; on 2 cores the build took 36 min at two threads, an evaluate line with refinement ~55 min.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 . experiments/offsite/smollm2_common.sh   # PY, CACHE, DATA, E, COMMON
