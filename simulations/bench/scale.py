@@ -21,7 +21,9 @@ interleaved, the ratio simulated ÷ direct per pair (median, min, max).
 What each arm times. Direct: what a client does, per client: its
 ClientRuntime over its partition (examples encoded, as an actor does for a
 client not in its cache) and ``handle`` of the round's train message, nothing
-carried anywhere. Simulated: the engine's exchange of a steady round
+carried anywhere; for the clients the simulation samples in its steady rounds
+(2..R), round by round (it used to be one round's 50, which left a pair's
+ratio at the mercy of half a second's noise). Simulated: the engine's exchange of a steady round
 (``seconds_exchange`` of metrics.jsonl, rounds 2..R), i.e. what the simulation
 does to get the message to the K clients and their updates back: packing the
 message into Flower records, the Grid and link state, Flower's engine and Ray
@@ -178,17 +180,19 @@ def _child(job: Path, out: Path, num_cpus: int, loop: str = "fedsite") -> int:
     return 0
 
 
-def direct_overhead(work: Path, model_dir: Path, per_round: int, clients: int) -> dict[str, Any]:
-    """Seconds per client of ClientRuntime.handle in a plain loop (same messages as the simulation)."""
+def direct_overhead(work: Path, model_dir: Path, per_round: int, clients: int, rounds: int = 2) -> dict[str, Any]:
+    """Seconds per client of ClientRuntime.handle in a plain loop: the clients the simulation samples in its steady
+    rounds (2..``rounds``), each with its round's train message, one after another."""
     import torch
 
     from coordinator.config import load_job
     from coordinator.job import prepare_job
     from simulations.flower_app import ClientSettings, client_runtime
+    from simulations.flower_driver import client_id_for
     from simulations.runner import SimulationOptions, apply_overrides, partition_table
 
     torch.set_num_threads(1)
-    job = tiny_job(work, model_dir, clients=clients, per_round=per_round, rounds=1,
+    job = tiny_job(work, model_dir, clients=clients, per_round=per_round, rounds=rounds,
                    max_train_examples=EXAMPLES_PER_CLIENT * clients, name="direct")
     config = apply_overrides(load_job(job), SimulationOptions())
     out = work / "direct"
@@ -199,24 +203,32 @@ def direct_overhead(work: Path, model_dir: Path, per_round: int, clients: int) -
     assert sim is not None
     settings = ClientSettings(package_dir=str(prepared.package.folder), train_data=str(config.resolve(sim.train_data)),
                               partitions_file=str(out / "partitions.json"), output_dir=str(out), threads=1)
-    sampled = prepared.engine.sample(1, [f"{i}" for i in range(clients)])
-    message = prepared.engine.train_message(1, len(sampled))
-    client_runtime(settings, 0).handle(message)  # warm-up: model loaded, like an actor after round 1
-    start = time.monotonic()
-    for cid in sampled:
-        client_runtime(settings, int(cid)).handle(message)
+    partition_of = {client_id_for(p): p for p in range(clients)}  # the simulation's client ids, so its samples
+    plan = []
+    for round_id in range(2, max(rounds, 2) + 1):
+        sampled = prepared.engine.sample(round_id, sorted(partition_of))
+        plan.append((sampled, prepared.engine.train_message(round_id, len(sampled))))
+    client_runtime(settings, 0).handle(plan[0][1])  # warm-up: model loaded, like an actor after round 1
+    handled, start = 0, time.monotonic()
+    for sampled, message in plan:
+        for cid in sampled:
+            client_runtime(settings, partition_of[cid]).handle(message)
+        handled += len(sampled)
     seconds = time.monotonic() - start
-    return {"clients": len(sampled), "seconds": seconds, "per_client_s": seconds / len(sampled)}
+    return {"clients": handled, "rounds": len(plan), "seconds": seconds, "per_client_s": seconds / handled}
 
 
-def direct_run(work: Path, model_dir: Path, per_round: int, clients: int, tree: Path = REPO) -> dict[str, Any]:
-    """:func:`direct_overhead` in a fresh subprocess running ``tree``'s code."""
-    code = (f"import json, sys; from pathlib import Path; from {bench_module(tree, 'scale')} import direct_overhead; "
+def direct_run(work: Path, model_dir: Path, per_round: int, clients: int, tree: Path = REPO,
+               rounds: int = 2) -> dict[str, Any]:
+    """:func:`direct_overhead` in a fresh subprocess running ``tree``'s code (an older tree's takes no ``rounds``)."""
+    code = (f"import inspect, json, sys; from pathlib import Path; from {bench_module(tree, 'scale')} import "
+            "direct_overhead; kw = {'rounds': int(sys.argv[5])} if 'rounds' in "
+            "inspect.signature(direct_overhead).parameters else {}; "
             "print('RESULT ' + json.dumps(direct_overhead(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), "
-            "int(sys.argv[4]))))")
+            "int(sys.argv[4]), **kw)))")
     work.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run([sys.executable, "-c", code, str(work), str(model_dir), str(per_round), str(clients)],
-                          env=child_env(tree), capture_output=True, text=True, cwd=str(tree))
+    proc = subprocess.run([sys.executable, "-c", code, str(work), str(model_dir), str(per_round), str(clients),
+                           str(rounds)], env=child_env(tree), capture_output=True, text=True, cwd=str(tree))
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"direct loop failed:\n{proc.stderr[-3000:]}")
@@ -233,7 +245,7 @@ def overhead_pairs(work: Path, model_dir: Path, *, per_round: int, rounds: int, 
         for arm in arms:
             tree = trees[arm]
             sim = scale_run(work, model_dir, clients, per_round, rounds, num_cpus=1, tree=tree, tag=f"ovh-{arm}-r{i}")
-            direct = direct_run(work / f"direct-{arm}-r{i}", model_dir, per_round, clients, tree=tree)
+            direct = direct_run(work / f"direct-{arm}-r{i}", model_dir, per_round, clients, tree=tree, rounds=rounds)
             sim_per_client = sim["exchange_s"] / per_round  # see the module docstring: what each arm times
             pair = {"simulated_per_client_s": sim_per_client, "direct_per_client_s": direct["per_client_s"],
                     "ratio": sim_per_client / direct["per_client_s"],
