@@ -40,6 +40,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from protos.codec import Message
+from simulations.flower_backend import install_pipelined_backend
 from simulations.flower_driver import HELLO, PARTITION, FlowerDriver, install_dispatch
 from simulations.flower_wire import RECORD, pack, unpack
 
@@ -333,6 +334,7 @@ def make_server_app(run_engine: Callable[[FlowerDriver], None], *, hello_timeout
     """
     # Flower's engine otherwise polls every enrolled node ten times a second (see flower_driver's docstring)
     dispatch = install_dispatch()
+    install_pipelined_backend()  # and feeds each Ray actor its next message while it runs one (flower_backend)
     app = ServerApp()
 
     @app.main()
