@@ -64,6 +64,16 @@ experiments/simulation/bench_secure_round_reply_signal*.json; load 5-20, warm ro
 
 At n = 10 each of the three small exchanges (setup, share keys, unmask) went from 0.11 to 0.05 s; at
 n = 100 the change (~0.05 s per exchange) is inside the noise of a loaded machine.
+
+On quiet cores (load 0.5-2.6, the machine otherwise idle; experiments/simulation/
+bench_secure_round_quiet_pipelined.json, 3 rounds x 2 at n = 100, DIR = the tree before the pipelined
+Ray backend) the plain round is twice as fast as on the loaded machine above and secure / plain is
+2.04, with and without the pipelined backend: plain 1.74 (1.59-1.88) s, before 1.82; secure 3.54
+(3.49-3.74) s, before 3.72. The secure round's extra 1.8 s: the masked-input exchange 2.61 s against
+the plain train exchange's 1.65 (each client's 16 AES-CTR mask streams of 1M words), and the three
+small exchanges 0.23 + 0.37 + 0.22 s (message round trips, not the server's CPU: 0.07 s in all). The
+1.64 above was a loaded machine's, where the plain round was slow too; the goal (<= 1.8) is not met
+on quiet cores. What would close it: overlapping the key-agreement stages of round r + 1 with round r.
 """
 
 from __future__ import annotations
