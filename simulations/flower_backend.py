@@ -32,6 +32,14 @@ could equally run one node's messages on two actors.
 its Ray backend (``raybackend.RayBackend``, imported when a simulation
 starts). It checks the backend's methods are the ones this overrides; if not,
 Flower's backend stays.
+
+Worker threads. Flower's engine starts its ``num_workers`` worker loops in a
+default ``ThreadPoolExecutor()``, which holds at most min(32, CPUs + 4)
+threads; a loop past that never starts. With one loop per actor that already
+idled actors past 32; with two per actor it would leave actors unpipelined
+from five actors on (8 cores: 12 of 16 loops). The install also gives the
+engine's module an executor that makes one thread per submitted loop
+(:class:`ThreadPerWorker`), so every loop runs whatever the actor count.
 """
 
 from __future__ import annotations
@@ -39,17 +47,31 @@ from __future__ import annotations
 import inspect
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import ray
 from flwr.app import Context, Message
 from flwr.common.constant import PARTITION_ID_KEY
+from flwr.server.superlink.fleet.vce import vce_api
 from flwr.server.superlink.fleet.vce.backend import BackendConfig, raybackend
 from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
 
 log = logging.getLogger("fedsite.simulation")
 
 PIPELINE_DEPTH = 2  # messages in flight per actor: the one it runs and the next
+WORKER_THREADS_CAP = 4096  # threads ThreadPerWorker may make (Flower submits one long-running loop per worker)
+
+
+class ThreadPerWorker(ThreadPoolExecutor):
+    """A ThreadPoolExecutor whose default cap is high enough that every submitted task gets its own thread.
+
+    An executor makes threads only as tasks are submitted (one per task while below its cap), so with a
+    high cap Flower's engine gets exactly one thread per worker loop it submits, as it assumes.
+    """
+
+    def __init__(self, max_workers: int | None = None, *args: Any, **kwargs: Any) -> None:
+        super().__init__(max_workers or WORKER_THREADS_CAP, *args, **kwargs)
 
 
 class PipelinedRayBackend(RayBackend):
@@ -112,4 +134,6 @@ def install_pipelined_backend() -> bool:
                     "(one message in flight per actor)")
         return False
     raybackend.RayBackend = PipelinedRayBackend  # type: ignore[misc]
+    if getattr(vce_api, "ThreadPoolExecutor", None) is ThreadPoolExecutor:  # see "Worker threads" above
+        vce_api.ThreadPoolExecutor = ThreadPerWorker  # type: ignore[misc]
     return True

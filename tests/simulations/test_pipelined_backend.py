@@ -22,7 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
 from simulations import flower_backend
-from simulations.flower_backend import PIPELINE_DEPTH, PipelinedRayBackend, install_pipelined_backend
+from simulations.flower_backend import PIPELINE_DEPTH, PipelinedRayBackend, install_pipelined_backend, vce_api
 from simulations.runner import SimulationOptions, backend_config, start_ray
 
 WAIT_S = 300.0  # generous: a loaded CI machine starts Ray actors slowly
@@ -137,3 +137,15 @@ def test_install_leaves_a_flower_whose_backend_is_not_the_expected_one_alone(mon
     monkeypatch.setattr(flower_backend.raybackend, "RayBackend", OtherBackend)
     assert not install_pipelined_backend()
     assert flower_backend.raybackend.RayBackend is OtherBackend
+
+
+def test_the_engine_runs_every_worker_loop_however_many_actors() -> None:
+    """Flower starts one never-ending loop per worker in ``vce_api.ThreadPoolExecutor()``; a default executor
+    (min(32, CPUs + 4) threads) never starts the loops past its cap. 2 x 40 loops must all run at once."""
+    assert install_pipelined_backend()
+    loops = 2 * 40
+    barrier = threading.Barrier(loops + 1)
+    with vce_api.ThreadPoolExecutor() as executor:
+        futures = [executor.submit(barrier.wait, WAIT_S) for _ in range(loops)]
+        barrier.wait(WAIT_S)  # breaks (BrokenBarrierError) unless all the loops are running together
+    assert all(future.exception() is None for future in futures)
