@@ -115,7 +115,7 @@ class PipelinedRayBackend(RayBackend):
         return reply, updated_context
 
 
-_OVERRIDDEN = ("num_workers", "process_message", "build", "terminate")
+_RELIED_ON = ("num_workers", "process_message", "build", "terminate")  # what the subclass overrides or calls
 
 
 def install_pipelined_backend() -> bool:
@@ -128,7 +128,7 @@ def install_pipelined_backend() -> bool:
     if current is PipelinedRayBackend:
         return True
     process = getattr(current, "process_message", None)
-    if (current is not RayBackend or any(not hasattr(current, name) for name in _OVERRIDDEN) or process is None
+    if (current is not RayBackend or any(not hasattr(current, name) for name in _RELIED_ON) or process is None
             or list(inspect.signature(process).parameters) != ["self", "message", "context"]):
         log.warning("this Flower's RayBackend is not the one fedsite's pipelined backend extends; keeping it "
                     "(one message in flight per actor)")
