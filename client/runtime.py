@@ -15,7 +15,7 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,12 +80,28 @@ class ClientRuntime:
     """
     model: torch.nn.Module
     spec: JobSpec
-    data: EncodedExamples
+    data: EncodedExamples | None = None  # this client's encoded examples; None: ``load_data`` gives them
     state_dir: Path | None = None
     secagg: SecAggPlusClient | None = field(default=None, repr=False)
     # where frozen-prefix states are kept, one file per fingerprint; None = this client's state folder
     # (simulations share one folder, so jobs over the same data and model reuse each other's states)
     prefix_cache_dir: Path | None = None
+    # encodes the examples when first needed (see ``examples``)
+    load_data: Callable[[], EncodedExamples] | None = field(default=None, repr=False)
+
+    @property
+    def examples(self) -> EncodedExamples:
+        """This client's encoded examples, from ``load_data`` on first use when none were given.
+
+        Only training reads them: a simulated client whose runtime is rebuilt for each message
+        (another actor may have served it since) would otherwise encode its data again for each
+        of the three SecAgg+ stages that never look at it.
+        """
+        if self.data is None:
+            if self.load_data is None:
+                raise ClientError("this client was given neither its examples nor a way to load them")
+            self.data = self.load_data()
+        return self.data
 
     @classmethod
     def from_package(cls, package_dir: Path, examples: Sequence[Example], *, state_dir: Path | None,
@@ -103,7 +119,7 @@ class ClientRuntime:
         """Seeds this client's batch order from its data, not from an id a driver assigns, so
         the gRPC and Flower runs of one job train on the same batches."""
         if not hasattr(self, "_data_seed"):
-            digest = hashlib.sha256(repr((self.data.input_ids, self.data.labels)).encode()).digest()
+            digest = hashlib.sha256(repr((self.examples.input_ids, self.examples.labels)).encode()).digest()
             self._data_seed = int.from_bytes(digest[:4], "little")
         return self._data_seed
 
@@ -113,26 +129,26 @@ class ClientRuntime:
         cut = cut_index(self.model)
         if cut is None or cut == 0:
             return None
-        cached = self.data.cache.get(PREFIX_CACHE_KEY)
+        cached = self.examples.cache.get(PREFIX_CACHE_KEY)
         if isinstance(cached, FrozenPrefix) and cached.cut == cut and cached.model_id == id(self.model):
             return cached
         start = time.monotonic()
         # kept in the state folder too: a restarted client, or a simulated one served by another actor
         # next round, reads the states instead of running the frozen blocks over its data again
-        fingerprint = prefix_fingerprint(self.model, self.data, cut)
+        fingerprint = prefix_fingerprint(self.model, self.examples, cut)
         stored = (self.prefix_cache_dir / f"{fingerprint[:40]}.safetensors" if self.prefix_cache_dir is not None
                   else self.state_dir / PREFIX_FILE if self.state_dir is not None else None)
         prefix = load_prefix(stored, self.model, cut, fingerprint) if stored is not None else None
         if prefix is None:
-            prefix = compute_prefix(self.model, self.data, cut)
+            prefix = compute_prefix(self.model, self.examples, cut)
             saved = stored is not None and store_prefix(prefix, stored, fingerprint)
-            log.info("ran the frozen blocks below block %d over %d examples in %.1fs%s", cut, len(self.data),
+            log.info("ran the frozen blocks below block %d over %d examples in %.1fs%s", cut, len(self.examples),
                      time.monotonic() - start, f" (kept in {stored})" if saved else "")
         else:
-            log.info("read the frozen blocks' output for %d examples from %s in %.1fs", len(self.data), stored,
+            log.info("read the frozen blocks' output for %d examples from %s in %.1fs", len(self.examples), stored,
                      time.monotonic() - start)
         prefix.model_id = id(self.model)
-        self.data.cache[PREFIX_CACHE_KEY] = prefix
+        self.examples.cache[PREFIX_CACHE_KEY] = prefix
         return prefix
 
     def ledger(self, accountant: str) -> PrivacyLedger:
@@ -180,7 +196,7 @@ class ClientRuntime:
             rounds_left = max(1, local_dp.rounds - message.round + 1)
             try:
                 sigma, sample_rate = plan_noise_multiplier(
-                    examples=len(self.data), batch_size=settings.batch_size,
+                    examples=len(self.examples), batch_size=settings.batch_size,
                     steps=rounds_left * settings.local_steps, delta=local_dp.delta, ledger=ledger,
                     target_epsilon=local_dp.target_epsilon,
                     noise_multiplier=local_dp.noise_multiplier if local_dp.target_epsilon is None else None)
@@ -216,7 +232,7 @@ class ClientRuntime:
             # is reproducible whichever process or driver runs it. DP noise has its own OS-seeded generator.
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(int(generator.initial_seed()) ^ 0x5EED)
-                result = train_steps(self.model, self.data, settings, generator=generator, privatize=privatize,
+                result = train_steps(self.model, self.examples, settings, generator=generator, privatize=privatize,
                                      prefix=prefix)
         finally:
             if local_dp:  # Opacus wrapped what trained: the model's top over the cached states, or the model
@@ -242,7 +258,7 @@ class ClientRuntime:
                 delta = distributed_noise_share(
                     delta, clip_norm=client_dp.clip_norm, noise_multiplier=client_dp.noise_multiplier,
                     num_clients=client_dp.num_clients, generator=torch.Generator().manual_seed(noise_seed))
-        done = ClientReport(num_examples=len(self.data), train_loss=result.loss, steps=result.steps,
+        done = ClientReport(num_examples=len(self.examples), train_loss=result.loss, steps=result.steps,
                             seconds_train=result.seconds, **report)
         return Message(round=message.round, stage=Stage.TRAIN, tensors=delta, config=done.to_config())
 
@@ -254,8 +270,7 @@ class ClientRuntime:
         The weight coordinate is scaled by the quantizer's range c so that it stays on the grid whatever c is
         (the coordinator divides it back out and checks it against the weights clients declare).
         """
-        weighted = flatten_state(trained.tensors) * np.float32(weight)
-        return np.concatenate([weighted, np.array([weight * clipping_range], np.float32)])
+        return flatten_state(trained.tensors, scale=weight, tail=(weight * clipping_range,))
 
     def secure_step(self, message: Message) -> Message:
         """One SecAgg+ stage; at the masked-input stage, train first and mask the update."""
@@ -275,7 +290,7 @@ class ClientRuntime:
                 if trained.stage != Stage.TRAIN:
                     return trained
                 report = dict(trained.config)  # the training report, with the weight this client declares
-                capped = min(1.0, len(self.data) / instruction.weight_cap)
+                capped = min(1.0, len(self.examples) / instruction.weight_cap)
                 weight = 1.0 if instruction.train is not None and instruction.train.client_dp else capped
                 vector = self.masked_input_vector(trained, weight, self.secagg.state.clipping_range)
                 report["secagg_weight"] = weight

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,9 +115,28 @@ def tensors_to_numpy(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in tensors.items()}
 
 
-def flatten_state(state: dict[str, torch.Tensor]) -> np.ndarray:
-    """All tensors in name order as one float32 vector (the layout secure aggregation sums)."""
-    return torch.cat([state[name].reshape(-1).to(torch.float32) for name in sorted(state)]).numpy()
+def flatten_state(state: dict[str, torch.Tensor], *, scale: float = 1.0, tail: Sequence[float] = ()) -> np.ndarray:
+    """All tensors in name order as one float32 vector (the layout secure aggregation sums), each value
+    times ``scale`` (a float32 product), then the values of ``tail``.
+
+    Written straight into the one output buffer: a client's masked input (~1M values) used to be
+    concatenated, scaled and concatenated again with its tail, three full copies.
+    """
+    names = sorted(state)
+    size = sum(state[name].numel() for name in names)
+    out = np.empty(size + len(tail), dtype=np.float32)
+    factor = np.float32(scale)
+    offset = 0
+    for name in names:
+        values = state[name].detach().reshape(-1).to(torch.float32).numpy()
+        piece = out[offset : offset + values.size]
+        if scale == 1.0:
+            piece[...] = values
+        else:
+            np.multiply(values, factor, out=piece)
+        offset += values.size
+    out[size:] = np.asarray(tail, dtype=np.float32)
+    return out
 
 
 def unflatten_state(vector: np.ndarray, template: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

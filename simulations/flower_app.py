@@ -95,19 +95,13 @@ def actor_cache_sizes() -> dict[str, int]:
     return {"models": len(_STATE.loaded), "train_files": len(_STATE.examples), "datasets": len(_STATE.data)}
 
 
-def _encoded_data(settings: ClientSettings, partition: int) -> Any:
-    """One virtual client's encoded examples, from the actor's LRU (loads what the process lacks)."""
+def _package(settings: ClientSettings) -> tuple[Any, Any, Any]:
+    """The job package's (model, tokenizer, spec), loaded once per process (and torch's threads set)."""
     import torch
 
     from emulator.package import load_trainable_model
-    from emulator.tasks import encode
-    from localio.data import check_labels, read_examples
 
     state = _STATE
-    key = (settings.package_dir, partition)
-    if key in state.data:
-        state.data.move_to_end(key)
-        return state.data[key]
     if not state.threads_set:
         torch.set_num_threads(max(1, settings.threads))
         state.threads_set = True
@@ -116,7 +110,20 @@ def _encoded_data(settings: ClientSettings, partition: int) -> Any:
         state.data.clear()
         state.runtimes.clear()
         state.loaded[settings.package_dir] = load_trainable_model(Path(settings.package_dir))
-    _, tokenizer, spec = state.loaded[settings.package_dir]
+    return state.loaded[settings.package_dir]
+
+
+def _encoded_data(settings: ClientSettings, partition: int) -> Any:
+    """One virtual client's encoded examples, from the actor's LRU (loads what the process lacks)."""
+    from emulator.tasks import encode
+    from localio.data import check_labels, read_examples
+
+    state = _STATE
+    key = (settings.package_dir, partition)
+    if key in state.data:
+        state.data.move_to_end(key)
+        return state.data[key]
+    _, tokenizer, spec = _package(settings)
     if settings.train_data not in state.examples:
         state.examples.clear()
         state.examples[settings.train_data] = read_examples(settings.train_data,
@@ -153,11 +160,13 @@ def client_runtime(settings: ClientSettings, partition: int) -> Any:
     """
     from client.runtime import ClientRuntime
 
-    data = _encoded_data(settings, partition)
-    model, _, spec = _STATE.loaded[settings.package_dir]
+    model, _, spec = _package(settings)
     state_dir = Path(settings.output_dir) / "clients" / str(partition)
     state_dir.mkdir(parents=True, exist_ok=True)
-    return ClientRuntime(model=model, spec=spec, data=data, state_dir=state_dir,
+    # the examples are encoded (or taken from the LRU) only when a message trains: the SecAgg+ key
+    # agreement stages, a fresh runtime each (see node_runtime), never read them
+    return ClientRuntime(model=model, spec=spec, load_data=lambda: _encoded_data(settings, partition),
+                         state_dir=state_dir,
                          prefix_cache_dir=Path(settings.prefix_cache_dir) if settings.prefix_cache_dir else None)
 
 

@@ -73,10 +73,10 @@ def _client_worker(method: str, package: str, data: str, batch: int, steps: int,
     torch.set_num_threads(1)
     runtime = ClientRuntime.from_package(Path(package), _examples(data, batch * (steps + WARMUP)), state_dir=None)
     trainable_bytes = sum(t.numel() * t.element_size() for t in trainable_state(runtime.model).values())
-    train_steps(runtime.model, runtime.data, TrainSettings(local_steps=WARMUP, batch_size=batch, lr=1e-4),
+    train_steps(runtime.model, runtime.examples, TrainSettings(local_steps=WARMUP, batch_size=batch, lr=1e-4),
                 generator=data_generator(0, 0, 0))
     cpu = time.process_time()
-    result = train_steps(runtime.model, runtime.data, TrainSettings(local_steps=steps, batch_size=batch, lr=1e-4),
+    result = train_steps(runtime.model, runtime.examples, TrainSettings(local_steps=steps, batch_size=batch, lr=1e-4),
                          generator=data_generator(0, 1, 0))
     queue.put({"peak_mb": _rss_mb(), "step_seconds": result.seconds / steps,
                "cpu_seconds": (time.process_time() - cpu) / steps, "trainable_bytes": trainable_bytes})

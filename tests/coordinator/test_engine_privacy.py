@@ -203,7 +203,7 @@ def test_a_dp_round_on_cached_states_leaves_no_opacus_hook_on_the_model(tiny_ber
     records = job.engine.run(InProcessDriver(clients))
     assert records[-1]["status"] == "ok"
     for runtime in clients.values():
-        assert runtime.data.cache, "the round trained on cached states"
+        assert runtime.examples.cache, "the round trained on cached states"
         trained = [(name, module) for name, module in runtime.model.named_modules()
                    if any(p.requires_grad for p in module.parameters(recurse=False))]  # what Opacus hooks
         assert trained

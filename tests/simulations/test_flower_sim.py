@@ -129,16 +129,19 @@ def test_actor_cache_shares_one_model_and_keeps_a_bounded_lru(tiny_run: Path) ->
     try:
         settings = _settings(tiny_run, threads=torch.get_num_threads(), cache_clients=3)
         runtimes = [client_runtime(settings, p) for p in range(CLIENTS)]
+        # a runtime encodes its examples only when something reads them (SecAgg+ key stages never do)
+        assert actor_cache_sizes() == {"models": 1, "train_files": 0, "datasets": 0}
+        assert all(r.data is None for r in runtimes)
+        table = json.loads(Path(settings.partitions_file).read_text())
+        assert [len(r.examples) for r in runtimes] == [len(p) for p in table]
         assert actor_cache_sizes() == {"models": 1, "train_files": 1, "datasets": 3}
         assert all(r.model is runtimes[0].model for r in runtimes)
-        table = json.loads(Path(settings.partitions_file).read_text())
-        assert [len(r.data) for r in runtimes] == [len(p) for p in table]
         again = client_runtime(settings, CLIENTS - 1)
-        assert again is not runtimes[-1] and again.data is runtimes[-1].data  # fresh runtime, cached data
-        assert client_runtime(settings, 0).data is not runtimes[0].data  # evicted, encoded again
+        assert again is not runtimes[-1] and again.examples is runtimes[-1].examples  # fresh runtime, cached data
+        assert client_runtime(settings, 0).examples is not runtimes[0].examples  # evicted, encoded again
         assert runtimes[3].state_dir == tiny_run / "clients" / "3"
         with pytest.raises(ValueError, match="outside the 8 partitions"):
-            client_runtime(settings, CLIENTS)
+            _ = client_runtime(settings, CLIENTS).examples
     finally:
         _STATE.clear()
 
