@@ -291,7 +291,7 @@ class SecAggPlusClient:
         add: list[bytes] = [st.self_mask_seed]
         subtract: list[bytes] = []
         for src in sources:
-            pair_seed = crypto.agree(st.mask_key, st.peers[src][0], "mask", r, me, src)
+            pair_seed = crypto.pair_mask_seed(st.mask_key, st.peers[src][0], r, me, src)
             (add if me < src else subtract).append(pair_seed)
         masked = quantize_masked(input_vector, st.clipping_range, st.levels, self._rng, add, subtract)
         st.seed_shares, st.key_shares = seed_shares, key_shares

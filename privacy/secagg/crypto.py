@@ -22,6 +22,8 @@
   Flower's RandomState int64 3.0 ms. AES-CTR is both the fastest and a
   cryptographic PRG; PCG64 is not (its state can be recovered from its
   output), which matters because a masked input leaks the top bits of its mask.
+  Every mask seed is 16 bytes (AES-128, the 128-bit level of X25519): the
+  self-mask seed always was, the pair-mask seeds since wire version 3.
 """
 
 from __future__ import annotations
@@ -82,12 +84,23 @@ def public_key_from_bytes(raw: bytes) -> X25519PublicKey:
     return X25519PublicKey.from_public_bytes(raw)
 
 
-def agree(private: X25519PrivateKey, peer_public: bytes, purpose: str, round_id: int, a: int, b: int) -> bytes:
-    """32-byte key shared by clients a and b (order-free) for `purpose` in `round_id`."""
+def agree(private: X25519PrivateKey, peer_public: bytes, purpose: str, round_id: int, a: int, b: int,
+          length: int = KEY_BYTES) -> bytes:
+    """`length`-byte key shared by clients a and b (order-free) for `purpose` in `round_id`."""
     low, high = (a, b) if a <= b else (b, a)
     secret = private.exchange(public_key_from_bytes(peer_public))
     info = _DOMAIN + purpose.encode() + _u64(round_id) + _u64(low) + _u64(high)
-    return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=info).derive(secret)
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=info).derive(secret)
+
+
+def pair_mask_seed(private: X25519PrivateKey, peer_public: bytes, round_id: int, a: int, b: int) -> bytes:
+    """The PRG seed of the mask clients a and b add and subtract: 16 bytes, an AES-128 key like the self-mask seed.
+
+    AES-128 matches the 128-bit security of X25519 and of the self mask, and its keystream is ~1.35x
+    AES-256's (12.1 vs 8.9 GB/s here): a client at n = 100 draws 14 pair masks of 4 MB each round.
+    Until wire version 3 the pair seeds were 32 bytes (AES-256): the two would not cancel.
+    """
+    return agree(private, peer_public, "mask", round_id, a, b, length=SEED_BYTES)
 
 
 def _aad(round_id: int, src: int, dst: int) -> bytes:

@@ -346,7 +346,7 @@ class SecAggPlusServer:
         for owner, secret in zip(dropped, rebuilt[len(included) :], strict=True):
             key = crypto.new_private_key(secret)
             for other in sorted(set(self.neighbours[owner]) & included):
-                pair_seed = crypto.agree(key, self._public_keys[other][0], "mask", self.round_id, owner, other)
+                pair_seed = crypto.pair_mask_seed(key, self._public_keys[other][0], self.round_id, owner, other)
                 mask = crypto.prg_uint32(pair_seed, self.vector_size)
                 # `other` added +mask if other < owner, else -mask: take it out
                 if other < owner:

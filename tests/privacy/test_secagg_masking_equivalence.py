@@ -141,7 +141,9 @@ def test_client_masked_input_equals_the_earlier_path() -> None:
     add: list[bytes] = [state.self_mask_seed]
     subtract: list[bytes] = []
     for src in sorted(state.peers):
-        pair = crypto.agree(state.mask_key, state.peers[src][0], "mask", 3, me, src)  # type: ignore[arg-type]
+        pair = crypto.pair_mask_seed(state.mask_key, state.peers[src][0], 3, me, src)  # type: ignore[arg-type]
+        # an AES-128 key since wire version 3: HKDF's first 16 bytes of the 256-bit key of before
+        assert pair == crypto.agree(state.mask_key, state.peers[src][0], "mask", 3, me, src)[:16]  # type: ignore[arg-type]
         (add if me < src else subtract).append(pair)
     want = reference_masked(x, state.clipping_range, state.levels, mirror, add, subtract)
     reply = clients[me].handle(outgoing[me], input_vector=x)
