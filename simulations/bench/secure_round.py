@@ -74,6 +74,30 @@ the plain train exchange's 1.65 (each client's 16 AES-CTR mask streams of 1M wor
 small exchanges 0.23 + 0.37 + 0.22 s (message round trips, not the server's CPU: 0.07 s in all). The
 1.64 above was a loaded machine's, where the plain round was slow too; the goal (<= 1.8) is not met
 on quiet cores. What would close it: overlapping the key-agreement stages of round r + 1 with round r.
+
+Then (quiet cores, 3 rounds x 2 at n = 100, DIR = the tree with the figures above, interleaved;
+experiments/simulation/bench_secure_round_quiet_split_lazy_aes128.json), after four changes found by
+py-spy on the actors: Shamir split by Horner's rule (0.96 -> 0.11 ms a 32-byte key), the client's
+examples encoded only when it trains (each of the three small stages re-encoded them, ~1.4 ms a
+message, as an actor's runtime is rebuilt per message), the masked input vector built in one buffer,
+and pair masks keyed with AES-128 (the masked-input stage in one process 14.0 -> 12.0 ms):
+
+                          now                  before
+    fedsite plain         1.63 (1.58-1.76)     1.83 (1.78-1.93)
+    fedsite secure        3.14 (3.09-3.28)     3.76 (3.56-3.95)
+    secure / plain        1.92                 2.06
+    exchanges, s          masked input 2.51, setup 0.16, share keys 0.21, unmask 0.17
+                          (before 2.80, 0.23, 0.39, 0.26; the plain train exchange 1.55)
+
+Nothing in the plain round's path changed: its 1.63 vs 1.83 is this run's noise (two earlier runs of
+the same pair: 1.71 vs 1.77 and 1.72 vs 1.62), so the ratio of each tree is the figure to compare.
+
+Still above 1.8. Where the secure round's extra 1.5 s goes now: the masking itself, ~12 ms a client
+(15 AES-128 keystreams of 4 MB and the stochastic rounding, near AES-NI's rate), is ~0.6 s of the
+masked-input exchange's extra 0.96 s on two actors; the rest of it and most of the small exchanges
+(0.54 s) is per-message cost on both sides of Ray (a driver profile: ~0.85 s of its CPU a round is
+Ray task submission and cloudpickle, for every message alike). Overlapping round r + 1's key stages
+with round r would hide their latency but not their CPU, which on 2 cores is most of them.
 """
 
 from __future__ import annotations
