@@ -129,11 +129,7 @@ def flatten_state(state: dict[str, torch.Tensor], *, scale: float = 1.0, tail: S
     offset = 0
     for name in names:
         values = state[name].detach().reshape(-1).to(torch.float32).numpy()
-        piece = out[offset : offset + values.size]
-        if scale == 1.0:
-            piece[...] = values
-        else:
-            np.multiply(values, factor, out=piece)
+        np.multiply(values, factor, out=out[offset : offset + values.size])  # times 1.0 is exact
         offset += values.size
     out[size:] = np.asarray(tail, dtype=np.float32)
     return out

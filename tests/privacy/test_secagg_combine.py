@@ -187,7 +187,8 @@ def test_split_is_a_random_polynomial_of_degree_threshold_minus_one(threshold: i
             assert crypto.split_secret(secret, threshold, count) != shares
 
 
-def test_split_refuses_what_pycryptodome_refuses() -> None:
+def test_split_refuses_a_bad_width_and_a_threshold_no_set_of_shares_meets() -> None:
+    """pycryptodome would split 3 shares at threshold 4; such a secret could never be rebuilt."""
     with pytest.raises(ValueError, match="16- or 32-byte"):
         crypto.split_secret(b"x" * 20, 2, 3)
     with pytest.raises(ValueError, match="threshold"):

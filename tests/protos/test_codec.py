@@ -17,10 +17,12 @@ from protos.codec import (
     decode_message,
     decode_tensors,
     encode_message,
+    flatten_state,
     iter_chunks,
     numpy_to_tensors,
     sha256_hex,
     tensors_to_numpy,
+    unflatten_state,
 )
 
 
@@ -108,3 +110,18 @@ def test_plain_safetensors_without_header_is_not_a_message() -> None:
 
     with pytest.raises(CodecError, match="no fedsite message header"):
         decode_message(save({"a": torch.zeros(2)}))
+
+
+def test_flatten_state_scales_and_appends_in_one_buffer_like_the_concatenation_it_replaced() -> None:
+    """Bit for bit what the masked input was before (cat, times a float32 weight, then the tail),
+    with a bfloat16 and a non-contiguous tensor among float32 ones; unflatten_state inverts it."""
+    state = {"b.lora_B": torch.randn(7, 3).t(), "a.lora_A": torch.randn(4, 5),
+             "head": torch.randn(2, 3, dtype=torch.bfloat16)}
+    weight, tail = 0.37, (0.37 * 0.05,)
+    flat = torch.cat([state[n].reshape(-1).to(torch.float32) for n in sorted(state)]).numpy()
+    before = np.concatenate([flat * np.float32(weight), np.array(tail, np.float32)])
+    after = flatten_state(state, scale=weight, tail=tail)
+    assert after.dtype == np.float32 and np.array_equal(after, before)
+    assert np.array_equal(flatten_state(state), flat)
+    back = unflatten_state(flatten_state(state), state)
+    assert all(torch.equal(back[n], state[n].to(torch.float32)) for n in state)
