@@ -80,6 +80,7 @@ class RoundEngine:
         self.completed_rounds = 0
         self.round_stats = RoundStats()
         self.client_epsilon: dict[str, float] = {}  # latest ε each client reported (sample-level DP)
+        self.secagg_prekeys: dict[str, tuple[bytes, bytes]] = {}  # see RoundContext
         # what the engine is doing now, for watchers that must not block it (the dashboard reads these two
         # plain attributes from another thread; only the engine writes them). Not a wire Stage: while it
         # exchanges, the activity is named after the stage it sends, otherwise "aggregating", "evaluating"...

@@ -106,6 +106,9 @@ class RoundContext(Protocol):
     config: JobConfig
     round_stats: RoundStats
     client_epsilon: dict[str, float]
+    # SecAgg+ keys clients made ahead for the next round they are sampled in (privacy/secagg/prekeys.py):
+    # client -> (mask public key, encryption public key); in memory only (a resumed job sets everyone up)
+    secagg_prekeys: dict[str, tuple[bytes, bytes]]
 
     def train_message(self, round_id: int, num_sampled: int) -> Message:
         """The round's train message: the global trainable tensors and the instruction."""

@@ -11,6 +11,13 @@ disagree with them: no client can give itself weight 8, or a negative weight
 that shrinks the divisor. No individual update is ever held, stored or logged
 here. Clients that drop at any stage are tolerated while every neighbourhood
 keeps its threshold; below it the round fails cleanly and the job goes on.
+
+Clients send the public keys of their next round with their unmask replies;
+the engine keeps them (``secagg_prekeys``, memory only) and a later round that
+samples such a client skips its setup message (privacy/secagg/prekeys.py). A
+round whose clients all came with keys is three exchanges instead of four.
+Keys serve once: a round takes its sampled clients' keys off the list whether
+it completes or not.
 """
 
 from __future__ import annotations
@@ -43,7 +50,8 @@ def secure_client_phase(engine: RoundContext, round_id: int, sampled: list[str],
     try:
         server = SecAggPlusServer(SecAggConfig(clipping_range=clipping_range, threshold=settings.threshold),
                                   round_id, list(ids.values()), vector_size)
-        outgoing = server.start()
+        prekeys = {i: engine.secagg_prekeys.pop(cid) for cid, i in ids.items() if cid in engine.secagg_prekeys}
+        outgoing = server.start(prekeys)
     except ValueError as exc:
         raise RoundFailed(f"secure aggregation cannot start: {exc}") from exc
     reports: dict[str, ClientReport] = {}  # every stage's report (the train report comes with the masked input)
@@ -80,6 +88,7 @@ def secure_client_phase(engine: RoundContext, round_id: int, sampled: list[str],
         for i, reason in server.rejected.items():
             if names[i] not in engine.round_stats.rejected:
                 engine.reject(names[i], f"secure aggregation: {reason}")
+    engine.secagg_prekeys.update({names[i]: keys for i, keys in server.next_keys.items()})
     total = server.result()
     completed = [names[i] for i in server.included_clients]
     declared = sum(inputs[c].secagg_weight or 0.0 for c in completed)
@@ -98,4 +107,5 @@ def secure_client_phase(engine: RoundContext, round_id: int, sampled: list[str],
     extra = client_privacy_metrics(engine, reports)
     extra["secagg_error_bound"] = server.error_bound / declared
     extra["secagg_clipping_range"] = clipping_range
+    extra["secagg_keyed_clients"] = len(server.keyed)  # set up with keys made ahead: no setup message
     return RoundOutcome(delta=delta, completed=completed, train_loss=loss, extra=extra)

@@ -25,8 +25,9 @@ from typing import Any
 
 from protos.codec import Message
 
-WIRE_VERSION = 3  # 1: the untyped configs of fedsite before the schema (no version key); 2: the schema, with
-# SecAgg+ pair masks keyed with 256 bits; 3: pair masks keyed with 128 bits (2's and 3's masks would not cancel)
+WIRE_VERSION = 4  # 1: the untyped configs of fedsite before the schema (no version key); 2: the schema, with
+# SecAgg+ pair masks keyed with 256 bits; 3: pair masks keyed with 128 bits (2's and 3's masks would not cancel);
+# 4: SecAgg+ unmask replies carry the keys of the next round (privacy/secagg/prekeys.py)
 VERSION_KEY = "wire_version"
 MAX_EXAMPLES = 2**53  # integers beyond this do not survive a float; no client holds this many examples
 MAX_REASON_CHARS = 500

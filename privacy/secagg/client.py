@@ -12,6 +12,17 @@ share_keys -> masked_input -> unmask). A setup for a newer round is accepted
 from any stage (the server abandoned the old round); anything for an older
 round, the same stage twice, or a skipped stage is refused, which is what
 keeps a replayed message from making the client mask or reveal twice.
+
+Keys ahead. The setup stage only asks a client for two fresh public keys, so a
+client hands over the keys of its *next* round with its unmask reply (it keeps
+the private halves as ``prekeys``). When the server samples it again it can
+skip that client's setup: its share_keys message then carries the setup's
+fields too (a "keyed" share_keys), which the client checks like a setup and
+answers with the pre-made keys. That saves one of the four message round trips
+of every round after a client's first. Pre-made keys serve one round only: a
+keyed share_keys consumes them, a setup discards them, and a client without
+them refuses a keyed share_keys (the server then counts it as dropped at that
+stage, and gives it a full setup next time).
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ from privacy.secagg import crypto
 from privacy.secagg.errors import QuantizationError, SecAggProtocolError
 from privacy.secagg.graph import share_index
 from privacy.secagg.messages import (
+    HEADER_KEYS,
     SERVER_ID,
     Key,
     Payload,
@@ -56,6 +68,15 @@ _I64 = np.dtype(np.int64)
 _U8 = np.dtype(np.uint8)
 _F64 = np.dtype(np.float64)
 
+_SETUP_FIELDS: dict[str, tuple[np.dtype, tuple[int | None, ...]]] = {
+    Key.NUM_CLIENTS: (_I64, (1,)),
+    Key.VECTOR_SIZE: (_I64, (1,)),
+    Key.NEIGHBOURS: (_I64, (None,)),
+    Key.THRESHOLD: (_I64, (1,)),
+    Key.CLIPPING_RANGE: (_F64, (1,)),
+    Key.LEVELS: (_I64, (1,)),
+}
+
 
 @dataclass
 class SecAggClientState:
@@ -78,6 +99,8 @@ class SecAggClientState:
     # from masked_input: shares held per owner (this client's own included)
     seed_shares: dict[int, bytes] = field(default_factory=dict)
     key_shares: dict[int, bytes] = field(default_factory=dict)
+    # made at unmask for the client's next round, public halves sent to the server (module docstring)
+    prekeys: tuple[X25519PrivateKey, X25519PrivateKey] | None = None  # (mask key, encryption key)
 
 
 class SecAggPlusClient:
@@ -90,6 +113,15 @@ class SecAggPlusClient:
         self._seeded = seed is not None
         self._rng = np.random.default_rng(seed)
         self.state = SecAggClientState()
+
+    def reindexed(self, client_id: int) -> SecAggPlusClient:
+        """This client under the id a new round gives it, keeping what outlives a round (the last round id,
+        the pre-made keys); for a keyed share_keys, whose recipient is the client's id in its new round."""
+        other = SecAggPlusClient(client_id)
+        other._seeded, other._rng = self._seeded, self._rng
+        other.state = SecAggClientState(stage=self.state.stage, round_id=self.state.round_id,
+                                        prekeys=self.state.prekeys)
+        return other
 
     @property
     def stage(self) -> str:
@@ -109,8 +141,11 @@ class SecAggPlusClient:
             raise SecAggProtocolError(f"{where}: message from {sender}, not from the server")
         if recipient != self.client_id:
             raise SecAggProtocolError(f"{where}: message addressed to client {recipient}")
-        self._check_transition(round_id, Stage(stage), where)
-        if stage == Stage.SETUP:
+        keyed = stage == Stage.SHARE_KEYS and Key.NUM_CLIENTS in message
+        self._check_transition(round_id, Stage.SETUP if keyed else Stage(stage), where)
+        if keyed:
+            body = self._keyed_share_keys(message, round_id, where)
+        elif stage == Stage.SETUP:
             body = self._setup(message, round_id, where)
         elif stage == Stage.SHARE_KEYS:
             body = self._share_keys(message, where)
@@ -142,19 +177,10 @@ class SecAggPlusClient:
 
     # ------------------------------------------------------------------ stages
 
-    def _setup(self, msg: Payload, round_id: int, where: str) -> dict[str, npt.NDArray]:
-        check_fields(
-            msg,
-            {
-                Key.NUM_CLIENTS: (_I64, (1,)),
-                Key.VECTOR_SIZE: (_I64, (1,)),
-                Key.NEIGHBOURS: (_I64, (None,)),
-                Key.THRESHOLD: (_I64, (1,)),
-                Key.CLIPPING_RANGE: (_F64, (1,)),
-                Key.LEVELS: (_I64, (1,)),
-            },
-            where,
-        )
+    def _setup(self, msg: Payload, round_id: int, where: str,
+               keys: tuple[X25519PrivateKey, X25519PrivateKey] | None = None) -> dict[str, npt.NDArray]:
+        """Check the round's configuration and take on its keys: fresh ones, or ``keys`` made ahead."""
+        check_fields(msg, _SETUP_FIELDS, where)
         n = int(msg[Key.NUM_CLIENTS][0])
         size = int(msg[Key.VECTOR_SIZE][0])
         neighbours = id_list(msg[Key.NEIGHBOURS], Key.NEIGHBOURS, where)
@@ -179,8 +205,7 @@ class SecAggPlusClient:
             raise SecAggProtocolError(f"{where}: clipping_range must be finite and > 0, got {c}")
         if not (levels >= 1 and levels * n < MODULUS):
             raise SecAggProtocolError(f"{where}: quantization levels {levels} x {n} clients would wrap modulo 2^32")
-        mask_key = crypto.new_private_key(self._entropy(32))
-        enc_key = crypto.new_private_key(self._entropy(32))
+        mask_key, enc_key = keys or self._new_keys()
         self.state = SecAggClientState(
             stage=IDLE,
             round_id=round_id,
@@ -197,6 +222,24 @@ class SecAggPlusClient:
             Key.MASK_PK: raw(crypto.public_bytes(mask_key)),
             Key.ENC_PK: raw(crypto.public_bytes(enc_key)),
         }
+
+    def _keyed_share_keys(self, msg: Payload, round_id: int, where: str) -> dict[str, npt.NDArray]:
+        """A share_keys that also sets the round up, with the keys this client made ahead (module docstring).
+
+        All or nothing: a refused message leaves the client as it was, pre-made keys included."""
+        if self.state.prekeys is None:
+            raise SecAggProtocolError(f"{where}: a share_keys for a round set up with keys made ahead, but this "
+                                      "client holds none (it restarted, or already used them)")
+        header = {k: v for k, v in msg.items() if k in HEADER_KEYS}
+        setup = {**header, **{k: v for k, v in msg.items() if k in _SETUP_FIELDS}}
+        sharing = {k: v for k, v in msg.items() if k not in _SETUP_FIELDS}
+        before = self.state
+        try:
+            self._setup(setup, round_id, where, keys=before.prekeys)  # the new state holds no pre-made keys
+            return self._share_keys(sharing, where)
+        except BaseException:
+            self.state = before
+            raise
 
     def _share_keys(self, msg: Payload, where: str) -> dict[str, npt.NDArray]:
         st = self.state
@@ -319,8 +362,12 @@ class SecAggPlusClient:
             Key.KEY_SHARE_OWNERS: ints(dropped).reshape(-1),
             Key.KEY_SHARES: raw_rows([st.key_shares[i] for i in dropped], 2 * crypto.SHARE_BYTES),
         }
-        # the round's secrets are no longer needed; keep only what transitions need
-        self.state = SecAggClientState(stage=st.stage, round_id=st.round_id)
+        # the round's secrets are no longer needed; keep only what transitions need, and the keys of the next
+        # round this client is sampled in (module docstring)
+        mask_key, enc_key = self._new_keys()
+        self.state = SecAggClientState(stage=st.stage, round_id=st.round_id, prekeys=(mask_key, enc_key))
+        reply[Key.NEXT_MASK_PK] = raw(crypto.public_bytes(mask_key))
+        reply[Key.NEXT_ENC_PK] = raw(crypto.public_bytes(enc_key))
         return reply
 
     # ------------------------------------------------------------------ helpers
@@ -328,6 +375,10 @@ class SecAggPlusClient:
     def _round(self) -> int:
         assert self.state.round_id is not None, "stage methods run only after setup"
         return self.state.round_id
+
+    def _new_keys(self) -> tuple[X25519PrivateKey, X25519PrivateKey]:
+        """A fresh (mask key, encryption key) pair."""
+        return crypto.new_private_key(self._entropy(32)), crypto.new_private_key(self._entropy(32))
 
     def _entropy(self, nbytes: int) -> bytes | None:
         """Seeded bytes for reproducible runs, None (= use the OS) otherwise."""

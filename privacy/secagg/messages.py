@@ -74,6 +74,8 @@ class Key:
     SEED_SHARES = "seed_shares"
     KEY_SHARE_OWNERS = "key_share_owners"
     KEY_SHARES = "key_shares"
+    NEXT_MASK_PK = "next_mask_public_key"  # the keys of the client's next round, made ahead (client.py)
+    NEXT_ENC_PK = "next_encryption_public_key"
 
 
 HEADER_KEYS = frozenset({Key.ROUND, Key.STAGE, Key.SENDER, Key.RECIPIENT})

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import random
 import secrets
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 
 import numpy as np
@@ -30,7 +30,6 @@ from privacy.secagg.errors import SecAggAborted, SecAggError, SecAggProtocolErro
 from privacy.secagg.graph import (
     build_graph,
     effective_neighbourhood_size,
-    share_index,
     threshold_count,
 )
 from privacy.secagg.messages import (
@@ -46,24 +45,17 @@ from privacy.secagg.messages import (
     read_header,
     rows,
 )
+from privacy.secagg.prekeys import KeyPair, offered_keys, usable_prekeys
 from privacy.secagg.quantize import dequantize_sum, error_bound, levels_for
+from privacy.secagg.reconstruct import Wanted, reconstruct, reconstruct_all
 
 INIT = "init"
-_MAX_SUBSETS = 64  # random share subsets tried when a reconstruction fails verification
 DONE = "done"
 ABORTED = "aborted"
 
 _I64 = np.dtype(np.int64)
 _U8 = np.dtype(np.uint8)
 _U32 = np.dtype(np.uint32)
-
-
-#: a secret to rebuild at unmask: owner, its (holder, share) pairs, a check of the result, its name
-_Wanted = tuple[int, list[tuple[int, bytes]], Callable[[bytes], bool], str]
-
-
-def _combine_one(points: list[tuple[int, bytes]]) -> bytes:
-    return crypto.combine_secrets([points])[0]
 
 
 def _is_id(value: object) -> bool:
@@ -105,7 +97,10 @@ class SecAggPlusServer:
         self.rejected: dict[int, str] = {}
         self._expected: dict[int, Payload] = {}  # recipient -> message awaiting its reply
         self._alive: set[int] = set(ids)
-        self._public_keys: dict[int, tuple[bytes, bytes]] = {}  # id -> (mask pk, enc pk)
+        self._public_keys: dict[int, KeyPair] = {}  # id -> (mask pk, enc pk)
+        self.keyed: set[int] = set()  # clients whose keys were made ahead (no setup message; see start)
+        #: keys for their next round that clients sent with their unmask replies (prekeys.py)
+        self.next_keys: dict[int, KeyPair] = {}
         self._shared: set[int] = set()
         self._commitments: dict[int, bytes] = {}
         self._forward: dict[int, list[tuple[int, bytes]]] = {}
@@ -134,24 +129,30 @@ class SecAggPlusServer:
         """Bound on |result - exact float sum| per coordinate, for the included clients."""
         return error_bound(len(self._included) or len(self.client_ids), self.config.clipping_range, self.levels)
 
-    def start(self) -> dict[int, Payload]:
-        """The setup messages (configuration and neighbour list) for every client."""
+    def start(self, prekeys: Mapping[int, KeyPair] | None = None) -> dict[int, Payload]:
+        """The first messages: a setup (configuration and neighbour list) for every client, except those whose
+        keys ``prekeys`` holds (made ahead, see prekeys.py), whose setup rides on their share_keys message.
+        When every client's keys are there, these are already the share_keys messages."""
         if self.stage != INIT:
             raise SecAggError(f"round {self.round_id}: start() called twice")
         self.stage = Stage.SETUP
-        out = {
-            cid: self._message(
-                cid,
-                num_clients=ints(len(self.client_ids)),
-                vector_size=ints(self.vector_size),
-                neighbours=ints(self.neighbours[cid]).reshape(-1),
-                threshold=ints(self.threshold),
-                clipping_range=np.array([self.config.clipping_range], dtype=np.float64),
-                quant_levels=ints(self.levels),
-            )
-            for cid in self.client_ids
+        self._public_keys = usable_prekeys(prekeys or {}, self.client_ids)
+        self.keyed = set(self._public_keys)
+        unkeyed = [cid for cid in self.client_ids if cid not in self.keyed]
+        if not unkeyed:
+            return self._send(self._after_setup({}))
+        return self._send({cid: self._message(cid, **self._setup_fields(cid)) for cid in unkeyed})
+
+    def _setup_fields(self, cid: int) -> dict[str, npt.NDArray]:
+        """What a setup tells client ``cid``: the round's configuration and its neighbours."""
+        return {
+            Key.NUM_CLIENTS: ints(len(self.client_ids)),
+            Key.VECTOR_SIZE: ints(self.vector_size),
+            Key.NEIGHBOURS: ints(self.neighbours[cid]).reshape(-1),
+            Key.THRESHOLD: ints(self.threshold),
+            Key.CLIPPING_RANGE: np.array([self.config.clipping_range], dtype=np.float64),
+            Key.LEVELS: ints(self.levels),
         }
-        return self._send(out)
 
     def step(self, replies: dict[int, Payload]) -> dict[int, Payload]:
         """Consume the replies to the last messages; return the next ones ({} when done)."""
@@ -183,7 +184,7 @@ class SecAggPlusServer:
     # ------------------------------------------------------------------ stages
 
     def _after_setup(self, replies: dict[int, Payload]) -> dict[int, Payload]:
-        seen: set[bytes] = set()
+        seen: set[bytes] = {key for pair in self._public_keys.values() for key in pair}  # keys made ahead
         for cid, msg in sorted(replies.items()):
             try:
                 check_fields(
@@ -210,6 +211,7 @@ class SecAggPlusServer:
             peers = sorted(set(self.neighbours[cid]) & self._alive)
             out[cid] = self._message(
                 cid,
+                **(self._setup_fields(cid) if cid in self.keyed else {}),
                 peers=ints(peers).reshape(-1),
                 peer_mask_public_keys=raw_rows([self._public_keys[p][0] for p in peers], crypto.KEY_BYTES),
                 peer_encryption_public_keys=raw_rows([self._public_keys[p][1] for p in peers], crypto.KEY_BYTES),
@@ -304,6 +306,8 @@ class SecAggPlusServer:
                         Key.SEED_SHARES: (_U8, (None, crypto.SHARE_BYTES)),
                         Key.KEY_SHARE_OWNERS: (_I64, (None,)),
                         Key.KEY_SHARES: (_U8, (None, 2 * crypto.SHARE_BYTES)),
+                        Key.NEXT_MASK_PK: (_U8, (crypto.KEY_BYTES,)),
+                        Key.NEXT_ENC_PK: (_U8, (crypto.KEY_BYTES,)),
                     },
                     where,
                 )
@@ -317,6 +321,9 @@ class SecAggPlusServer:
             except SecAggProtocolError as err:
                 self._reject(holder, str(err))
                 continue
+            offered = offered_keys(msg)
+            if offered is not None:
+                self.next_keys[holder] = offered
             for owner, share in zip(s_own, rows(msg[Key.SEED_SHARES]), strict=True):
                 seed_shares[owner].append((holder, share))
             for owner, share in zip(k_own, rows(msg[Key.KEY_SHARES]), strict=True):
@@ -332,7 +339,7 @@ class SecAggPlusServer:
         assert self._sum is not None
         total = self._sum
         self._sum = None
-        wanted: list[_Wanted] = [
+        wanted: list[Wanted] = [
             (owner, seed_shares[owner], partial(self._seed_matches, owner), "self-mask seed")
             for owner in sorted(included)
         ]
@@ -415,68 +422,16 @@ class SecAggPlusServer:
                     f"{left} of {len(members)} clients left, threshold is {self.threshold}"
                 )
 
-    def _reconstruct_all(self, wanted: list[_Wanted]) -> list[bytes]:
-        """Every secret in `wanted`, rebuilt in one batch, then verified one by one.
+    def _reconstruct_all(self, wanted: list[Wanted]) -> list[bytes]:
+        """Every secret in `wanted`, in one batch; one that fails verification goes to `_reconstruct`."""
+        return reconstruct_all(wanted, self.threshold, self.neighbours, self._reconstruct)
 
-        Each secret is first rebuilt from the shares of its `threshold` lowest-id
-        holders, as `_reconstruct` does (so the same holders are audited by the
-        verification); without dropouts those are the same share indices for
-        every owner, one set of Lagrange coefficients for the whole batch. A
-        secret that fails verification goes through `_reconstruct`'s search for a
-        clean subset.
-        """
-        t = self.threshold
-        first: list[list[tuple[int, bytes]]] = []
-        for owner, shares, _, _ in wanted:
-            members = sorted([owner, *self.neighbours[owner]])
-            position = {member: i + 1 for i, member in enumerate(members)}  # share_index for every holder
-            first.append([(position[holder], share) for holder, share in shares[:t]])
-        rebuilt = crypto.combine_secrets(first)
-        return [
-            secret if verify(secret) else self._reconstruct(owner, shares, verify, what, first_failed=True)
-            for secret, (owner, shares, verify, what) in zip(rebuilt, wanted, strict=True)
-        ]
-
-    def _reconstruct(
-        self,
-        owner: int,
-        shares: list[tuple[int, bytes]],
-        verify: Callable[[bytes], bool],
-        what: str,
-        first_failed: bool = False,
-    ) -> bytes:
-        """Rebuild `owner`'s secret from `threshold` of its (holder, share) pairs.
-
-        The result is verified (commitment or public key). If it fails, some holder
-        sent a bad share: random subsets are tried (with one bad share among 15 and a
-        threshold of 10, one subset in three is clean), the culprits are named in
-        `rejected`, and only when no clean subset turns up does the round abort.
-        `first_failed` skips the first attempt when `_reconstruct_all` already made
-        it. Without `batch_reconstruction`, every attempt is one pycryptodome
-        `Shamir.combine` (the earlier path).
-        """
-        t = self.threshold
-        neighbours = self.neighbours[owner]
-        points = [(share_index(owner, h, neighbours), s) for h, s in shares]
-        combine = _combine_one if self.batch_reconstruction else crypto.combine_secret
-        if not first_failed:
-            secret = combine(points[:t])
-            if verify(secret):
-                return secret
-        rng = random.Random(owner)
-        for _ in range(_MAX_SUBSETS):
-            good = rng.sample(range(len(points)), t)
-            secret = combine([points[i] for i in good])
-            if verify(secret):
-                base = [points[j] for j in good[1:]]
-                for i in sorted(set(range(len(points))) - set(good)):
-                    if not verify(combine([*base, points[i]])):
-                        self._reject(shares[i][0], f"sent a bad share of client {owner}'s {what}")
-                return secret
-        raise SecAggAborted(
-            f"round {self.round_id} at unmask: the {what} of client {owner} rebuilt "
-            "from its shares fails verification (neighbours sent bad shares)"
-        )
+    def _reconstruct(self, owner: int, shares: list[tuple[int, bytes]], verify: Callable[[bytes], bool], what: str,
+                     first_failed: bool = False) -> bytes:
+        """`owner`'s secret from `threshold` of its (holder, share) pairs, verified (reconstruct.py)."""
+        return reconstruct(owner, shares, verify, what, threshold=self.threshold, neighbours=self.neighbours[owner],
+                           round_id=self.round_id, batched=self.batch_reconstruction, reject=self._reject,
+                           first_failed=first_failed)
 
     def _seed_matches(self, owner: int, secret: bytes) -> bool:
         return crypto.commit_seed(secret, self.round_id, owner) == self._commitments[owner]

@@ -227,10 +227,10 @@ def _fedsite_child(job: Path, out: Path, timings: Path) -> int:
         finally:
             events.append({"round": self.round_id, "what": f"server:{stage}", "s": time.monotonic() - began})
 
-    def timed_start(self: Any) -> Any:
+    def timed_start(self: Any, *args: Any, **kwargs: Any) -> Any:
         began = time.monotonic()
         try:
-            return start(self)
+            return start(self, *args, **kwargs)
         finally:
             events.append({"round": self.round_id, "what": "server:start", "s": time.monotonic() - began})
 

@@ -77,6 +77,34 @@ def test_secure_round_survives_a_dropout_at_the_masking_stage(tiny_bert_dir: Pat
         assert record["status"] == "ok" and record["completed_clients"] == 4 and record["dropped_clients"] == 1
 
 
+def test_secure_rounds_after_the_first_skip_setup_and_a_restarted_client_rejoins(tiny_bert_dir: Path,
+                                                                                 tmp_path: Path) -> None:
+    """Clients send their next round's SecAgg+ keys with their unmask replies, so later rounds have no setup
+    exchange. A client that restarted (its keys gone) refuses round 2's keyed share_keys, counts as dropped
+    there, and is set up afresh in round 3."""
+    table = _job(tiny_bert_dir, tmp_path, secure_aggregation={"enabled": True})
+    table["job"]["rounds"] = 3
+    job = prepare_job(parse_job(table, tmp_path), tmp_path / "out")
+    clients = _clients(job.package.folder, tmp_path)
+    sent: dict[int, dict[str, list[str]]] = {}
+
+    def spy(client_id: str, message: Message) -> bool:
+        stage = str(message.config.get("secagg_stage"))
+        sent.setdefault(message.round, {}).setdefault(stage, []).append(client_id)
+        if message.round == 2 and stage == "share_keys" and client_id == "c2":  # c2 restarts just before
+            old = clients["c2"]
+            clients["c2"] = ClientRuntime(model=old.model, spec=old.spec, data=old.data, state_dir=old.state_dir)
+        return False
+
+    records = job.engine.run(InProcessDriver(clients, drop=spy))
+    assert sorted(sent[1]) == ["masked_input", "setup", "share_keys", "unmask"] and len(sent[1]["setup"]) == 5
+    assert "setup" not in sent[2] and len(sent[2]["share_keys"]) == 5
+    assert records[2]["status"] == "ok" and records[2]["completed_clients"] == 4
+    assert [r["secagg_keyed_clients"] for r in records[1:]] == [0, 5, 4]
+    assert "keys this client made ahead" in records[2]["drop_reasons"]["c2"]
+    assert sent[3]["setup"] == ["c2"] and records[3]["status"] == "ok" and records[3]["completed_clients"] == 5
+
+
 def test_secure_round_below_threshold_fails_cleanly_and_the_job_goes_on(tiny_bert_dir: Path, tmp_path: Path) -> None:
     def drop(client_id: str, message: Message) -> bool:  # 3 of 5 vanish before unmasking in round 1
         return message.round == 1 and client_id in {"c0", "c1", "c2"} and message.config.get("secagg_stage") == "unmask"

@@ -29,11 +29,13 @@ def run_round(
     inputs: dict[int, npt.NDArray[np.float32]],
     drop_at: dict[str, set[int]] | None = None,
     transcript: Transcript | None = None,
+    prekeys: dict[int, tuple[bytes, bytes]] | None = None,
 ) -> SecAggPlusServer:
-    """Drive one round; a client in drop_at[stage] stops replying from that stage on."""
+    """Drive one round; a client in drop_at[stage] stops replying from that stage on. ``prekeys``: the keys
+    clients made ahead (their setup then rides on share_keys)."""
     drop_at = drop_at or {}
     gone: set[int] = set()
-    outgoing = server.start()
+    outgoing = server.start(prekeys)
     while not server.done:
         stage = str(server.stage)
         gone |= drop_at.get(stage, set())

@@ -136,19 +136,20 @@ def test_reports_round_trip_and_refusals_carry_a_code() -> None:
         read_report({**V, "reason_code": "felt like it"})
 
 
-@pytest.mark.parametrize("version", [None, 1, 2, 4, "3", True])
+@pytest.mark.parametrize("version", [None, 1, 2, 3, 5, "4", True])
 def test_a_message_of_another_wire_version_gets_a_clear_error_not_a_key_error(version: Any) -> None:
     """Version 1 wrote no wire_version; version 2 keyed SecAgg+ pair masks with 256 bits (its masks would
-    not cancel against this release's); a later one may write 4."""
+    not cancel against this release's); version 3 sent no next-round keys with its unmask replies (this
+    release's server would refuse them); a later one may write 5."""
     old_train = {"local_steps": 3, "batch_size": 16, "lr": 5e-4, "seed": 0}  # what version 1 sent
     old_reply = {"num_examples": 60, "train_loss": 1.5, "steps": 3}  # what a version-1 client answered
     if version is not None:
         old_train[VERSION_KEY] = old_reply[VERSION_KEY] = version
-    with pytest.raises(WireVersionError, match=r"the coordinator speaks wire version .* this side speaks 3"):
+    with pytest.raises(WireVersionError, match=r"the coordinator speaks wire version .* this side speaks 4"):
         TrainInstruction.from_config(old_train)
     with pytest.raises(WireVersionError, match="wire version"):
         SecAggInstruction.from_config({"secagg_id": 1, "secagg_stage": "setup", "secagg_weight_cap": 1.0, **old_train})
-    with pytest.raises(ReplyRejected, match=r"the client speaks wire version .* this side speaks 3"):
+    with pytest.raises(ReplyRejected, match=r"the client speaks wire version .* this side speaks 4"):
         read_report(old_reply)
 
 

@@ -168,6 +168,8 @@ enabled = true
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]
     assert [r["status"] for r in records] == ["ok"] * 3, records
     assert [r["completed_clients"] for r in records] == [4, 4, 4] and all(r["dropped_clients"] == 0 for r in records)
+    # after round 1 every client's SecAgg+ keys were made ahead (kept in its node's Context across actors)
+    assert [r["secagg_keyed_clients"] for r in records] == [0, 4, 4]
     eps = [r["epsilon_local_max"] for r in records]
     assert eps[0] < eps[1] < eps[2]
     for partition in range(4):  # every round's steps are in every client's ledger (none lost to a stale copy)
