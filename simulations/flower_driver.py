@@ -363,13 +363,14 @@ class FlowerDriver:
         outgoing: list[FlowerMessage] = []
         bytes_down = 0
         packed: dict[int, tuple[RecordDict, int]] = {}  # one encoding per distinct message
+        arrays: dict[int, tuple[Any, Any]] = {}  # and per distinct tensor (flower_wire.pack)
         for cid, message in messages.items():
             node = self.node_of.get(cid)
             if node is None:
                 failures[cid] = "unknown client (not a node of this simulation)"
                 continue
             if id(message) not in packed:
-                packed[id(message)] = pack(message), encoded_size(message)
+                packed[id(message)] = pack(message, arrays), encoded_size(message)
             content, size = packed[id(message)]
             outgoing.append(FlowerMessage(content, node, TRAIN_TYPE, ttl=timeout_s + self.ttl_margin_s,
                                           group_id=str(round_id)))

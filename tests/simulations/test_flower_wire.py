@@ -78,6 +78,22 @@ def test_tensors_ride_as_arrays_and_bfloat16_as_the_blob() -> None:
     _same(unpack(pack(empty)), empty)
 
 
+def test_messages_of_one_exchange_pack_a_shared_tensor_once() -> None:
+    """A SecAgg+ masked-input message per client, each with its own fields beside the same global model: with
+    the exchange's memo the model's tensors become one Array each, and every message still unpacks to itself."""
+    model = {"w": torch.randn(64, 8), "b": torch.randn(8)}
+    messages = [Message(round=3, stage="secagg", config={"client_index": i},
+                        tensors={**model, "secagg/own": torch.full((4,), float(i))}) for i in range(3)]
+    memo: dict[int, Any] = {}
+    contents = [pack(message, memo) for message in messages]
+    for name in model:
+        assert len({id(content.array_records[TENSORS][name]) for content in contents}) == 1, name
+    assert len({id(content.array_records[TENSORS]["secagg/own"]) for content in contents}) == 3
+    for message, content in zip(messages, contents, strict=True):
+        _same(message, unpack(content))
+        _same(message, unpack(pack(message)))  # and as without the memo
+
+
 def test_malformed_content_is_a_codec_error() -> None:
     with pytest.raises(CodecError):
         unpack(RecordDict({RECORD: ConfigRecord({"other": 1})}))
