@@ -68,6 +68,7 @@ log = logging.getLogger("fedsite.client")
 SECAGG_PREFIX = "secagg/"
 SECAGG_SETUP_FIELD = SecAggKey.NUM_CLIENTS  # a share_keys message carrying it also sets the round up
 PREFIX_CACHE_KEY = "frozen-prefix"
+DATA_SEED_KEY = "data-seed"
 LEDGER_FILE = "privacy-ledger.json"
 
 
@@ -120,10 +121,12 @@ class ClientRuntime:
     def data_seed(self) -> int:
         """Seeds this client's batch order from its data, not from an id a driver assigns, so
         the gRPC and Flower runs of one job train on the same batches."""
-        if not hasattr(self, "_data_seed"):
-            digest = hashlib.sha256(repr((self.examples.input_ids, self.examples.labels)).encode()).digest()
-            self._data_seed = int.from_bytes(digest[:4], "little")
-        return self._data_seed
+        cached = self.examples.cache.get(DATA_SEED_KEY)  # kept with the examples: a simulated client's runtime
+        if isinstance(cached, int):  # is rebuilt for almost every message, its encoded examples are not
+            return cached
+        digest = hashlib.sha256(repr((self.examples.input_ids, self.examples.labels)).encode()).digest()
+        seed = self.examples.cache[DATA_SEED_KEY] = int.from_bytes(digest[:4], "little")
+        return seed
 
     def frozen_prefix(self) -> FrozenPrefix | None:
         """The frozen blocks below the first trained one, run once over this client's data and kept with it

@@ -30,7 +30,7 @@ class EncodedExamples(Dataset):
     labels: list[int] | None
     pad_id: int
     task: str
-    # what is computed from these examples once and reused (a client's frozen-prefix states); not data
+    # what is computed from these examples once and reused (a client's frozen-prefix states, its data seed); not data
     cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __len__(self) -> int:

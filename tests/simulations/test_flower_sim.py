@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 
-from client.runtime import ClientRuntime
+from client.runtime import DATA_SEED_KEY, ClientRuntime
 from coordinator.checkpoint import Checkpointer
 from coordinator.config import load_job
 from coordinator.engine import Exchange
@@ -138,6 +138,9 @@ def test_actor_cache_shares_one_model_and_keeps_a_bounded_lru(tiny_run: Path) ->
         assert all(r.model is runtimes[0].model for r in runtimes)
         again = client_runtime(settings, CLIENTS - 1)
         assert again is not runtimes[-1] and again.examples is runtimes[-1].examples  # fresh runtime, cached data
+        seed = runtimes[-1].data_seed  # hashed once per encoded dataset, not once per runtime
+        assert again.examples.cache[DATA_SEED_KEY] == seed == again.data_seed
+        assert client_runtime(settings, 0).data_seed == runtimes[0].data_seed  # re-encoded: the same seed
         assert client_runtime(settings, 0).examples is not runtimes[0].examples  # evicted, encoded again
         assert runtimes[3].state_dir == tiny_run / "clients" / "3"
         with pytest.raises(ValueError, match="outside the 8 partitions"):
