@@ -284,14 +284,17 @@ class ClientRuntime:
         try:
             instruction = SecAggInstruction.from_config(message.config)
             _, stage, _, _ = read_header(payload, "coordinator message")
+            # the client that handles this message; it becomes this runtime's only once the message is accepted,
+            # so a refused setup or keyed share_keys leaves the round in progress (and its secrets) as they were
+            client = self.secagg
             if stage == SecAggStage.SETUP:
-                self.secagg = SecAggPlusClient(instruction.client_index)
+                client = SecAggPlusClient(instruction.client_index)
             elif stage == SecAggStage.SHARE_KEYS and SECAGG_SETUP_FIELD in payload:  # set up with keys made ahead
-                if self.secagg is None:
+                if client is None:
                     raise ClientError("a round set up with keys this client made ahead, but it holds none "
                                       "(it restarted since); it takes part again from its next setup")
-                self.secagg = self.secagg.reindexed(instruction.client_index)
-            if self.secagg is None:
+                client = client.reindexed(instruction.client_index)
+            if client is None:
                 raise ClientError(f"secure aggregation stage {stage!r} before setup")
             vector = None
             report: dict[str, Any] = {VERSION_KEY: WIRE_VERSION}
@@ -302,9 +305,10 @@ class ClientRuntime:
                 report = dict(trained.config)  # the training report, with the weight this client declares
                 capped = min(1.0, len(self.examples) / instruction.weight_cap)
                 weight = 1.0 if instruction.train is not None and instruction.train.client_dp else capped
-                vector = self.masked_input_vector(trained, weight, self.secagg.state.clipping_range)
+                vector = self.masked_input_vector(trained, weight, client.state.clipping_range)
                 report["secagg_weight"] = weight
-            reply = self.secagg.handle(payload, input_vector=vector)
+            reply = client.handle(payload, input_vector=vector)
+            self.secagg = client
         except WireVersionError:
             raise
         except (SecAggError, ClientError, KeyError, ValueError) as exc:

@@ -52,7 +52,7 @@ def secure_client_phase(engine: RoundContext, round_id: int, sampled: list[str],
                                   round_id, list(ids.values()), vector_size)
         prekeys = {i: engine.secagg_prekeys.pop(cid) for cid, i in ids.items() if cid in engine.secagg_prekeys}
         outgoing = server.start(prekeys)
-    except ValueError as exc:
+    except (ValueError, SecAggAborted) as exc:
         raise RoundFailed(f"secure aggregation cannot start: {exc}") from exc
     reports: dict[str, ClientReport] = {}  # every stage's report (the train report comes with the masked input)
     inputs: dict[str, ClientReport] = {}  # reports that came with a masked input
@@ -84,6 +84,8 @@ def secure_client_phase(engine: RoundContext, round_id: int, sampled: list[str],
         try:
             outgoing = server.step(replies)
         except SecAggAborted as exc:
+            # keys offered with unmask replies are fresh and unused whatever became of this round's sum
+            engine.secagg_prekeys.update({names[i]: keys for i, keys in server.next_keys.items()})
             raise RoundFailed(f"secure aggregation aborted: {exc}") from exc
         for i, reason in server.rejected.items():
             if names[i] not in engine.round_stats.rejected:

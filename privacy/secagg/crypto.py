@@ -80,8 +80,28 @@ def public_bytes(key: X25519PrivateKey) -> bytes:
 
 
 def public_key_from_bytes(raw: bytes) -> X25519PublicKey:
-    """Parse a raw X25519 public key."""
+    """Parse a raw X25519 public key (any 32 bytes parse: see :func:`is_usable_public_key`)."""
     return X25519PublicKey.from_public_bytes(raw)
+
+
+_PROBE_KEY = X25519PrivateKey.generate()  # only ever used to test peers' public keys, never to agree a secret
+
+
+def is_usable_public_key(raw: bytes) -> bool:
+    """Whether every key agreement with ``raw`` yields a secret: 32 bytes that are not a low-order point.
+
+    X25519 parses any 32 bytes, but agreeing with a point of small order gives the all-zero secret,
+    which ``cryptography`` refuses with a ValueError. A client that offered such a key would make each
+    of its neighbours fail at key sharing; checked where keys come in, it alone is left out instead.
+    Clamped scalars are multiples of the cofactor, so one probe agreement tells for every private key.
+    """
+    if len(raw) != KEY_BYTES:
+        return False
+    try:
+        _PROBE_KEY.exchange(X25519PublicKey.from_public_bytes(raw))
+    except ValueError:
+        return False
+    return True
 
 
 def agree(private: X25519PrivateKey, peer_public: bytes, purpose: str, round_id: int, a: int, b: int,

@@ -6,8 +6,9 @@ its shares (client.py, "Keys ahead"). The round engine keeps them per client
 between rounds; the next :class:`~privacy.secagg.server.SecAggPlusServer` that
 samples the client takes them instead of sending it a setup message. This
 module checks what a client offered before any server relies on it: a pair
-that is malformed, not a valid X25519 point, or shares a key with another
-client's pair is dropped (that client just gets a setup), never an error.
+that is malformed, holds a low-order point (no secret can be agreed with it,
+``crypto.is_usable_public_key``) or shares a key with another client's pair is
+dropped (that client just gets a setup), never an error.
 """
 
 from __future__ import annotations
@@ -31,12 +32,7 @@ def offered_keys(reply: Payload) -> KeyPair | None:
             return None
         pair.append(value.tobytes())
     mask_pk, enc_pk = pair
-    if mask_pk == enc_pk:
-        return None
-    try:
-        crypto.public_key_from_bytes(mask_pk)
-        crypto.public_key_from_bytes(enc_pk)
-    except ValueError:
+    if mask_pk == enc_pk or not (crypto.is_usable_public_key(mask_pk) and crypto.is_usable_public_key(enc_pk)):
         return None
     return mask_pk, enc_pk
 

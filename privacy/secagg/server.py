@@ -198,6 +198,9 @@ class SecAggPlusServer:
                 mask_pk, enc_pk = msg[Key.MASK_PK].tobytes(), msg[Key.ENC_PK].tobytes()
                 if mask_pk == enc_pk or {mask_pk, enc_pk} & seen:
                     raise SecAggProtocolError(f"client {cid} reused a public key")
+                if not (crypto.is_usable_public_key(mask_pk) and crypto.is_usable_public_key(enc_pk)):
+                    # its neighbours could agree no secret with it and would all fail at key sharing
+                    raise SecAggProtocolError(f"client {cid} sent a low-order public key")
             except SecAggProtocolError as err:
                 self._reject(cid, str(err))
                 continue

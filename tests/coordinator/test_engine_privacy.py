@@ -112,6 +112,8 @@ def test_secure_round_below_threshold_fails_cleanly_and_the_job_goes_on(tiny_ber
     _, _, records = _run(_job(tiny_bert_dir, tmp_path, secure_aggregation={"enabled": True}), tmp_path, drop=drop)
     assert records[1]["status"] == "failed" and "aborted" in records[1]["failure"]
     assert records[2]["status"] == "ok" and records[2]["completed_clients"] == 5
+    # the two that unmasked in the aborted round made keys for their next round, and round 2 used them
+    assert records[2]["secagg_keyed_clients"] == 2
 
 
 def test_local_dp_reports_epsilon_that_composes_and_the_budget_stops_clients(tiny_bert_dir: Path,

@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
+from client.runtime import ClientRuntime
 from privacy.secagg import SecAggConfig, SecAggPlusClient, SecAggPlusServer, SecAggProtocolError, Stage, crypto
 from privacy.secagg.messages import Key, read_header
-from privacy.secagg.prekeys import usable_prekeys
+from privacy.secagg.prekeys import offered_keys, usable_prekeys
+from protos.codec import Message
+from protos.wire import SecAggInstruction
+from protos.wire import Stage as WireStage
 from tests.privacy.test_secagg_driver import Transcript, make_inputs, new_round, run_round
 
 SIZE = 40
@@ -115,3 +120,72 @@ def test_unusable_keys_get_a_setup_instead() -> None:
     server = _next_round(2, list(range(6)))
     assert sorted(server.start(keys)) == [0, 1, 2, 3, 4]  # setups; 5 waits for its keyed share_keys
     assert server.keyed == {5}
+
+
+def test_a_keyed_message_refused_after_its_setup_checks_leaves_the_client_as_it_was() -> None:
+    """The setup half passes and the sharing half is refused: the state the setup half already replaced,
+    and the keys made ahead, come back."""
+    first, clients = _first_round(6)
+    message = _next_round(2, list(range(6))).start(dict(first.next_keys))[0]
+    client, before = clients[0], clients[0].state
+    bad = {**message, Key.PEER_ENC_PKS: message[Key.PEER_MASK_PKS].copy()}  # the same keys twice
+    with pytest.raises(SecAggProtocolError, match="not all distinct"):
+        client.handle(bad)
+    assert client.state is before and client.state.prekeys is not None and client.state.stage == Stage.UNMASK
+    client.handle(message)
+    assert client.state.stage == Stage.SHARE_KEYS and client.state.round_id == 2
+
+
+def test_a_keyed_message_for_an_older_round_is_refused_while_keys_are_held() -> None:
+    first, clients = _first_round(6)
+    stale = SecAggPlusServer(SecAggConfig(clipping_range=1.0), 1, list(range(6)), SIZE, seed=5)
+    message = stale.start(dict(first.next_keys))[0]
+    with pytest.raises(SecAggProtocolError, match="replayed or stale"):
+        clients[0].handle(message)
+    assert clients[0].state.prekeys is not None
+
+
+def test_a_setup_client_cannot_reuse_a_key_made_ahead_by_another() -> None:
+    first, clients = _first_round(6)
+    clients[6] = SecAggPlusClient(6, seed=7)
+    server = _next_round(2, list(range(7)))
+    outgoing = server.start({cid: keys for cid, keys in first.next_keys.items() if cid != 5})
+    assert sorted(outgoing) == [5, 6]
+    replies = {cid: clients[cid].handle(msg) for cid, msg in outgoing.items()}
+    replies[6] = {**replies[6], Key.MASK_PK: np.frombuffer(first.next_keys[0][0], dtype=np.uint8).copy()}
+    server.step(replies)
+    assert "reused a public key" in server.rejected[6] and 5 not in server.rejected
+
+
+def test_low_order_keys_are_never_used() -> None:
+    """X25519 parses any 32 bytes, but no secret can be agreed with a low-order point: every neighbour of a
+    client offering one would fail at key sharing. Offered ahead it is dropped; in a setup reply, refused."""
+    zero, one = bytes(32), (1).to_bytes(32, "little")
+    assert not crypto.is_usable_public_key(zero) and not crypto.is_usable_public_key(one)
+    first, clients = _first_round(6)
+    reply = {Key.NEXT_MASK_PK: np.frombuffer(zero, dtype=np.uint8).copy(),
+             Key.NEXT_ENC_PK: np.frombuffer(first.next_keys[0][1], dtype=np.uint8).copy()}
+    assert offered_keys(reply) is None
+    server = _next_round(2, list(range(6)))
+    outgoing = server.start()
+    replies = {cid: clients[cid].handle(msg) for cid, msg in outgoing.items()}
+    replies[3] = {**replies[3], Key.ENC_PK: np.frombuffer(one, dtype=np.uint8).copy()}
+    server.step(replies)
+    assert "low-order" in server.rejected[3]
+
+
+def test_a_runtime_keeps_its_round_when_a_keyed_message_comes_twice() -> None:
+    """The runtime takes on the client under its new id only once the keyed message is accepted: the same
+    message delivered again is refused and the round in progress (keys, neighbours, shares) is kept."""
+    first, clients = _first_round(6)
+    runtime = ClientRuntime(model=torch.nn.Linear(1, 1), spec=None, secagg=clients[4])  # type: ignore[arg-type]
+    server = _next_round(2, list(range(6)))
+    payload = server.start(dict(first.next_keys))[4]
+    tensors = {"secagg/" + k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in payload.items()}
+    config = SecAggInstruction(client_index=4, secagg_stage=Stage.SHARE_KEYS, weight_cap=1.0).to_config()
+    message = Message(round=2, stage=WireStage.SECAGG, config=config, tensors=tensors)
+    assert runtime.secure_step(message).stage == WireStage.SECAGG
+    accepted = runtime.secagg
+    assert accepted is not None and accepted.state.stage == Stage.SHARE_KEYS and accepted.state.peers
+    assert runtime.secure_step(message).stage == WireStage.ERROR
+    assert runtime.secagg is accepted and accepted.state.stage == Stage.SHARE_KEYS and accepted.state.self_mask_seed
