@@ -7,7 +7,7 @@ between rounds; the next :class:`~privacy.secagg.server.SecAggPlusServer` that
 samples the client takes them instead of sending it a setup message. This
 module checks what a client offered before any server relies on it: a pair
 that is malformed, holds a low-order point (no secret can be agreed with it,
-``crypto.is_usable_public_key``) or shares a key with another client's pair is
+``is_usable_public_key``) or shares a key with another client's pair is
 dropped (that client just gets a setup), never an error.
 """
 
@@ -17,7 +17,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from privacy.secagg import crypto
+from privacy.secagg.crypto import KEY_BYTES, is_usable_public_key
 from privacy.secagg.messages import Key, Payload
 
 KeyPair = tuple[bytes, bytes]  # (mask public key, encryption public key)
@@ -28,11 +28,11 @@ def offered_keys(reply: Payload) -> KeyPair | None:
     pair = []
     for key in (Key.NEXT_MASK_PK, Key.NEXT_ENC_PK):
         value = reply.get(key)
-        if not isinstance(value, np.ndarray) or value.dtype != np.uint8 or value.shape != (crypto.KEY_BYTES,):
+        if not isinstance(value, np.ndarray) or value.dtype != np.uint8 or value.shape != (KEY_BYTES,):
             return None
         pair.append(value.tobytes())
     mask_pk, enc_pk = pair
-    if mask_pk == enc_pk or not (crypto.is_usable_public_key(mask_pk) and crypto.is_usable_public_key(enc_pk)):
+    if mask_pk == enc_pk or not (is_usable_public_key(mask_pk) and is_usable_public_key(enc_pk)):
         return None
     return mask_pk, enc_pk
 
@@ -42,7 +42,7 @@ def usable_prekeys(prekeys: Mapping[int, KeyPair], client_ids: list[int]) -> dic
     two distinct keys of the right length, and no key in two pairs (the setup's own rule)."""
     members = set(client_ids)
     candidates = {cid: pair for cid, pair in prekeys.items() if cid in members and len(pair) == 2
-                  and all(isinstance(k, bytes) and len(k) == crypto.KEY_BYTES for k in pair) and pair[0] != pair[1]}
+                  and all(isinstance(k, bytes) and len(k) == KEY_BYTES for k in pair) and pair[0] != pair[1]}
     counts: dict[bytes, int] = {}
     for pair in candidates.values():
         for key in pair:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Mapping, Sequence
 
-from privacy.secagg import crypto
+from privacy.secagg.crypto import combine_secret, combine_secrets
 from privacy.secagg.errors import SecAggAborted
 from privacy.secagg.graph import share_index
 
@@ -25,7 +25,7 @@ Fallback = Callable[..., bytes]
 
 
 def _combine_one(points: list[tuple[int, bytes]]) -> bytes:
-    return crypto.combine_secrets([points])[0]
+    return combine_secrets([points])[0]
 
 
 def reconstruct_all(wanted: list[Wanted], threshold: int, neighbours: Mapping[int, Sequence[int]],
@@ -44,7 +44,7 @@ def reconstruct_all(wanted: list[Wanted], threshold: int, neighbours: Mapping[in
         members = sorted([owner, *neighbours[owner]])
         position = {member: i + 1 for i, member in enumerate(members)}  # share_index for every holder
         first.append([(position[holder], share) for holder, share in shares[:threshold]])
-    rebuilt = crypto.combine_secrets(first)
+    rebuilt = combine_secrets(first)
     return [
         secret if verify(secret) else fallback(owner, shares, verify, what, first_failed=True)
         for secret, (owner, shares, verify, what) in zip(rebuilt, wanted, strict=True)
@@ -66,7 +66,7 @@ def reconstruct(owner: int, shares: list[tuple[int, bytes]], verify: Callable[[b
     """
     t = threshold
     points = [(share_index(owner, h, neighbours), s) for h, s in shares]
-    combine = _combine_one if batched else crypto.combine_secret
+    combine = _combine_one if batched else combine_secret
     if not first_failed:
         secret = combine(points[:t])
         if verify(secret):
