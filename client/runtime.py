@@ -48,8 +48,7 @@ from privacy.client_dp import ClientDPError, clip_update, distributed_noise_shar
 from privacy.local_dp import make_private, unwrap
 from privacy.secagg import SecAggError, SecAggPlusClient
 from privacy.secagg import Stage as SecAggStage
-from privacy.secagg.messages import Key as SecAggKey
-from privacy.secagg.messages import read_header
+from privacy.secagg.messages import is_keyed_share_keys, read_header
 from protos.codec import Message, flatten_state, numpy_to_tensors
 from protos.wire import (
     VERSION_KEY,
@@ -66,7 +65,6 @@ from protos.wire import (
 log = logging.getLogger("fedsite.client")
 
 SECAGG_PREFIX = "secagg/"
-SECAGG_SETUP_FIELD = SecAggKey.NUM_CLIENTS  # a share_keys message carrying it also sets the round up
 PREFIX_CACHE_KEY = "frozen-prefix"
 DATA_SEED_KEY = "data-seed"
 LEDGER_FILE = "privacy-ledger.json"
@@ -289,7 +287,7 @@ class ClientRuntime:
             client = self.secagg
             if stage == SecAggStage.SETUP:
                 client = SecAggPlusClient(instruction.client_index)
-            elif stage == SecAggStage.SHARE_KEYS and SECAGG_SETUP_FIELD in payload:  # set up with keys made ahead
+            elif is_keyed_share_keys(stage, payload):  # the round set up with keys this client made ahead
                 if client is None:
                     raise ClientError("a round set up with keys this client made ahead, but it holds none "
                                       "(it restarted since); it takes part again from its next setup")

@@ -84,13 +84,12 @@ def secure_client_phase(engine: RoundContext, round_id: int, sampled: list[str],
         try:
             outgoing = server.step(replies)
         except SecAggAborted as exc:
-            # keys offered with unmask replies are fresh and unused whatever became of this round's sum
-            engine.secagg_prekeys.update({names[i]: keys for i, keys in server.next_keys.items()})
             raise RoundFailed(f"secure aggregation aborted: {exc}") from exc
+        finally:  # keys offered with unmask replies are fresh and unused whatever became of this round's sum
+            engine.secagg_prekeys.update({names[i]: keys for i, keys in server.next_keys.items()})
         for i, reason in server.rejected.items():
             if names[i] not in engine.round_stats.rejected:
                 engine.reject(names[i], f"secure aggregation: {reason}")
-    engine.secagg_prekeys.update({names[i]: keys for i, keys in server.next_keys.items()})
     total = server.result()
     completed = [names[i] for i in server.included_clients]
     declared = sum(inputs[c].secagg_weight or 0.0 for c in completed)

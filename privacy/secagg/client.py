@@ -46,6 +46,7 @@ from privacy.secagg.messages import (
     check_fields,
     id_list,
     ints,
+    is_keyed_share_keys,
     make,
     raw,
     raw_rows,
@@ -141,7 +142,7 @@ class SecAggPlusClient:
             raise SecAggProtocolError(f"{where}: message from {sender}, not from the server")
         if recipient != self.client_id:
             raise SecAggProtocolError(f"{where}: message addressed to client {recipient}")
-        keyed = stage == Stage.SHARE_KEYS and Key.NUM_CLIENTS in message
+        keyed = is_keyed_share_keys(stage, message)
         self._check_transition(round_id, Stage.SETUP if keyed else Stage(stage), where)
         if keyed:
             body = self._keyed_share_keys(message, round_id, where)

@@ -81,6 +81,12 @@ class Key:
 HEADER_KEYS = frozenset({Key.ROUND, Key.STAGE, Key.SENDER, Key.RECIPIENT})
 
 
+def is_keyed_share_keys(stage: str, payload: Payload) -> bool:
+    """Whether a payload of ``stage`` (from :func:`read_header`) is a share_keys that also sets the round up,
+    with keys the client made ahead (client.py, "Keys ahead"): it carries the setup's fields."""
+    return stage == Stage.SHARE_KEYS and Key.NUM_CLIENTS in payload
+
+
 def ints(values: object) -> npt.NDArray[np.int64]:
     """An int64 array (scalars become shape (1,))."""
     return np.atleast_1d(np.asarray(values, dtype=np.int64))

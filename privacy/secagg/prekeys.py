@@ -5,8 +5,9 @@ client makes its next round's pair at unmask and sends the public halves with
 its shares (client.py, "Keys ahead"). The round engine keeps them per client
 between rounds; the next :class:`~privacy.secagg.server.SecAggPlusServer` that
 samples the client takes them instead of sending it a setup message. This
-module checks what a client offered before any server relies on it: a pair
-that is malformed, holds a low-order point (no secret can be agreed with it,
+module checks what a client offered: :func:`offered_keys` when it arrives (its
+form), :func:`usable_prekeys` when a round would rely on it. A pair that is
+malformed, holds a low-order point (no secret can be agreed with it,
 ``is_usable_public_key``) or shares a key with another client's pair is
 dropped (that client just gets a setup), never an error.
 """
@@ -32,17 +33,15 @@ def offered_keys(reply: Payload) -> KeyPair | None:
             return None
         pair.append(value.tobytes())
     mask_pk, enc_pk = pair
-    if mask_pk == enc_pk or not (is_usable_public_key(mask_pk) and is_usable_public_key(enc_pk)):
-        return None
-    return mask_pk, enc_pk
+    return None if mask_pk == enc_pk else (mask_pk, enc_pk)
 
 
 def usable_prekeys(prekeys: Mapping[int, KeyPair], client_ids: list[int]) -> dict[int, KeyPair]:
     """The pairs of ``prekeys`` a round over ``client_ids`` can use: the round's clients' only, each pair of
-    two distinct keys of the right length, and no key in two pairs (the setup's own rule)."""
+    two distinct usable keys (not low-order points), and no key in two pairs (the setup's own rules)."""
     members = set(client_ids)
     candidates = {cid: pair for cid, pair in prekeys.items() if cid in members and len(pair) == 2
-                  and all(isinstance(k, bytes) and len(k) == KEY_BYTES for k in pair) and pair[0] != pair[1]}
+                  and all(isinstance(k, bytes) and is_usable_public_key(k) for k in pair) and pair[0] != pair[1]}
     counts: dict[bytes, int] = {}
     for pair in candidates.values():
         for key in pair:

@@ -159,13 +159,19 @@ def test_a_setup_client_cannot_reuse_a_key_made_ahead_by_another() -> None:
 
 def test_low_order_keys_are_never_used() -> None:
     """X25519 parses any 32 bytes, but no secret can be agreed with a low-order point: every neighbour of a
-    client offering one would fail at key sharing. Offered ahead it is dropped; in a setup reply, refused."""
+    client offering one would fail at key sharing. Offered ahead, a round never uses it (that client gets a
+    setup); in a setup reply, it is refused."""
     zero, one = bytes(32), (1).to_bytes(32, "little")
     assert not crypto.is_usable_public_key(zero) and not crypto.is_usable_public_key(one)
     first, clients = _first_round(6)
     reply = {Key.NEXT_MASK_PK: np.frombuffer(zero, dtype=np.uint8).copy(),
              Key.NEXT_ENC_PK: np.frombuffer(first.next_keys[0][1], dtype=np.uint8).copy()}
-    assert offered_keys(reply) is None
+    offered = offered_keys(reply)
+    assert offered is not None  # its form is right: the round that would rely on it checks the point
+    keys = {**first.next_keys, 0: offered}
+    assert sorted(usable_prekeys(keys, list(range(6)))) == [1, 2, 3, 4, 5]
+    starting = _next_round(2, list(range(6)))
+    assert sorted(starting.start(keys)) == [0] and starting.keyed == {1, 2, 3, 4, 5}
     server = _next_round(2, list(range(6)))
     outgoing = server.start()
     replies = {cid: clients[cid].handle(msg) for cid, msg in outgoing.items()}
