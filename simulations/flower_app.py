@@ -39,6 +39,7 @@ from flwr.app import Message as FlowerMessage
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+from localio.allocator import reuse_freed_memory_by_default
 from protos.codec import Message
 from simulations.flower_backend import install_pipelined_backend
 from simulations.flower_driver import HELLO, PARTITION, FlowerDriver, install_dispatch
@@ -96,7 +97,7 @@ def actor_cache_sizes() -> dict[str, int]:
 
 
 def _package(settings: ClientSettings) -> tuple[Any, Any, Any]:
-    """The job package's (model, tokenizer, spec), loaded once per process (and torch's threads set)."""
+    """The job package's (model, tokenizer, spec), loaded once per process (and torch's threads and malloc set)."""
     import torch
 
     from emulator.package import load_trainable_model
@@ -104,6 +105,7 @@ def _package(settings: ClientSettings) -> tuple[Any, Any, Any]:
     state = _STATE
     if not state.threads_set:
         torch.set_num_threads(max(1, settings.threads))
+        reuse_freed_memory_by_default()  # an actor's buffers of a few MB per client (localio/allocator.py)
         state.threads_set = True
     if settings.package_dir not in state.loaded:
         state.loaded.clear()  # one job per process at a time

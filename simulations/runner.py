@@ -38,6 +38,7 @@ from coordinator.config import ConfigError, JobConfig, SimulationSection
 from coordinator.dashboard import JobInfo
 from coordinator.job import prepare_job
 from emulator.cache_dir import fedsite_cache_dir
+from localio.allocator import reuse_freed_memory_by_default
 from localio.atomic import atomic_write_text
 from localio.data import DataError, check_labels, read_examples
 from localio.partition import partition_indices
@@ -233,6 +234,7 @@ def _run_flower(run_engine: Callable[[FlowerDriver], None], client_app: Any, num
         finally:
             engine_done.set()
 
+    reuse_freed_memory_by_default()  # the driver decodes and sums a few-MB update per client (localio/allocator.py)
     server_app = make_server_app(engine, runtime_stopped=runtime_stopped)
     flwr_log = logging.getLogger("flwr")
     level = flwr_log.level
