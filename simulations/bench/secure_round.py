@@ -124,6 +124,22 @@ carries the setup's checks. What is left: the masking, ~8 ms a client in one pro
 extra 0.9 s on two actors; and two more messages per client than a plain round, ~1.8 ms of wall each
 (100 per exchange, 0.17-0.20 s): mostly Ray's actor-task submission on the driver (~1.4 ms a message
 in a py-spy of it), which no fedsite code controls.
+
+Then one change (quiet cores, n = 100, DIR = 20f8e44, the tree of the figures above, interleaved): the
+simulation's actors and driver keep freed buffers of up to 32 MiB for reuse (localio/allocator.py). A
+native py-spy of the actors had shown the masked-input path's float copies (flattening, the uint32
+cast, tobytes) running at a fraction of memory speed: each wrote into a fresh 4-MB buffer that glibc
+had just mmapped, a page fault per 4 KiB page. Two runs of 3 x 3, each tree's own ratio:
+
+    run (warm rounds)   secure, s                        plain, s                         secure / plain
+    1                   2.52 (2.40-2.71) vs 2.87 (0.88x)  1.48 (1.37-1.62) vs 1.60 (0.92x)  1.70 (before 1.79)
+    2                   2.59 (2.43-2.80) vs 2.78 (0.93x)  1.51 (1.43-1.62) vs 1.51 (1.00x)  1.72 (before 1.84)
+
+    exchanges of run 2, s   share keys 0.20, masked input 2.11, unmask 0.17 (before 0.19, 2.33, 0.16;
+                            the plain train exchange 1.42, before 1.43)
+
+experiments/simulation/bench_secure_round_quiet_malloc{,_2}.json. Secure / plain at n = 100 is now
+1.70-1.72, inside issue 16's 1.8; what is left is what the paragraph above lists.
 """
 
 from __future__ import annotations
