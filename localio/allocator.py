@@ -24,7 +24,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
-import platform
 from collections.abc import Mapping
 
 MMAP_THRESHOLD_BYTES = 32 << 20
@@ -35,6 +34,14 @@ _M_MMAP_THRESHOLD = -3
 # environment variables by which a user tunes glibc's malloc: any one set, and this module leaves malloc alone
 CHOICES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
 _done = False
+
+
+def is_glibc() -> bool:
+    """True if this process runs on glibc (the C library whose malloc :func:`reuse_freed_memory_by_default` tunes)."""
+    try:
+        return (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
+    except (AttributeError, ValueError, OSError):  # no confstr, or no such name on this platform
+        return False
 
 
 def user_tuned_malloc(environ: Mapping[str, str] = os.environ) -> bool:
@@ -49,7 +56,7 @@ def reuse_freed_memory_by_default(environ: Mapping[str, str] = os.environ) -> bo
     or when this process already did it. Safe to call at any time: it affects allocations from then on.
     """
     global _done
-    if _done or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" or user_tuned_malloc(environ):
+    if _done or not is_glibc() or user_tuned_malloc(environ):
         return False
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     if not (libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) and libc.mallopt(_M_TRIM_THRESHOLD,

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 
 import pytest
 
-from localio.allocator import reuse_freed_memory_by_default, user_tuned_malloc
+from localio.allocator import is_glibc, reuse_freed_memory_by_default, user_tuned_malloc
 
-glibc_only = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
-                                reason="mallopt is glibc's")
+glibc_only = pytest.mark.skipif(not is_glibc(), reason="mallopt is glibc's")
 
 # what a simulation actor does per client, in numpy alone: fresh buffers of 4 MB written, copied, serialized
 CHURN = """
