@@ -63,7 +63,9 @@ def test_a_failed_export_keeps_the_checkpoint_and_resume_exports_again(tiny_bert
     shards = disjoint_shards(tmp_path, clients=2, per_client=40)
     coordinator, address = start_coordinator(
         job, out, program=("-m", "tests.e2e.fsize_on_log", "round 1/1 ok", str(1 << 20), "coordinator"))
-    clients = [start_client(address, shards[i], TOKENS[i], tmp_path / f"c{i}") for i in range(2)]
+    # the clients outlive the failed coordinator: they give up on it after 10 s instead of the harness's 60
+    clients = [start_client(address, shards[i], TOKENS[i], tmp_path / f"c{i}", "--give-up-after-s", "10")
+               for i in range(2)]
     codes = wait_all([coordinator, *clients], timeout_s=600)
     log = tail(tmp_path / "run.coordinator.log", 200)
     assert codes[0] == 2, log

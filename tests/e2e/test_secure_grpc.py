@@ -1,9 +1,12 @@
-"""A secure round over real gRPC with 5 real client processes, one killed after masking.
+"""A secure round over real gRPC with 5 real client processes, one killed after masking, then restarted.
 
 One client dies (as if SIGKILLed) right after its masked input is accepted:
 its masked update is already in; the survivors' Shamir shares let the
 coordinator remove its self-mask, so the round completes and the sum still
-includes it. Tiny BERT (real tokenizer) so it runs in seconds.
+includes it. The dead client is then restarted from its state folder (its saved
+session, no secure-aggregation secrets) and takes part in round 2: set up
+afresh, while the survivors use the keys they made ahead. Tiny BERT (real
+tokenizer) so it runs in seconds.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from tests.e2e.harness import (
     start_coordinator,
     tail,
     wait_all,
+    wait_for_text,
     write_job,
 )
 
@@ -72,14 +76,24 @@ def test_secure_round_with_a_client_killed_after_masking(tiny_bert_dir: Path, tm
     victim = start_client(address, shards[4], TOKENS[4], tmp_path / "client4",
                           program=("-m", "tests.e2e.die_on_log", "round 1: secagg/masked_input reply accepted",
                                    "client"))
-    codes = wait_all([coordinator, *clients, victim], timeout_s=600)
-    assert codes == [0, 0, 0, 0, 0, EXIT_CODE], tail(tmp_path / "run.coordinator.log") + tail(tmp_path / "client4.log")
+    # restarted once round 1 is over, so that round sees the victim only as dead (not as a stranger at unmask)
+    round_one = wait_for_text(tmp_path / "run.coordinator.log", "round 1/2 ok", timeout_s=600)
+    assert round_one, tail(tmp_path / "run.coordinator.log") + tail(tmp_path / "client4.log")
+    restarted = start_client(address, shards[4], TOKENS[4], tmp_path / "client4",
+                             log_path=tmp_path / "client4.restarted.log")
+    codes = wait_all([coordinator, *clients, victim, restarted], timeout_s=600)
+    logs = [tmp_path / name for name in ("run.coordinator.log", "client4.log", "client4.restarted.log")]
+    assert codes == [0, 0, 0, 0, 0, EXIT_CODE, 0], "".join(tail(path) for path in logs)
     records = {r["round"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
     first = records[1]
     assert first["status"] == "ok", first
     assert first["completed_clients"] == 5  # the victim's masked update is in the sum
     assert first["dropped_clients"] == 1 and "heartbeat" in next(iter(first["drop_reasons"].values()))
     assert 0 < first["epsilon_client"] < records[2]["epsilon_client"]
-    assert records[2]["status"] == "ok" and records[2]["completed_clients"] == 4
+    # round 2 has all five again: the survivors keyed ahead at unmask, the restarted victim (which never got
+    # there) set up afresh
+    second = records[2]
+    assert second["status"] == "ok" and second["completed_clients"] == 5, second
+    assert second["secagg_keyed_clients"] == 4, second
     log = (tmp_path / "run.coordinator.log").read_text()
     assert "Traceback" not in log
