@@ -297,6 +297,7 @@ class ClientRuntime:
             vector = None
             report: dict[str, Any] = {VERSION_KEY: WIRE_VERSION}
             if stage == SecAggStage.MASKED_INPUT:
+                client.check(payload)  # before training: a replayed or out-of-order message spends no budget
                 trained = self.train(message)
                 if trained.stage != Stage.TRAIN:
                     return trained

@@ -135,15 +135,7 @@ class SecAggPlusClient:
         `input_vector` (float, shape (vector_size,), clipped by the caller) is required
         when the message is the masked_input stage and ignored otherwise.
         """
-        where = f"client {self.client_id}"
-        round_id, stage, sender, recipient = read_header(message, where)
-        where = f"client {self.client_id}, round {round_id}, stage {stage}"
-        if sender != SERVER_ID:
-            raise SecAggProtocolError(f"{where}: message from {sender}, not from the server")
-        if recipient != self.client_id:
-            raise SecAggProtocolError(f"{where}: message addressed to client {recipient}")
-        keyed = is_keyed_share_keys(stage, message)
-        self._check_transition(round_id, Stage.SETUP if keyed else Stage(stage), where)
+        round_id, stage, keyed, where = self._accept(message)
         if keyed:
             body = self._keyed_share_keys(message, round_id, where)
         elif stage == Stage.SETUP:
@@ -157,7 +149,59 @@ class SecAggPlusClient:
         self.state.stage = stage
         return make(round_id, Stage(stage), self.client_id, SERVER_ID, **body)
 
+    def check(self, message: Payload) -> None:
+        """Raise SecAggProtocolError if :meth:`handle` would refuse `message` before running its stage.
+
+        Its header, addressee and place in the stage order, and at the masked-input stage the senders of the
+        shares it relays; not the shares themselves (decrypting them is part of the stage). The runtime asks
+        before it trains for a masked input, so a replayed or out-of-order message costs no training and no
+        privacy budget. Changes nothing.
+        """
+        _, stage, keyed, where = self._accept(message)
+        if stage == Stage.MASKED_INPUT and not keyed:
+            self._share_sources(message, where)
+
     # ------------------------------------------------------------------ checks
+
+    def _accept(self, message: Payload) -> tuple[int, str, bool, str]:
+        """(round, stage, whether a keyed share_keys, where) of a message this client may handle next, or raise."""
+        where = f"client {self.client_id}"
+        round_id, stage, sender, recipient = read_header(message, where)
+        where = f"client {self.client_id}, round {round_id}, stage {stage}"
+        if sender != SERVER_ID:
+            raise SecAggProtocolError(f"{where}: message from {sender}, not from the server")
+        if recipient != self.client_id:
+            raise SecAggProtocolError(f"{where}: message addressed to client {recipient}")
+        keyed = is_keyed_share_keys(stage, message)
+        self._check_transition(round_id, Stage.SETUP if keyed else Stage(stage), where)
+        return round_id, stage, keyed, where
+
+    def _share_sources(self, msg: Payload, where: str) -> list[int]:
+        """The clients whose shares a masked-input message relays, checked against this round's key sharing."""
+        st = self.state
+        check_fields(
+            msg,
+            {
+                Key.SOURCES: (_I64, (None,)),
+                Key.CIPHERTEXTS: (_U8, (None, crypto.CIPHERTEXT_BYTES)),
+            },
+            where,
+        )
+        sources = id_list(msg[Key.SOURCES], Key.SOURCES, where)
+        if len(sources) != msg[Key.CIPHERTEXTS].shape[0]:
+            raise SecAggProtocolError(f"{where}: sources and ciphertexts differ in length")
+        strangers = sorted(set(sources) - set(st.neighbours))
+        if strangers:
+            raise SecAggProtocolError(f"{where}: shares from non-neighbour client(s) {strangers}")
+        unknown = sorted(set(sources) - set(st.peers))
+        if unknown:
+            raise SecAggProtocolError(f"{where}: shares from client(s) {unknown} that were not in key sharing")
+        if len(sources) + 1 < st.threshold:
+            raise SecAggProtocolError(
+                f"{where}: shares from only {len(sources)} neighbours, threshold needs "
+                f"{st.threshold - 1} besides this client"
+            )
+        return sources
 
     def _check_transition(self, round_id: int, stage: Stage, where: str) -> None:
         st = self.state
@@ -298,28 +342,7 @@ class SecAggPlusClient:
 
     def _masked_input(self, msg: Payload, input_vector: npt.NDArray | None, where: str) -> dict[str, npt.NDArray]:
         st = self.state
-        check_fields(
-            msg,
-            {
-                Key.SOURCES: (_I64, (None,)),
-                Key.CIPHERTEXTS: (_U8, (None, crypto.CIPHERTEXT_BYTES)),
-            },
-            where,
-        )
-        sources = id_list(msg[Key.SOURCES], Key.SOURCES, where)
-        if len(sources) != msg[Key.CIPHERTEXTS].shape[0]:
-            raise SecAggProtocolError(f"{where}: sources and ciphertexts differ in length")
-        strangers = sorted(set(sources) - set(st.neighbours))
-        if strangers:
-            raise SecAggProtocolError(f"{where}: shares from non-neighbour client(s) {strangers}")
-        unknown = sorted(set(sources) - set(st.peers))
-        if unknown:
-            raise SecAggProtocolError(f"{where}: shares from client(s) {unknown} that were not in key sharing")
-        if len(sources) + 1 < st.threshold:
-            raise SecAggProtocolError(
-                f"{where}: shares from only {len(sources)} neighbours, threshold needs "
-                f"{st.threshold - 1} besides this client"
-            )
+        sources = self._share_sources(msg, where)
         if input_vector is None:
             raise QuantizationError(f"{where}: the input vector is required at stage {Stage.MASKED_INPUT}")
         check_shape(input_vector, st.vector_size)  # its values are checked finite while they are quantized

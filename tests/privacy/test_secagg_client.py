@@ -6,7 +6,9 @@ import itertools
 
 import numpy as np
 import pytest
+import torch
 
+from client.runtime import ClientRuntime
 from privacy.secagg import (
     SERVER_ID,
     Payload,
@@ -19,6 +21,9 @@ from privacy.secagg import (
 )
 from privacy.secagg.client import IDLE
 from privacy.secagg.messages import Key, ints
+from protos.codec import Message
+from protos.wire import SecAggInstruction
+from protos.wire import Stage as WireStage
 from tests.privacy.test_secagg_driver import Transcript, make_inputs, new_round, run_round
 
 N, SIZE, ME = 10, 16, 0
@@ -265,3 +270,46 @@ def test_masked_input_needs_a_finite_vector(
         with pytest.raises(QuantizationError, match=match):
             client.handle(_copy(msg), vector)  # type: ignore[arg-type]
         assert client.stage == Stage.SHARE_KEYS
+
+
+def _to_masked_input(n: int = 5) -> tuple[SecAggPlusServer, dict[int, SecAggPlusClient], dict[int, Payload]]:
+    """A round driven up to its masked-input messages (not yet handled)."""
+    server, clients = new_round(n, size=SIZE, round_id=1)
+    outgoing = server.start()
+    while server.stage != Stage.MASKED_INPUT:
+        outgoing = server.step({cid: clients[cid].handle(msg) for cid, msg in outgoing.items()})
+    return server, clients, outgoing
+
+
+def test_check_accepts_the_next_message_refuses_the_rest_and_changes_nothing() -> None:
+    _, clients, outgoing = _to_masked_input()
+    client, message = clients[2], outgoing[2]
+    before = (client.state.stage, dict(client.state.seed_shares), dict(client.state.key_shares))
+    client.check(message)  # in order: accepted
+    assert (client.state.stage, client.state.seed_shares, client.state.key_shares) == before
+    stranger = {**_copy(message), Key.SOURCES: ints([99, *message[Key.SOURCES][1:].tolist()])}
+    with pytest.raises(SecAggProtocolError, match="non-neighbour"):
+        client.check(stranger)
+    with pytest.raises(SecAggProtocolError, match="addressed to client 3"):
+        client.check(outgoing[3])
+    client.handle(message, make_inputs(5, SIZE, 1.0)[2])
+    with pytest.raises(SecAggProtocolError, match="completed stage masked_input"):
+        client.check(message)  # replayed
+    assert client.state.stage == Stage.MASKED_INPUT
+
+
+def test_a_replayed_masked_input_is_refused_before_the_runtime_trains() -> None:
+    """The runtime trains for a masked input only once the SecAgg+ client accepts the message, so a replayed
+    one costs no training and no privacy budget (training spends it before the masking could refuse)."""
+    _, clients, outgoing = _to_masked_input()
+    client = clients[2]
+    client.handle(outgoing[2], make_inputs(5, SIZE, 1.0)[2])
+    runtime = ClientRuntime(model=torch.nn.Linear(1, 1), spec=None, secagg=client)  # type: ignore[arg-type]
+    trained: list[Message] = []
+    runtime.train = trained.append  # type: ignore[method-assign,assignment]  # what would have trained
+    config = SecAggInstruction(client_index=2, secagg_stage=Stage.MASKED_INPUT, weight_cap=1.0).to_config()
+    tensors = {"secagg/" + k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in outgoing[2].items()}
+    reply = runtime.secure_step(Message(round=1, stage=WireStage.SECAGG, config=config, tensors=tensors))
+    assert reply.stage == WireStage.ERROR and "completed stage masked_input" in str(reply.config), reply.config
+    assert trained == []
+    assert runtime.secagg is client and client.state.stage == Stage.MASKED_INPUT
