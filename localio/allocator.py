@@ -14,9 +14,10 @@ plain (two interleaved runs), and the actors' peak resident memory did not chang
 
 :func:`reuse_freed_memory_by_default` fixes the two thresholds where glibc's own dynamic rule tops out on
 64-bit (mmap above 32 MiB, trim above 64 MiB): buffers up to 32 MiB come from the heap, and up to 64 MiB of
-freed heap stays with the process. The cost is that a process's resident memory stays near its high-water
-mark (at most 64 MiB above what it uses). The simulation calls it in each actor and in the driver; a user who
-set glibc's malloc tunables keeps them.
+freed memory at the top of each malloc arena (one per thread that allocates, up to glibc's limit) stays with
+the process. The cost is that a process's resident memory stays near its high-water mark. The simulation
+calls it in each actor and in the driver, where it lasts for the rest of the process (``run_job`` called from
+a notebook or a test run tunes that process); a user who set glibc's malloc tunables keeps them.
 """
 
 from __future__ import annotations
@@ -59,8 +60,10 @@ def reuse_freed_memory_by_default(environ: Mapping[str, str] = os.environ) -> bo
     if _done or not is_glibc() or user_tuned_malloc(environ):
         return False
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    if not (libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) and libc.mallopt(_M_TRIM_THRESHOLD,
-                                                                                   TRIM_THRESHOLD_BYTES)):
+    # the trim threshold first: each call fixes glibc's dynamic thresholds, and a lone mmap threshold would
+    # leave the trim at its 128 KiB default
+    if not (libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) and libc.mallopt(_M_MMAP_THRESHOLD,
+                                                                                   MMAP_THRESHOLD_BYTES)):
         return False
     _done = True
     return True

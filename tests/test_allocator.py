@@ -15,7 +15,8 @@ glibc_only = pytest.mark.skipif(not is_glibc(), reason="mallopt is glibc's")
 
 # what a simulation actor does per client, in numpy alone: fresh buffers of 4 MB written, copied, serialized
 CHURN = """
-import json, resource, sys
+import ctypes, json, resource, sys
+ctypes.CDLL(None).prctl(41, 1, 0, 0, 0)  # PR_SET_THP_DISABLE: 4 KiB pages whatever the host's hugepage setting
 import numpy as np
 from localio.allocator import reuse_freed_memory_by_default
 changed = reuse_freed_memory_by_default() if sys.argv[1] == "tune" else False

@@ -77,8 +77,11 @@ def test_secure_round_with_a_client_killed_after_masking(tiny_bert_dir: Path, tm
                           program=("-m", "tests.e2e.die_on_log", "round 1: secagg/masked_input reply accepted",
                                    "client"))
     # restarted once round 1 is over, so that round sees the victim only as dead (not as a stranger at unmask)
-    round_one = wait_for_text(tmp_path / "run.coordinator.log", "round 1/2 ok", timeout_s=600)
-    assert round_one, tail(tmp_path / "run.coordinator.log") + tail(tmp_path / "client4.log")
+    ended = wait_for_text(tmp_path / "run.coordinator.log", "round 1/2 ", timeout_s=600)  # ok or failed
+    if not ended or "round 1/2 ok" not in (tmp_path / "run.coordinator.log").read_text():
+        for proc in (coordinator, *clients, victim):
+            proc.kill()
+        raise AssertionError(tail(tmp_path / "run.coordinator.log") + tail(tmp_path / "client4.log"))
     restarted = start_client(address, shards[4], TOKENS[4], tmp_path / "client4",
                              log_path=tmp_path / "client4.restarted.log")
     codes = wait_all([coordinator, *clients, victim, restarted], timeout_s=600)
