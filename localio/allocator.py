@@ -5,12 +5,11 @@ threshold when such a buffer is freed, but then gives the top of the heap back t
 twice the threshold lies free there. A process that allocates and frees buffers of a few MB many times a
 second therefore keeps asking the kernel for zeroed pages: each 4 KiB page of each new buffer costs a page
 fault on its first write. A simulation actor does exactly that: for every virtual client it serves, an update
-of ~1M floats (4 MB) is decoded, flattened, quantized and masked, and serialized, each a fresh buffer. In
-one process, flattening, masking (14 pair masks) and serializing such an update took 16.5 ms with ~4,500
-page faults, and 9.1 ms with none once freed memory was kept (``tests/test_allocator.py`` counts the faults).
-A warm round of 100 simulated clients on 2 cores took 0.88-0.93x its time when secure and 0.92-1.00x when
-plain (two interleaved runs), and the actors' peak resident memory did not change
-(``simulations/bench/secure_round.py``).
+of ~1M floats (4 MB) is decoded, flattened, quantized and masked, and serialized, each a fresh buffer
+(``tests/test_allocator.py`` counts the faults of such a churn, with and without this module). A warm round
+of 100 simulated clients on 2 cores took 0.88-0.93x its time when secure and 0.92-1.00x when plain (two
+interleaved runs of ``simulations/bench/secure_round.py``); the peak resident memory of its actors and of
+its driver, sampled by hand during that benchmark (it does not record memory), did not change.
 
 :func:`reuse_freed_memory_by_default` fixes the two thresholds where glibc's own dynamic rule tops out on
 64-bit (mmap above 32 MiB, trim above 64 MiB): buffers up to 32 MiB come from the heap, and up to 64 MiB of

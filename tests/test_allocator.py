@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from localio.allocator import is_glibc, reuse_freed_memory_by_default, user_tuned_malloc
+from localio.allocator import is_glibc, user_tuned_malloc
 
 glibc_only = pytest.mark.skipif(not is_glibc(), reason="mallopt is glibc's")
 
@@ -66,4 +66,3 @@ def test_what_counts_as_the_users_choice() -> None:
     for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_"):
         assert user_tuned_malloc({name: "0"})
     assert user_tuned_malloc({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1"})
-    assert reuse_freed_memory_by_default({"MALLOC_TOP_PAD_": "0"}) is False
